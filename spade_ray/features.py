@@ -1,0 +1,58 @@
+"""Feature extraction: decoded images -> (global vectors, feature pyramid) as numpy arrays.
+
+One function serves the in-process model and the Ray extractor actors, so a bank built by the
+distributed job holds exactly the features :class:`spade_ray.Spade` would compute.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .backbones import Backbone
+from .preprocess import Preprocessor
+
+__all__ = ["FeatureBatch", "extract_features"]
+
+
+@dataclass
+class FeatureBatch:
+    """Features of B images: ``global_`` (B, D) float32 and one (B, C, H, W) array per level."""
+
+    global_: np.ndarray
+    levels: list[np.ndarray]
+
+    def __len__(self) -> int:
+        return int(self.global_.shape[0])
+
+    def select(self, rows: np.ndarray | list[int] | slice) -> "FeatureBatch":
+        return FeatureBatch(self.global_[rows], [level[rows] for level in self.levels])
+
+    @staticmethod
+    def concat(batches: list["FeatureBatch"]) -> "FeatureBatch":
+        if not batches:
+            raise ValueError("no feature batches to concatenate")
+        return FeatureBatch(
+            np.concatenate([b.global_ for b in batches]),
+            [np.concatenate([b.levels[i] for b in batches]) for i in range(len(batches[0].levels))],
+        )
+
+
+def extract_features(
+    backbone: Backbone,
+    preprocessor: Preprocessor,
+    images: list[np.ndarray],
+    level_dtype: np.dtype | type = np.float32,
+) -> FeatureBatch:
+    """Run the backbone on a batch of HxWx3 uint8 images.
+
+    ``level_dtype=np.float16`` halves the memory of stored banks; queries stay float32.
+    """
+    tensor = preprocessor.to_tensor(images).to(backbone.device)
+    pyramid, pooled = backbone(tensor)
+    return FeatureBatch(
+        pooled.float().cpu().numpy(),
+        [level.cpu().numpy().astype(level_dtype, copy=False) for level in pyramid],
+    )

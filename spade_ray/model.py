@@ -1,0 +1,364 @@
+"""The in-process SPADE model: ``Spade(...).fit(normal_images).predict(images)``.
+
+A bank of normal images is the whole model: their global vectors (for retrieval) and their
+feature pyramids (for dense correspondence).  This class is the reference the distributed job is
+checked against, and the API for notebooks and tests; it has no Ray in it.
+
+Scoring an image (paper: Cohen & Hoshen, "Sub-Image Anomaly Detection with Deep Pyramid
+Correspondences"):
+
+1. image score = mean Euclidean distance of its global vector to the ``image_k`` nearest normal
+   global vectors;
+2. anomaly map = for each pyramid level, every pixel feature is matched against all pixel
+   features of the ``pixel_k`` nearest normal images; the pixel's score is the mean distance to
+   its ``kappa`` nearest matches; levels are upsampled to the input size, averaged, smoothed
+   (Gaussian, sigma 4) and resized to the image's own frame.
+
+``image_k`` and ``pixel_k`` are separate settings because the two tasks want different values: a
+few neighbours give the sharpest image-level ranking while a larger gallery covers more of the
+normal variation at the pixel level (see the README for the measurements behind the defaults).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator, Sequence
+
+import numpy as np
+import torch
+
+from .backbones import BACKBONES, Backbone, load_backbone
+from .correspondence import DEFAULT_CHUNK_ELEMENTS, level_nearest_distances
+from .features import FeatureBatch, extract_features
+from .fusion import DEFAULT_SIGMA, fuse_levels, image_score
+from .preprocess import Preprocessor
+from .retrieval import GlobalIndex
+from .timing import StageTimer
+
+__all__ = [
+    "DEFAULT_IMAGE_K",
+    "DEFAULT_KAPPA",
+    "DEFAULT_PIXEL_K",
+    "Calibration",
+    "Prediction",
+    "Spade",
+    "SpadeConfig",
+    "anomaly_maps",
+]
+
+# Chosen by measurement (README, "Choosing image_k and pixel_k"): few neighbours for the image
+# score, a larger gallery for the pixel map.
+DEFAULT_IMAGE_K = 5
+DEFAULT_PIXEL_K = 50
+DEFAULT_KAPPA = 1
+MODEL_FORMAT_VERSION = 1
+
+@dataclass(frozen=True)
+class SpadeConfig:
+    """Every setting that changes the scores; stored with a fitted model or bank."""
+
+    backbone: str = "lite0"
+    image_size: int = 224
+    protocol: str = "full"
+    image_k: int = DEFAULT_IMAGE_K
+    pixel_k: int = DEFAULT_PIXEL_K
+    kappa: int = DEFAULT_KAPPA
+    sigma: float = DEFAULT_SIGMA
+
+    def __post_init__(self) -> None:
+        if self.backbone not in BACKBONES:
+            raise ValueError(f"unknown backbone {self.backbone!r}; choose one of {', '.join(BACKBONES)}")
+        for name in ("image_k", "pixel_k", "kappa"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1; got {getattr(self, name)}")
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """Normal-only thresholds from leave-one-out scoring of the bank's own images.
+
+    ``image_threshold`` flags an image whose score exceeds the (1 - target_fpr) quantile of normal
+    image scores; ``pixel_threshold`` is the same quantile of the normal images' map maxima, so a
+    normal image's mask is empty with probability about 1 - target_fpr.
+    """
+
+    target_fpr: float
+    n_images: int
+    image_threshold: float
+    pixel_threshold: float
+    image_scores: list[float] = field(default_factory=list)
+    pixel_maxima: list[float] = field(default_factory=list)
+
+
+@dataclass
+class Prediction:
+    """Scores for a batch of images.
+
+    ``maps[i]`` is the anomaly map in the image's output frame (its own size for the ``full``
+    protocol, the 224 crop for ``paper``); ``neighbours[i]`` are the bank ids of the ``image_k``
+    nearest normal images.
+    """
+
+    image_scores: np.ndarray
+    maps: list[np.ndarray]
+    neighbours: list[list[str]]
+
+    @property
+    def pixel_max(self) -> np.ndarray:
+        return np.array([float(m.max()) for m in self.maps], dtype=np.float32)
+
+
+def anomaly_maps(
+    query: FeatureBatch,
+    bank_levels: Sequence[np.ndarray],
+    neighbour_rows: np.ndarray,
+    kappa: int,
+    image_size: int,
+    sigma: float,
+    timer: StageTimer | None = None,
+    chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
+) -> list[np.ndarray]:
+    """SPADE's pixel-level step for a batch: fused, smoothed maps at the network's input size.
+
+    ``neighbour_rows[b]`` are the bank rows forming image b's gallery (negative ids are ignored).
+    """
+    timer = timer or StageTimer()
+    maps = []
+    for b in range(len(query)):
+        rows = neighbour_rows[b]
+        rows = np.sort(rows[rows >= 0])
+        level_maps = []
+        with timer.stage("correspondence"):
+            for level, bank_level in zip(query.levels, bank_levels):
+                gallery = torch.from_numpy(bank_level[rows])
+                q = torch.from_numpy(np.ascontiguousarray(level[b])).float()
+                level_maps.append(level_nearest_distances(q, gallery, kappa, chunk_elements).mean(dim=-1))
+        with timer.stage("fusion"):
+            maps.append(fuse_levels(level_maps, image_size, sigma))
+    return maps
+
+
+def _batches(items: Sequence, size: int) -> Iterator[Sequence]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+def _as_image(item: object, storage_options: dict | None = None) -> np.ndarray:
+    if isinstance(item, np.ndarray):
+        if item.ndim == 2:
+            item = np.repeat(item[:, :, None], 3, axis=2)
+        if item.ndim != 3 or item.shape[2] != 3 or item.dtype != np.uint8:
+            raise ValueError(f"image arrays must be HxWx3 (or HxW) uint8; got {item.shape} {item.dtype}")
+        return item
+    from .images import load_image
+
+    return load_image(os.fspath(item), storage_options)  # type: ignore[arg-type]
+
+
+class Spade:
+    """SPADE anomaly detection and segmentation from normal images only."""
+
+    def __init__(
+        self,
+        backbone: str = "lite0",
+        *,
+        image_k: int = DEFAULT_IMAGE_K,
+        pixel_k: int = DEFAULT_PIXEL_K,
+        kappa: int = DEFAULT_KAPPA,
+        image_size: int = 224,
+        protocol: str = "full",
+        sigma: float = DEFAULT_SIGMA,
+        weights: str | None = None,
+        device: str | None = None,
+        batch_size: int = 16,
+        storage_options: dict | None = None,
+    ) -> None:
+        self.config = SpadeConfig(backbone, image_size, protocol, image_k, pixel_k, kappa, sigma)
+        self.batch_size = batch_size
+        self.storage_options = storage_options
+        self._weights = weights
+        self._device = device
+        self._backbone: Backbone | None = None
+        self.preprocessor = Preprocessor(image_size, protocol, BACKBONES[backbone].mean, BACKBONES[backbone].std)  # type: ignore[arg-type]
+        self.bank_ids: list[str] = []
+        self.bank_global: np.ndarray | None = None
+        self.bank_levels: list[np.ndarray] = []
+        self.index: GlobalIndex | None = None
+        self.calibration: Calibration | None = None
+        self.weights_sha256: str | None = None
+        self.timer = StageTimer()
+
+    # ------------------------------------------------------------------ backbone and features
+
+    @property
+    def backbone(self) -> Backbone:
+        if self._backbone is None:
+            self._backbone = load_backbone(self.config.backbone, self._weights, self._device)
+            if self.weights_sha256 is not None and self._backbone.weights_sha256 != self.weights_sha256:
+                raise ValueError(
+                    f"this model was fitted with {self.config.backbone} weights sha256 {self.weights_sha256}, "
+                    f"but the weights loaded now ({self._backbone.weights_path}) have sha256 "
+                    f"{self._backbone.weights_sha256}; scoring with other weights gives meaningless results"
+                )
+            self.weights_sha256 = self._backbone.weights_sha256
+        return self._backbone
+
+    def _decoded_batches(self, images: Sequence[object]) -> Iterator[list[np.ndarray]]:
+        for batch in _batches(images, self.batch_size):
+            with self.timer.stage("decode"):
+                decoded = [_as_image(item, self.storage_options) for item in batch]
+            yield decoded
+
+    def extract(self, images: Sequence[object], level_dtype: type = np.float32, progress: Callable[[int], None] | None = None) -> tuple[FeatureBatch, list[tuple[int, int]]]:
+        """Features and original (height, width) of every image."""
+        parts, sizes = [], []
+        for decoded in self._decoded_batches(images):
+            sizes.extend((im.shape[0], im.shape[1]) for im in decoded)
+            with self.timer.stage("forward"):
+                parts.append(extract_features(self.backbone, self.preprocessor, decoded, level_dtype))
+            if progress:
+                progress(len(decoded))
+        return FeatureBatch.concat(parts), sizes
+
+    # ------------------------------------------------------------------ fit
+
+    def fit(
+        self,
+        images: Sequence[object],
+        ids: Sequence[str] | None = None,
+        calibration_samples: int = 64,
+        target_fpr: float = 0.01,
+        progress: Callable[[int], None] | None = None,
+    ) -> "Spade":
+        """Build the normal bank from defect-free images (arrays or paths/URLs).
+
+        Pyramids are stored as float16 (half the memory; the effect on scores is below 1e-3
+        relative) and global vectors as float32.  ``calibration_samples`` bank images are scored
+        leave-one-out to set normal-only thresholds (0 disables calibration).
+        """
+        if len(images) == 0:
+            raise ValueError("fit needs at least one normal image")
+        ids = list(ids) if ids is not None else [os.fspath(x) if not isinstance(x, np.ndarray) else str(i) for i, x in enumerate(images)]
+        if len(ids) != len(images):
+            raise ValueError(f"got {len(ids)} ids for {len(images)} images")
+        features, _ = self.extract(images, np.float16, progress)
+        self.set_bank(ids, features.global_, features.levels)
+        if calibration_samples > 0 and len(ids) > 1:
+            self.calibration = self.calibrate(calibration_samples, target_fpr)
+        return self
+
+    def set_bank(self, ids: Sequence[str], global_: np.ndarray, levels: Sequence[np.ndarray]) -> None:
+        """Install a bank from already-extracted features (e.g. loaded from Parquet shards)."""
+        self.bank_ids = list(ids)
+        self.bank_global = np.ascontiguousarray(global_, dtype=np.float32)
+        self.bank_levels = [np.ascontiguousarray(level, dtype=np.float16) for level in levels]
+        with self.timer.stage("index"):
+            self.index = GlobalIndex(self.bank_global)
+
+    def calibrate(self, samples: int = 64, target_fpr: float = 0.01) -> Calibration:
+        """Leave-one-out scores of up to ``samples`` bank images (evenly spaced) -> thresholds."""
+        self._require_fitted()
+        assert self.bank_global is not None
+        n = len(self.bank_ids)
+        rows = np.unique(np.linspace(0, n - 1, num=min(samples, n)).round().astype(np.int64))
+        scores, maxima = [], []
+        with self.timer.stage("calibration"):
+            for batch_rows in _batches(rows, self.batch_size):
+                query = FeatureBatch(self.bank_global[batch_rows], [lvl[batch_rows].astype(np.float32) for lvl in self.bank_levels])
+                s, maps, _ = self._score_features(query, exclude=np.asarray(batch_rows))
+                scores.extend(float(v) for v in s)
+                maxima.extend(float(m.max()) for m in maps)
+        q = 1.0 - target_fpr
+        return Calibration(
+            target_fpr=target_fpr,
+            n_images=len(rows),
+            image_threshold=float(np.quantile(scores, q)),
+            pixel_threshold=float(np.quantile(maxima, q)),
+            image_scores=scores,
+            pixel_maxima=maxima,
+        )
+
+    # ------------------------------------------------------------------ predict
+
+    def _require_fitted(self) -> None:
+        if self.index is None:
+            raise RuntimeError("this Spade has no normal bank yet: call fit(normal_images) or Spade.load(dir)")
+
+    def _score_features(self, query: FeatureBatch, exclude: np.ndarray | None = None) -> tuple[np.ndarray, list[np.ndarray], np.ndarray]:
+        """Image scores, maps at input size, and neighbour rows for a batch of query features."""
+        assert self.index is not None
+        cfg = self.config
+        with self.timer.stage("retrieval"):
+            dists, rows = self.index.search(query.global_, max(cfg.image_k, cfg.pixel_k), exclude)
+            scores = image_score(dists, cfg.image_k)
+        maps = anomaly_maps(query, self.bank_levels, rows[:, : cfg.pixel_k], cfg.kappa, cfg.image_size, cfg.sigma, self.timer)
+        return scores, maps, rows
+
+    def predict(self, images: Sequence[object], progress: Callable[[int], None] | None = None) -> Prediction:
+        """Image scores and anomaly maps (in each image's output frame) for arrays or paths/URLs."""
+        self._require_fitted()
+        self.backbone  # noqa: B018 - verifies the weights before any work
+        all_scores, all_maps, neighbours = [], [], []
+        for decoded in self._decoded_batches(images):
+            with self.timer.stage("forward"):
+                query = extract_features(self.backbone, self.preprocessor, decoded)
+            scores, maps, rows = self._score_features(query)
+            with self.timer.stage("fusion"):
+                for im, amap in zip(decoded, maps):
+                    all_maps.append(self.preprocessor.map_to_output(amap, im.shape[0], im.shape[1]))
+            all_scores.append(scores)
+            neighbours.extend([[self.bank_ids[r] for r in row[: self.config.image_k] if r >= 0] for row in rows])
+            if progress:
+                progress(len(decoded))
+        return Prediction(np.concatenate(all_scores).astype(np.float32), all_maps, neighbours)
+
+    # ------------------------------------------------------------------ persistence (no pickle)
+
+    def save(self, directory: str | os.PathLike[str]) -> Path:
+        """Write the fitted model as JSON + .npy files (loadable without pickle)."""
+        self._require_fitted()
+        assert self.bank_global is not None
+        out = Path(directory)
+        out.mkdir(parents=True, exist_ok=True)
+        np.save(out / "global.npy", self.bank_global, allow_pickle=False)
+        for i, level in enumerate(self.bank_levels):
+            np.save(out / f"level{i}.npy", level, allow_pickle=False)
+        meta = {
+            "format": "spade_ray.model",
+            "format_version": MODEL_FORMAT_VERSION,
+            "config": asdict(self.config),
+            "weights_sha256": self.weights_sha256,
+            "ids": self.bank_ids,
+            "levels": len(self.bank_levels),
+            "calibration": asdict(self.calibration) if self.calibration else None,
+        }
+        tmp = out / "spade.json.tmp"
+        tmp.write_text(json.dumps(meta, indent=1))
+        tmp.replace(out / "spade.json")  # written last: a folder without it is incomplete
+        return out
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike[str], weights: str | None = None, device: str | None = None, batch_size: int = 16) -> "Spade":
+        """Load a model written by :meth:`save`; the backbone weights must have the same sha256."""
+        src = Path(directory)
+        meta_path = src / "spade.json"
+        if not meta_path.is_file():
+            raise FileNotFoundError(f"{src} is not a saved spade_ray model (no spade.json)")
+        meta = json.loads(meta_path.read_text())
+        if meta.get("format") != "spade_ray.model" or meta.get("format_version") != MODEL_FORMAT_VERSION:
+            raise ValueError(f"{meta_path}: unsupported model format {meta.get('format')!r} v{meta.get('format_version')}")
+        cfg = meta["config"]
+        model = cls(cfg.pop("backbone"), weights=weights, device=device, batch_size=batch_size, **cfg)
+        model.weights_sha256 = meta["weights_sha256"]
+        levels = [np.load(src / f"level{i}.npy", allow_pickle=False) for i in range(meta["levels"])]
+        model.set_bank(meta["ids"], np.load(src / "global.npy", allow_pickle=False), levels)
+        if meta.get("calibration"):
+            model.calibration = Calibration(**meta["calibration"])
+        return model
+
+    def __repr__(self) -> str:
+        n = len(self.bank_ids)
+        return f"Spade({self.config}, bank={n} images)"

@@ -1,0 +1,78 @@
+"""Writing what a user looks at: binary masks and heatmap images, to any fsspec URL.
+
+Output keys come from the input's path relative to its root, so the same file name in two
+folders never collides, and a key can never climb out of the output prefix.  Local files are
+written to a temporary name and renamed (readers never see half a PNG); object stores get one PUT.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import posixpath
+import re
+import uuid
+from typing import Any
+
+import fsspec
+import numpy as np
+from PIL import Image
+
+__all__ = ["heatmap_rgb", "join_url", "output_key", "write_bytes", "write_png"]
+
+# Anchor colours of a perceptually ordered dark-to-bright map (black, purple, red, orange, yellow)
+_HEAT_ANCHORS = np.array(
+    [[0, 0, 4], [87, 16, 110], [188, 55, 84], [249, 142, 9], [252, 255, 164]], dtype=np.float32
+)
+_SAFE = re.compile(r"[^A-Za-z0-9._\-]+")
+
+
+def output_key(relpath: str, suffix: str = ".png") -> str:
+    """A safe relative key for an input's relative path: ``test/crack/001.jpg`` -> ``test/crack/001.png``.
+
+    ``..``, empty and absolute components are dropped and odd characters replaced, so the key
+    always stays below the output prefix.
+    """
+    parts = [p for p in relpath.replace("\\", "/").split("/") if p not in ("", ".", "..")]
+    parts = [_SAFE.sub("_", p) for p in parts] or ["image"]
+    stem, _ = posixpath.splitext(parts[-1])
+    parts[-1] = (stem or "image") + suffix
+    return "/".join(parts)
+
+
+def join_url(base: str, key: str) -> str:
+    """Join an output prefix (local path or URL) and a relative key."""
+    return base.rstrip("/") + "/" + key.lstrip("/")
+
+
+def write_bytes(url: str, data: bytes, storage_options: dict[str, Any] | None = None) -> None:
+    """Write a whole file atomically: temp file + rename locally, a single PUT on object stores."""
+    fs, path = fsspec.core.url_to_fs(url, **(storage_options or {}))
+    if "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)):
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+        os.replace(tmp, path)
+    else:
+        fs.pipe_file(path, data)
+
+
+def write_png(url: str, image: np.ndarray, storage_options: dict[str, Any] | None = None) -> None:
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, format="PNG", optimize=False)
+    write_bytes(url, buf.getvalue(), storage_options)
+
+
+def heatmap_rgb(amap: np.ndarray, vmax: float, vmin: float = 0.0) -> np.ndarray:
+    """An anomaly map as an RGB image on a fixed scale (``vmin`` black .. ``vmax`` bright yellow).
+
+    A fixed scale (from the bank's calibration) keeps heatmaps of different images comparable;
+    per-image min-max scaling would make every normal image look alarming.
+    """
+    span = max(vmax - vmin, 1e-12)
+    t = np.clip((amap.astype(np.float32) - vmin) / span, 0.0, 1.0) * (len(_HEAT_ANCHORS) - 1)
+    low = np.floor(t).astype(np.int64).clip(0, len(_HEAT_ANCHORS) - 2)
+    frac = (t - low)[..., None]
+    rgb = _HEAT_ANCHORS[low] * (1 - frac) + _HEAT_ANCHORS[low + 1] * frac
+    return rgb.round().astype(np.uint8)

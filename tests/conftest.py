@@ -1,0 +1,31 @@
+"""Shared fixtures: the real data folder (when present) and small datasets made by the project."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+MAGNETIC_TILE = REPO.parent / "shared" / "datasets" / "magnetic_tile"
+
+
+@pytest.fixture(scope="session")
+def magnetic_tile() -> Path:
+    if not (MAGNETIC_TILE / "train" / "good").is_dir():
+        pytest.skip(f"real dataset not present at {MAGNETIC_TILE}")
+    return MAGNETIC_TILE
+
+
+@pytest.fixture(scope="session")
+def synthetic_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from spade_ray.synthetic import make_synthetic_dataset
+
+    return make_synthetic_dataset(tmp_path_factory.mktemp("synthetic") / "ds", n_train=16, n_test_good=4, n_test_per_defect=3, size=128, seed=1)
+
+
+@pytest.fixture(scope="session")
+def lite0():
+    from spade_ray.backbones import load_backbone
+
+    return load_backbone("lite0", device="cpu")

@@ -1,0 +1,45 @@
+"""Global-vector retrieval: exact kNN, leave-one-out, and shard merging."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from spade_ray.retrieval import GlobalIndex, merge_topk
+
+
+def test_search_returns_euclidean_distances_in_order() -> None:
+    rng = np.random.default_rng(0)
+    bank = rng.normal(size=(50, 8)).astype(np.float32)
+    queries = rng.normal(size=(5, 8)).astype(np.float32)
+    dist, ids = GlobalIndex(bank).search(queries, 4)
+    full = np.linalg.norm(queries[:, None] - bank[None], axis=2)
+    np.testing.assert_array_equal(ids, np.argsort(full, axis=1)[:, :4])
+    np.testing.assert_allclose(dist, np.sort(full, axis=1)[:, :4], rtol=1e-4)
+
+
+def test_leave_one_out_never_returns_the_query_itself() -> None:
+    rng = np.random.default_rng(1)
+    bank = rng.normal(size=(10, 4)).astype(np.float32)
+    dist, ids = GlobalIndex(bank).search(bank[[2, 7]], 3, exclude=np.array([2, 7]))
+    assert 2 not in ids[0] and 7 not in ids[1]
+    assert (dist > 0).all()
+
+
+def test_more_neighbours_than_bank_pads_with_inf() -> None:
+    dist, ids = GlobalIndex(np.eye(2, dtype=np.float32)).search(np.zeros((1, 2), np.float32), 4)
+    assert ids[0, 2:].tolist() == [-1, -1] and np.isinf(dist[0, 2:]).all()
+
+
+def test_merging_shard_topk_equals_one_index() -> None:
+    rng = np.random.default_rng(2)
+    bank = rng.normal(size=(300, 16)).astype(np.float32)
+    queries = rng.normal(size=(7, 16)).astype(np.float32)
+    bounds = [0, 90, 200, 300]
+    parts = []
+    for lo, hi in zip(bounds[:-1], bounds[1:]):
+        d, local = GlobalIndex(bank[lo:hi]).search(queries, 5)
+        parts.append((d, local + lo))
+    d_all, ids_all = GlobalIndex(bank).search(queries, 5)
+    d_merged, ids_merged = merge_topk(parts, 5)
+    np.testing.assert_array_equal(ids_merged, ids_all)
+    np.testing.assert_allclose(d_merged, d_all, rtol=1e-6)
