@@ -29,3 +29,4 @@ def lite0():
     from spade_ray.backbones import load_backbone
 
     return load_backbone("lite0", device="cpu")
+pytest_plugins = ["s3server"]

