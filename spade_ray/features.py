@@ -14,7 +14,7 @@ import torch
 from .backbones import Backbone
 from .preprocess import Preprocessor
 
-__all__ = ["FeatureBatch", "extract_features"]
+__all__ = ["FeatureBatch", "extract_features", "features_from_tensor"]
 
 
 @dataclass
@@ -46,13 +46,17 @@ def extract_features(
     images: list[np.ndarray],
     level_dtype: np.dtype | type = np.float32,
 ) -> FeatureBatch:
-    """Run the backbone on a batch of HxWx3 uint8 images.
+    """Run the backbone on a batch of HxWx3 uint8 images (any sizes).
 
     ``level_dtype=np.float16`` halves the memory of stored banks; queries stay float32.
     """
-    tensor = preprocessor.to_tensor(images).to(backbone.device)
-    pyramid, pooled = backbone(tensor)
+    return features_from_tensor(backbone, preprocessor.to_tensor(images), level_dtype)
+
+
+def features_from_tensor(backbone: Backbone, tensor: torch.Tensor, level_dtype: np.dtype | type = np.float32) -> FeatureBatch:
+    """Run the backbone on an already normalised (B, 3, S, S) batch."""
+    pyramid, pooled = backbone(tensor.to(backbone.device))
     return FeatureBatch(
         pooled.float().cpu().numpy(),
-        [level.cpu().numpy().astype(level_dtype, copy=False) for level in pyramid],
+        [level.float().cpu().numpy().astype(level_dtype, copy=False) for level in pyramid],
     )

@@ -71,8 +71,15 @@ class Preprocessor:
 
     def to_tensor(self, images: list[np.ndarray]) -> torch.Tensor:
         """A batch of HxWx3 uint8 images -> normalised float tensor (B, 3, S, S)."""
-        batch = np.stack([self.resize_rgb(im) for im in images]).astype(np.float32) / 255.0
-        tensor = torch.from_numpy(batch).permute(0, 3, 1, 2)
+        return self.normalize(np.stack([self.resize_rgb(im) for im in images]))
+
+    def normalize(self, resized: np.ndarray) -> torch.Tensor:
+        """(B, S, S, 3) uint8 from :meth:`resize_rgb` -> normalised float tensor (B, 3, S, S).
+
+        Split from resizing so a distributed job can resize where it decodes and ship small
+        fixed-size arrays to the feature extractors.
+        """
+        tensor = torch.from_numpy(np.ascontiguousarray(resized)).permute(0, 3, 1, 2).float() / 255.0
         mean = torch.tensor(self.mean, dtype=torch.float32).view(1, 3, 1, 1)
         std = torch.tensor(self.std, dtype=torch.float32).view(1, 3, 1, 1)
         return (tensor - mean) / std

@@ -1,0 +1,424 @@
+"""The three distributed jobs: extract features, build a sharded bank, score images.
+
+Each job runs on a local Ray by default and on any cluster when ``address``/``RAY_ADDRESS`` is
+set; all data moves through URLs (local paths, s3://, gs://) or Ray's object store, never through
+a filesystem shared between nodes.  Each returns a :class:`JobSummary` and prints nothing itself;
+the CLI and the ``jobs/`` entrypoints decide what to show.
+"""
+
+from __future__ import annotations
+
+import io
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+import pyarrow.parquet as pq
+import ray
+
+from ..bank import (
+    feature_meta_of,
+    load_shard,
+    make_manifest,
+    next_version_name,
+    open_bank,
+    shard_for,
+    write_manifest,
+    write_shard,
+)
+from ..backbones import BACKBONES
+from ..featurestore import FeatureMeta, list_feature_shards, read_feature_meta
+from ..features import FeatureBatch
+from ..model import Calibration, SpadeConfig
+from ..outputs import join_url
+from ..preprocess import Preprocessor
+from ..sources import InputImage, resolve_inputs
+from .runtime import cluster_cpus, init_ray
+from .serving import BankClient, ServedBank, start_shard_actors
+from .stages import DecodeImages, ExtractFeatures, ScoreImages, new_run_id
+
+__all__ = ["JobSummary", "run_build_bank", "run_extract", "run_score"]
+
+Progress = Callable[[int, str], Any]
+
+
+def _no_progress(total: int, desc: str) -> Any:
+    class _Bar:
+        def update(self, n: int = 1) -> None:
+            pass
+
+        def close(self) -> None:
+            pass
+
+    return _Bar()
+
+
+@dataclass
+class JobSummary:
+    """Counts and throughput of one job run, and where its outputs are."""
+
+    job: str
+    ok: int = 0
+    error: int = 0
+    skipped: int = 0
+    seconds: float = 0.0
+    output: str = ""
+    errors: list[tuple[str, str]] = field(default_factory=list)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def images_per_second(self) -> float:
+        return (self.ok + self.error) / self.seconds if self.seconds > 0 else 0.0
+
+    def line(self) -> str:
+        return (f"{self.job}: {self.ok} ok, {self.error} error, {self.skipped} skipped in {self.seconds:.1f}s "
+                f"({self.images_per_second:.1f} images/s) -> {self.output}")
+
+
+def _actor_pool(n_items: int, batch_size: int, max_actors: int | None, reserved_cpus: float = 0.0) -> tuple[ray.data.ActorPoolStrategy, float]:
+    """The UDF actor pool and the CPUs per actor, leaving room for the decode tasks.
+
+    A pool that takes every CPU starves Ray Data's read/decode tasks and the job hangs, so the
+    pool is bounded by the CPUs left after the shard actors and one decode slot.
+    """
+    cpus = cluster_cpus()
+    per_actor = 1.0 if cpus >= 4 else 0.5
+    room = max(per_actor, cpus - reserved_cpus - DECODE_CPUS)
+    wanted = max(1, min(max_actors or 10**6, int(room // per_actor), -(-n_items // batch_size)))
+    return ray.data.ActorPoolStrategy(min_size=1, max_size=wanted), per_actor
+
+
+DECODE_CPUS = 0.25
+
+
+def _run_pipeline(items: list[InputImage], decode: DecodeImages, udf: type, udf_kwargs: dict[str, Any],
+                  batch_size: int, max_actors: int | None, summary: JobSummary, progress: Progress, desc: str,
+                  reserved_cpus: float = 0.0) -> None:
+    """from_items -> decode (tasks) -> UDF (actor pool); counts results as they stream back."""
+    ds = ray.data.from_items([{"uri": it.uri, "relpath": it.relpath, "image_id": it.image_id} for it in items],
+                             override_num_blocks=max(1, -(-len(items) // batch_size)))
+    ds = ds.map_batches(decode, batch_size=batch_size, num_cpus=DECODE_CPUS)
+    pool, per_actor = _actor_pool(len(items), batch_size, max_actors, reserved_cpus)
+    ds = ds.map_batches(udf, fn_constructor_kwargs=udf_kwargs, batch_size=batch_size, num_cpus=per_actor, compute=pool)
+    bar = progress(len(items), desc)
+    try:
+        for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+            for image_id, status, error in zip(batch["image_id"], batch["status"], batch["error"]):
+                if status == "ok":
+                    summary.ok += 1
+                else:
+                    summary.error += 1
+                    summary.errors.append((str(image_id), str(error)))
+            bar.update(len(batch["image_id"]))
+    finally:
+        bar.close()
+
+
+def shard_actor_cpus(n_shards: int) -> float:
+    """CPUs reserved per shard actor: one each on a cluster, a fair part of half the CPUs on a small machine."""
+    return float(min(1.0, max(0.05, cluster_cpus() / (2 * max(n_shards, 1)))))
+
+
+# ----------------------------------------------------------------------------- extract
+
+
+def _done_ids(prefix: str, storage_options: dict[str, Any] | None, column_filter: Callable[[dict[str, Any]], bool]) -> set[str]:
+    import fsspec
+
+    done: set[str] = set()
+    fs, path = fsspec.core.url_to_fs(prefix, **(storage_options or {}))
+    if not fs.exists(path):
+        return done
+    for file in sorted(fs.find(path)):
+        if not file.endswith(".parquet") or "/." in file:
+            continue
+        table = pq.read_table(io.BytesIO(fs.cat_file(file)))
+        for row in table.select([c for c in ("image_id", "status", "bank_id") if c in table.column_names]).to_pylist():
+            if column_filter(row):
+                done.add(row["image_id"])
+    return done
+
+
+def run_extract(source: str, output: str, *, backbone: str = "lite0", weights: str | None = None, image_size: int = 224,
+                protocol: str = "full", batch_size: int = 16, max_actors: int | None = None,
+                storage_options: dict[str, Any] | None = None, address: str | None = None,
+                progress: Progress = _no_progress) -> JobSummary:
+    """Images under ``source`` -> Parquet feature shards under ``output`` (one file per batch).
+
+    Images that already have a row in ``output`` are skipped, so an interrupted extract resumes.
+    """
+    start = time.perf_counter()
+    items = resolve_inputs(source, storage_options)
+    done = _done_ids(output, storage_options, lambda row: True)
+    todo = [it for it in items if it.image_id not in done]
+    summary = JobSummary("extract", skipped=len(items) - len(todo), output=output)
+    if todo:
+        init_ray(address)
+        spec = BACKBONES[backbone]
+        pre = Preprocessor(image_size, protocol, spec.mean, spec.std)  # type: ignore[arg-type]
+        _run_pipeline(todo, DecodeImages(pre, storage_options), ExtractFeatures,
+                      {"backbone": backbone, "weights": weights, "preprocessor": pre, "output": output,
+                       "run_id": new_run_id(), "storage_options": storage_options},
+                      batch_size, max_actors, summary, progress, "extract")
+    summary.seconds = time.perf_counter() - start
+    return summary
+
+
+# ----------------------------------------------------------------------------- build-bank
+
+
+@ray.remote
+def _split_feature_file(url: str, keep_rows: list[int], n_shards: int, expected_meta: str,
+                        storage_options: dict[str, Any] | None) -> tuple[Any, ...]:
+    """Read one feature file and cut its kept rows into the bank shards they hash to."""
+    from ..featurestore import read_features, table_to_features
+
+    table, meta = read_features([url], storage_options, only_ok=False)
+    if meta.to_json() != expected_meta:
+        raise ValueError(f"feature file {url} was extracted with other settings than the rest: {meta.to_json()}")
+    table = table.take(keep_rows)
+    ids, uris, features = table_to_features(table)
+    assignment = np.array([shard_for(i, n_shards) for i in ids], dtype=np.int64)
+    parts = []
+    for s in range(n_shards):
+        rows = np.flatnonzero(assignment == s)
+        parts.append(([ids[r] for r in rows], [uris[r] for r in rows], features.select(rows)))
+    return tuple(parts) if n_shards > 1 else parts[0]
+
+
+@ray.remote
+def _write_bank_shard(version_url: str, shard_index: int, storage_options: dict[str, Any] | None,
+                      *parts: tuple[list[str], list[str], FeatureBatch]) -> dict[str, Any]:
+    ids = [i for p in parts for i in p[0]]
+    uris = [u for p in parts for u in p[1]]
+    batches = [p[2] for p in parts if len(p[0])]
+    if batches:
+        features = FeatureBatch.concat(batches)
+        global_, levels = features.global_, features.levels
+    else:  # an empty shard (few images, many shards) is valid and answers nothing
+        template = parts[0][2]
+        global_ = template.global_[:0]
+        levels = [level[:0] for level in template.levels]
+    order = np.argsort(ids, kind="stable")  # deterministic row order whatever the file order
+    return write_shard(version_url, shard_index, [ids[i] for i in order], [uris[i] for i in order],
+                       global_[order], [level[order] for level in levels], storage_options)
+
+
+def _select_rows(files: list[str], storage_options: dict[str, Any] | None, exclude: set[str]) -> tuple[dict[str, list[int]], int, int]:
+    """Which rows of which file enter the bank: ok rows, first occurrence of each image id."""
+    import fsspec
+
+    seen = set(exclude)
+    keep: dict[str, list[int]] = {}
+    errors = duplicates = 0
+    for url in files:
+        with fsspec.open(url, "rb", **(storage_options or {})) as fh:
+            table = pq.read_table(fh, columns=["image_id", "status"])
+        rows = []
+        for r, (image_id, status) in enumerate(zip(table.column("image_id").to_pylist(), table.column("status").to_pylist())):
+            if status != "ok":
+                errors += 1
+            elif image_id in seen:
+                duplicates += 1
+            else:
+                seen.add(image_id)
+                rows.append(r)
+        if rows:
+            keep[url] = rows
+    return keep, errors, duplicates
+
+
+def _calibrate(bank: ServedBank, config: SpadeConfig, samples: int, target_fpr: float, batch_size: int) -> Calibration | None:
+    """Leave-one-out scores of up to ``samples`` bank images (evenly spaced rows) -> thresholds."""
+    n = bank.n_images
+    if samples <= 0 or n < 2:
+        return None
+    rows = np.unique(np.linspace(0, n - 1, num=min(samples, n)).round().astype(np.int64))
+    client = BankClient(bank, config)
+    starts = np.asarray(bank.offsets)
+    scores: list[float] = []
+    maxima: list[float] = []
+    for begin in range(0, len(rows), batch_size):
+        batch_rows = rows[begin:begin + batch_size]
+        owners = np.searchsorted(starts, batch_rows, side="right") - 1
+        globals_, levels = [], []
+        for s in np.unique(owners):
+            g, lv = ray.get(bank.actors[s].features.remote(batch_rows[owners == s]))
+            globals_.append(g)
+            levels.append(lv)
+        order = np.concatenate([np.flatnonzero(owners == s) for s in np.unique(owners)])
+        query_rows = batch_rows[order]
+        query = FeatureBatch(np.concatenate(globals_), [np.concatenate([lv[i] for lv in levels]) for i in range(len(levels[0]))])
+        s, maps, _ = client.score(query, exclude=query_rows)
+        scores.extend(float(v) for v in s)
+        maxima.extend(float(m.max()) for m in maps)
+    q = 1.0 - target_fpr
+    return Calibration(target_fpr, len(rows), float(np.quantile(scores, q)), float(np.quantile(maxima, q)), scores, maxima)
+
+
+def run_build_bank(features: str, output: str | None, *, shards: int = 1, add_to: str | None = None,
+                   image_k: int = 5, pixel_k: int = 50, kappa: int = 1, sigma: float = 4.0,
+                   calibration_samples: int = 64, target_fpr: float = 0.01, batch_size: int = 16,
+                   storage_options: dict[str, Any] | None = None, address: str | None = None,
+                   progress: Progress = _no_progress) -> JobSummary:
+    """Parquet feature shards -> a new bank version (``output``, or a new version of ``add_to``).
+
+    Images are assigned to shards by a hash of their id (stable across rebuilds); one Ray task
+    per shard writes its FAISS index, ids and pyramids; normal-only calibration runs on the
+    served shards; the manifest is written last.
+    """
+    start = time.perf_counter()
+    if shards < 1:
+        raise ValueError(f"--shards must be >= 1; got {shards}")
+    files = list_feature_shards(features, storage_options)
+    if not files:
+        raise ValueError(f"no feature shards (*.parquet) found under {features!r}; run `spade-ray extract` first")
+    meta = read_feature_meta(files[0], storage_options)
+    parent_manifest: dict[str, Any] | None = None
+    exclude: set[str] = set()
+    if add_to:
+        bank_root, parent_manifest = open_bank(add_to, storage_options)
+        if feature_meta_of(parent_manifest) != meta:
+            raise ValueError(f"features under {features} ({meta.backbone}, {meta.image_size}px, {meta.protocol}) do not match "
+                             f"bank {add_to} ({parent_manifest['backbone']}, {parent_manifest['image_size']}px, {parent_manifest['protocol']})")
+        for entry in parent_manifest["shards"]:
+            exclude.update(load_shard(bank_root, entry, verify=False, storage_options=storage_options).ids)
+    elif output:
+        bank_root = output.rstrip("/")
+    else:
+        raise ValueError("build-bank needs --output BANK or --add-to BANK")
+    keep, n_errors, n_duplicates = _select_rows(files, storage_options, exclude)
+    n_new = sum(len(v) for v in keep.values())
+    if n_new == 0 and not parent_manifest:
+        raise ValueError(f"no usable normal images in {features!r} ({n_errors} error rows)")
+    version = next_version_name(bank_root, storage_options)
+    version_url = join_url(bank_root, version)
+    summary = JobSummary("build-bank", ok=n_new, error=n_errors, skipped=n_duplicates + len(exclude), output=version_url)
+
+    init_ray(address)
+    first_index = len(parent_manifest["shards"]) if parent_manifest else 0
+    new_entries: list[dict[str, Any]] = []
+    if n_new:
+        bar = progress(shards, "build-bank (shards)")
+        parts = [_split_feature_file.options(num_returns=shards).remote(url, rows, shards, meta.to_json(), storage_options)
+                 for url, rows in keep.items()]
+        parts = [p if isinstance(p, list) else [p] for p in parts]
+        pending = [_write_bank_shard.remote(version_url, first_index + s, storage_options, *[p[s] for p in parts])
+                   for s in range(shards)]
+        order = list(pending)
+        while pending:
+            ready, pending = ray.wait(pending, num_returns=1)
+            bar.update(len(ready))
+        bar.close()
+        new_entries = ray.get(order)
+    entries = (list(parent_manifest["shards"]) if parent_manifest else []) + new_entries
+    config = SpadeConfig(meta.backbone, meta.image_size, meta.protocol, image_k, pixel_k, kappa, sigma)
+    draft = make_manifest(version, meta, entries, parent=parent_manifest["version"] if parent_manifest else None)
+    served = start_shard_actors(bank_root, draft, storage_options, num_cpus=shard_actor_cpus(len(entries)))
+    try:
+        calibration = _calibrate(served, config, calibration_samples, target_fpr, batch_size)
+    finally:
+        served.shutdown()
+    build = {"shards": shards, "image_k": image_k, "pixel_k": pixel_k, "kappa": kappa, "sigma": sigma,
+             "calibration_samples": calibration_samples, "target_fpr": target_fpr, "features": features}
+    manifest = make_manifest(version, meta, entries, build=build,
+                             calibration=asdict(calibration) if calibration else None,
+                             parent=parent_manifest["version"] if parent_manifest else None)
+    write_manifest(version_url, manifest, storage_options)  # last: the version is complete from now on
+    bank_bytes = sum(served_bytes for served_bytes in _entry_bytes(meta, manifest))
+    summary.extra.update(version=version, n_images=manifest["n_images"], shards=len(entries),
+                         bytes_per_image=round(bank_bytes / max(manifest["n_images"], 1)),
+                         image_threshold=calibration.image_threshold if calibration else None,
+                         pixel_threshold=calibration.pixel_threshold if calibration else None)
+    summary.seconds = time.perf_counter() - start
+    return summary
+
+
+def _entry_bytes(meta: FeatureMeta, manifest: dict[str, Any]) -> list[int]:
+    """In-memory bytes per shard: float32 global vectors + float16 pyramids (what a shard actor holds)."""
+    per_image = 4 * meta.global_dim + 2 * sum(c * h * w for c, h, w in meta.level_shapes)
+    return [per_image * int(entry["n_images"]) for entry in manifest["shards"]]
+
+
+# ----------------------------------------------------------------------------- score
+
+
+def _existing_results(output: str, storage_options: dict[str, Any] | None) -> list[dict[str, Any]]:
+    import fsspec
+
+    fs, path = fsspec.core.url_to_fs(join_url(output, "results"), **(storage_options or {}))
+    if not fs.exists(path):
+        return []
+    rows: list[dict[str, Any]] = []
+    for file in sorted(fs.find(path)):
+        if file.endswith(".parquet") and "/." not in file:
+            rows.extend(pq.read_table(io.BytesIO(fs.cat_file(file)), columns=["image_id", "bank_id", "status"]).to_pylist())
+    return rows
+
+
+def _remove_results(output: str, storage_options: dict[str, Any] | None) -> None:
+    import fsspec
+
+    fs, path = fsspec.core.url_to_fs(join_url(output, "results"), **(storage_options or {}))
+    if fs.exists(path):
+        for file in fs.find(path):
+            if file.endswith(".parquet"):
+                fs.rm_file(file)
+
+
+def run_score(source: str, bank_url: str, output: str, *, weights: str | None = None, image_k: int | None = None,
+              pixel_k: int | None = None, kappa: int | None = None, threshold: float | None = None,
+              image_threshold: float | None = None, batch_size: int = 16, max_actors: int | None = None,
+              overwrite: bool = False, storage_options: dict[str, Any] | None = None, address: str | None = None,
+              progress: Progress = _no_progress) -> JobSummary:
+    """Score every image under ``source`` against a served bank; masks, heatmaps and result rows to ``output``.
+
+    Images already scored into ``output`` against the same bank are skipped (``overwrite`` redoes
+    them); the mask threshold defaults to the bank's normal-only calibration.
+    """
+    start = time.perf_counter()
+    bank_root, manifest = open_bank(bank_url, storage_options)
+    build = manifest.get("build") or {}
+    config = SpadeConfig(manifest["backbone"], int(manifest["image_size"]), manifest["protocol"],
+                         image_k or int(build.get("image_k", 5)), pixel_k or int(build.get("pixel_k", 50)),
+                         kappa or int(build.get("kappa", 1)), float(build.get("sigma", 4.0)))
+    calibration = manifest.get("calibration") or {}
+    pixel_threshold = threshold if threshold is not None else calibration.get("pixel_threshold")
+    image_thr = image_threshold if image_threshold is not None else calibration.get("image_threshold")
+    if pixel_threshold is None or image_thr is None:
+        raise ValueError(f"bank {bank_url} has no calibration; pass --threshold (and --image-threshold)")
+
+    items = resolve_inputs(source, storage_options)
+    from .serving import bank_id_of
+
+    bank_id = bank_id_of(bank_root, manifest)
+    if overwrite:
+        _remove_results(output, storage_options)
+        done: set[str] = set()
+    else:
+        existing = _existing_results(output, storage_options)
+        others = {r["bank_id"] for r in existing} - {bank_id}
+        if others:
+            raise ValueError(f"{output} holds results scored against another bank ({', '.join(sorted(others))}); "
+                             f"use --overwrite to replace them or choose another --output")
+        done = {r["image_id"] for r in existing}
+    todo = [it for it in items if it.image_id not in done]
+    summary = JobSummary("score", skipped=len(items) - len(todo), output=output,
+                         extra={"bank_id": bank_id, "pixel_threshold": pixel_threshold, "image_threshold": image_thr})
+    if todo:
+        init_ray(address)
+        shard_cpus = shard_actor_cpus(len(manifest["shards"]))
+        served = start_shard_actors(bank_root, manifest, storage_options, num_cpus=shard_cpus)
+        try:
+            spec = BACKBONES[config.backbone]
+            pre = Preprocessor(config.image_size, config.protocol, spec.mean, spec.std)  # type: ignore[arg-type]
+            _run_pipeline(todo, DecodeImages(pre, storage_options), ScoreImages,
+                          {"bank": served, "config": config, "weights": weights, "output": output, "run_id": new_run_id(),
+                           "pixel_threshold": float(pixel_threshold), "image_threshold": float(image_thr),
+                           "storage_options": storage_options},
+                          batch_size, max_actors, summary, progress, "score", reserved_cpus=shard_cpus * len(manifest["shards"]))
+        finally:
+            served.shutdown()
+    summary.seconds = time.perf_counter() - start
+    return summary

@@ -1,0 +1,59 @@
+"""Joining Ray: a local instance by default, a cluster with ``--address`` or ``RAY_ADDRESS``.
+
+Workers do not inherit the driver's environment on a cluster, and variables set after
+``ray.init()`` never reach them, so the variables that configure object storage and this
+package are forwarded explicitly through the job's ``runtime_env``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+import ray
+
+__all__ = ["FORWARDED_ENV_PREFIXES", "cluster_cpus", "init_ray", "set_worker_threads"]
+
+# AWS_* (s3fs/botocore: credentials, endpoint, region, profile), GOOGLE_* (gcsfs), SPADE_RAY_*
+FORWARDED_ENV_PREFIXES = ("AWS_", "GOOGLE_", "SPADE_RAY_", "FSSPEC_")
+
+
+def _forwarded_env() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if k.startswith(FORWARDED_ENV_PREFIXES)}
+
+
+def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
+    """Connect to (or start) Ray once per driver process, forwarding storage settings to workers."""
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    kwargs: dict[str, Any] = {
+        "runtime_env": {"env_vars": _forwarded_env()},
+        "logging_level": logging.WARNING,
+        "log_to_driver": True,
+    }
+    if address is None:
+        kwargs.update(include_dashboard=False, num_cpus=num_cpus)
+    ray.init(address=address, **kwargs)
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False  # the CLI shows its own bars; Ray's own spam non-terminal logs
+
+
+def cluster_cpus() -> int:
+    return max(1, int(ray.cluster_resources().get("CPU", 1)))
+
+
+def set_worker_threads(default: int = 1) -> int:
+    """Match torch/FAISS threads to the CPUs Ray gave this worker (Ray sets OMP_NUM_THREADS=1)."""
+    import faiss
+    import torch
+
+    try:
+        cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", default)
+    except Exception:  # outside a worker
+        cpus = default
+    threads = max(1, int(round(cpus)) or default)
+    torch.set_num_threads(threads)
+    faiss.omp_set_num_threads(threads)
+    return threads

@@ -1,0 +1,108 @@
+"""One shard of the normal bank, served: retrieval and correspondence against the data it owns.
+
+This is the work a shard actor does, as a plain class with no Ray in it (the Ray layer wraps it
+with ``ray.remote``).  The query moves to the data: a shard answers "your top-k global neighbours"
+and "per-level nearest-match distances of these query pixels against the pixels of the neighbours
+I own"; it never ships its pyramids.  Rows are numbered bank-wide: shard rows plus the shard's
+``offset`` (its position in the manifest), so results from all shards merge exactly.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+from .bank import BankShard, load_shard
+from .correspondence import DEFAULT_CHUNK_ELEMENTS, level_nearest_distances
+
+__all__ = ["ShardServer"]
+
+
+class ShardServer:
+    """Holds one bank shard in memory and answers retrieval and correspondence queries."""
+
+    def __init__(
+        self,
+        bank_root: str,
+        entry: dict[str, Any],
+        offset: int,
+        storage_options: dict[str, Any] | None = None,
+        verify: bool = True,
+        threads: int | None = None,
+    ) -> None:
+        if threads:
+            torch.set_num_threads(threads)
+            import faiss
+
+            faiss.omp_set_num_threads(threads)
+        self.shard: BankShard = load_shard(bank_root, entry, verify=verify, storage_options=storage_options)
+        self.offset = int(offset)
+
+    @classmethod
+    def from_shard(cls, shard: BankShard, offset: int) -> "ShardServer":
+        server = cls.__new__(cls)
+        server.shard, server.offset = shard, int(offset)
+        return server
+
+    def info(self) -> dict[str, Any]:
+        return {"name": self.shard.name, "n_images": len(self.shard), "offset": self.offset,
+                "bytes": int(self.shard.global_.nbytes + sum(level.nbytes for level in self.shard.levels))}
+
+    def owns(self, rows: np.ndarray) -> np.ndarray:
+        """Mask of the bank-wide rows that live in this shard."""
+        return (rows >= self.offset) & (rows < self.offset + len(self.shard))
+
+    def search(self, queries: np.ndarray, k: int, exclude: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Local top-k per query as (distances, bank-wide rows), ascending; -1/inf pad.
+
+        ``exclude`` (B,) bank-wide rows to leave out (leave-one-out calibration); -1 for none.
+        """
+        extra = 0 if exclude is None else 1
+        dist, local = self.shard.search(queries, k + extra)
+        rows = np.where(local >= 0, local + self.offset, -1)
+        if exclude is not None:
+            drop = rows == np.asarray(exclude)[:, None]
+            dist = np.where(drop, np.inf, dist)
+            rows = np.where(drop, -1, rows)
+            order = np.argsort(dist, axis=1, kind="stable")
+            dist, rows = np.take_along_axis(dist, order, 1), np.take_along_axis(rows, order, 1)
+        return dist[:, :k], rows[:, :k]
+
+    def correspond(
+        self,
+        query_levels: list[np.ndarray],
+        wanted: dict[int, np.ndarray],
+        kappa: int,
+        chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
+    ) -> dict[int, list[np.ndarray]]:
+        """For query b in ``wanted``: per level, (H, W, kappa) distances to this shard's part of its gallery.
+
+        ``query_levels[l]`` is (B, C, H, W) for the whole batch (shared via the object store);
+        ``wanted[b]`` lists bank-wide rows of b's gallery, only those this shard owns are used.
+        """
+        out: dict[int, list[np.ndarray]] = {}
+        for b, rows in wanted.items():
+            rows = np.asarray(rows)
+            local = np.sort(rows[self.owns(rows)] - self.offset)
+            if local.size == 0:
+                continue
+            per_level = []
+            for level, bank_level in zip(query_levels, self.shard.levels):
+                q = torch.from_numpy(np.array(level[b], dtype=np.float32))  # a writable copy of the shared query
+                gallery = torch.from_numpy(bank_level[local])
+                per_level.append(level_nearest_distances(q, gallery, kappa, chunk_elements).numpy())
+            out[int(b)] = per_level
+        return out
+
+    def features(self, rows: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]:
+        """Global vectors and float32 pyramids of a few owned rows (calibration only)."""
+        local = np.asarray(rows) - self.offset
+        if not self.owns(np.asarray(rows)).all():
+            raise ValueError(f"shard {self.shard.name} does not own all of rows {rows}")
+        return self.shard.global_[local].copy(), [level[local].astype(np.float32) for level in self.shard.levels]
+
+    def ids(self, rows: np.ndarray) -> list[tuple[str, str]]:
+        """(image id, uri) of owned bank-wide rows."""
+        return [(self.shard.ids[r - self.offset], self.shard.uris[r - self.offset]) for r in np.asarray(rows).tolist()]
