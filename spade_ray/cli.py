@@ -146,6 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
     sc.add_argument("--threshold", type=float, help="anomaly-map threshold for masks (default: the bank's calibration)")
     sc.add_argument("--image-threshold", type=float, help="image-score threshold (default: the bank's calibration)")
     sc.add_argument("--overwrite", action="store_true", help="redo images already scored into OUTPUT")
+    sc.add_argument("--save-maps", action="store_true", help="also write the raw float anomaly maps as OUT/maps/<relative path>.npy")
     sc.add_argument("--max-actors", type=int, help="upper bound of the scorer actor pool (default: fit the cluster)")
     sc.add_argument("--weights", help="backbone weights file (the bank records which weights it needs)")
     sc.add_argument("--image-k", type=int, help="override the bank's image_k")
@@ -255,7 +256,7 @@ def _cmd_score(args: argparse.Namespace) -> int:
     summary = run_score(args.input, args.bank, args.output, weights=args.weights, image_k=args.image_k,
                         pixel_k=args.pixel_k, kappa=args.kappa, threshold=args.threshold,
                         image_threshold=args.image_threshold, batch_size=args.batch_size, max_actors=args.max_actors,
-                        overwrite=args.overwrite, storage_options=_storage_options(args.storage_options),
+                        overwrite=args.overwrite, save_maps=args.save_maps, storage_options=_storage_options(args.storage_options),
                         address=args.address, progress=_progress_factory(args.quiet))
     return _finish(summary, args.quiet)
 

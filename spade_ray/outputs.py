@@ -18,7 +18,7 @@ import fsspec
 import numpy as np
 from PIL import Image
 
-__all__ = ["heatmap_rgb", "join_url", "output_key", "write_bytes", "write_png"]
+__all__ = ["heatmap_rgb", "join_url", "output_key", "write_bytes", "write_npy", "write_png"]
 
 # Anchor colours of a perceptually ordered dark-to-bright map (black, purple, red, orange, yellow)
 _HEAT_ANCHORS = np.array(
@@ -61,6 +61,13 @@ def write_bytes(url: str, data: bytes, storage_options: dict[str, Any] | None = 
 def write_png(url: str, image: np.ndarray, storage_options: dict[str, Any] | None = None) -> None:
     buf = io.BytesIO()
     Image.fromarray(image).save(buf, format="PNG", optimize=False)
+    write_bytes(url, buf.getvalue(), storage_options)
+
+
+def write_npy(url: str, array: np.ndarray, storage_options: dict[str, Any] | None = None) -> None:
+    """A raw float anomaly map, for analysis and exact comparisons (no pickle)."""
+    buf = io.BytesIO()
+    np.save(buf, np.ascontiguousarray(array), allow_pickle=False)
     write_bytes(url, buf.getvalue(), storage_options)
 
 

@@ -24,6 +24,7 @@ from ..bank import (
     next_version_name,
     open_bank,
     shard_for,
+    version_name,
     write_manifest,
     write_shard,
 )
@@ -314,7 +315,7 @@ def run_build_bank(features: str, output: str | None, *, shards: int = 1, add_to
         new_entries = ray.get(order)
     entries = (list(parent_manifest["shards"]) if parent_manifest else []) + new_entries
     config = SpadeConfig(meta.backbone, meta.image_size, meta.protocol, image_k, pixel_k, kappa, sigma)
-    draft = make_manifest(version, meta, entries, parent=parent_manifest["version"] if parent_manifest else None)
+    draft = make_manifest(version, meta, entries, parent=version_name(parent_manifest["version"]) if parent_manifest else None)
     served = start_shard_actors(bank_root, draft, storage_options, num_cpus=shard_actor_cpus(len(entries)))
     try:
         calibration = _calibrate(served, config, calibration_samples, target_fpr, batch_size)
@@ -324,7 +325,7 @@ def run_build_bank(features: str, output: str | None, *, shards: int = 1, add_to
              "calibration_samples": calibration_samples, "target_fpr": target_fpr, "features": features}
     manifest = make_manifest(version, meta, entries, build=build,
                              calibration=asdict(calibration) if calibration else None,
-                             parent=parent_manifest["version"] if parent_manifest else None)
+                             parent=version_name(parent_manifest["version"]) if parent_manifest else None)
     write_manifest(version_url, manifest, storage_options)  # last: the version is complete from now on
     bank_bytes = sum(served_bytes for served_bytes in _entry_bytes(meta, manifest))
     summary.extra.update(version=version, n_images=manifest["n_images"], shards=len(entries),
@@ -370,7 +371,7 @@ def _remove_results(output: str, storage_options: dict[str, Any] | None) -> None
 def run_score(source: str, bank_url: str, output: str, *, weights: str | None = None, image_k: int | None = None,
               pixel_k: int | None = None, kappa: int | None = None, threshold: float | None = None,
               image_threshold: float | None = None, batch_size: int = 16, max_actors: int | None = None,
-              overwrite: bool = False, storage_options: dict[str, Any] | None = None, address: str | None = None,
+              overwrite: bool = False, save_maps: bool = False, storage_options: dict[str, Any] | None = None, address: str | None = None,
               progress: Progress = _no_progress) -> JobSummary:
     """Score every image under ``source`` against a served bank; masks, heatmaps and result rows to ``output``.
 
@@ -416,7 +417,7 @@ def run_score(source: str, bank_url: str, output: str, *, weights: str | None = 
             _run_pipeline(todo, DecodeImages(pre, storage_options), ScoreImages,
                           {"bank": served, "config": config, "weights": weights, "output": output, "run_id": new_run_id(),
                            "pixel_threshold": float(pixel_threshold), "image_threshold": float(image_thr),
-                           "storage_options": storage_options},
+                           "storage_options": storage_options, "save_maps": save_maps},
                           batch_size, max_actors, summary, progress, "score", reserved_cpus=shard_cpus * len(manifest["shards"]))
         finally:
             served.shutdown()

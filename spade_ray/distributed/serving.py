@@ -18,7 +18,7 @@ import numpy as np
 import ray
 import torch
 
-from ..bank import open_bank
+from ..bank import open_bank, version_name
 from ..correspondence import merge_smallest
 from ..features import FeatureBatch
 from ..fusion import fuse_levels, image_score
@@ -45,7 +45,8 @@ class ShardActor(ShardServer):
 def bank_id_of(bank_root: str, manifest: dict[str, Any]) -> str:
     """A short identity of one bank version: its version name plus a hash of its manifest."""
     digest = hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()[:12]
-    return f"{manifest['version']}-{digest}"
+    version = manifest["version"]
+    return f"{version_name(version) if isinstance(version, int) else version}-{digest}"
 
 
 @dataclass

@@ -23,7 +23,7 @@ from ..featurestore import FeatureMeta, features_to_table, write_feature_shard
 from ..features import features_from_tensor
 from ..images import DEFAULT_MAX_PIXELS, load_image
 from ..model import SpadeConfig
-from ..outputs import heatmap_rgb, join_url, output_key, write_bytes, write_png
+from ..outputs import heatmap_rgb, join_url, output_key, write_bytes, write_npy, write_png
 from ..preprocess import Preprocessor
 from .runtime import set_worker_threads
 from .serving import BankClient, ServedBank
@@ -146,8 +146,10 @@ class ScoreImages:
     """
 
     def __init__(self, bank: ServedBank, config: SpadeConfig, weights: str | None, output: str, run_id: str,
-                 pixel_threshold: float, image_threshold: float, storage_options: dict[str, Any] | None = None) -> None:
+                 pixel_threshold: float, image_threshold: float, storage_options: dict[str, Any] | None = None,
+                 save_maps: bool = False) -> None:
         set_worker_threads()
+        self.save_maps = save_maps
         self.backbone = load_backbone(config.backbone, weights)
         check_compatible(bank.manifest, config.backbone, self.backbone.weights_sha256, config.image_size, config.protocol)
         spec = self.backbone.spec
@@ -202,6 +204,8 @@ class ScoreImages:
             heatmap_uri = join_url(self.output, f"heatmaps/{key}")
             write_png(mask_uri, ((amap > self.pixel_threshold) * 255).astype(np.uint8), self.storage_options)
             write_png(heatmap_uri, heatmap_rgb(amap, vmax=2.0 * self.pixel_threshold), self.storage_options)
+            if self.save_maps:
+                write_npy(join_url(self.output, f"maps/{output_key(str(batch['relpath'][i]), '.npy')}"), amap, self.storage_options)
             rows[i].update(
                 image_score=float(scores[j]), pixel_max=pixel_max,
                 is_anomalous=bool(scores[j] > self.image_threshold or pixel_max > self.pixel_threshold),

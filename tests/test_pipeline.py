@@ -1,0 +1,168 @@
+"""The distributed job on a real local Ray: extract -> build-bank (3 shards) -> score.
+
+It must give the same numbers as the in-process ``Spade`` with the same settings, write one
+result row per input (ok or error), skip what is done on a rerun, and run unchanged with every
+path on a real S3 server.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+from pathlib import Path
+
+import fsspec
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import ray
+
+from spade_ray import Spade
+from spade_ray.datasets import load_mvtec
+from spade_ray.distributed.jobs import run_build_bank, run_extract, run_score
+from spade_ray.sources import resolve_inputs
+
+pytestmark = pytest.mark.timeout(600)
+
+SETTINGS = {"image_k": 3, "pixel_k": 4, "kappa": 1}
+IMAGE_SIZE = 128
+
+
+@pytest.fixture(scope="module")
+def ray_with_s3_env(s3_server):
+    """A local Ray whose workers get the S3 endpoint and credentials only from the environment."""
+    saved = {k: os.environ.get(k) for k in s3_server.env}
+    os.environ.update(s3_server.env)  # before ray.init: the job forwards AWS_* to workers via runtime_env
+    from spade_ray.distributed.runtime import init_ray
+
+    init_ray(num_cpus=2)
+    yield s3_server
+    ray.shutdown()
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> Path:
+    from spade_ray.synthetic import make_synthetic_dataset
+
+    root = make_synthetic_dataset(tmp_path_factory.mktemp("pipe") / "ds", n_train=18, n_test_good=3,
+                                  n_test_per_defect=2, size=IMAGE_SIZE, seed=3)
+    (root / "test" / "good" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
+    return root
+
+
+@pytest.fixture(scope="module")
+def local_run(ray_with_s3_env, dataset, tmp_path_factory):
+    out = tmp_path_factory.mktemp("run")
+    ex = run_extract(str(dataset / "train" / "good"), str(out / "features"), image_size=IMAGE_SIZE, batch_size=8)
+    bb = run_build_bank(str(out / "features"), str(out / "bank"), shards=3, calibration_samples=6, **SETTINGS)
+    sc = run_score(str(dataset / "test"), str(out / "bank"), str(out / "scored"), batch_size=4, save_maps=True)
+    return out, ex, bb, sc
+
+
+def read_results(prefix: str, storage_options=None) -> list[dict]:
+    fs, path = fsspec.core.url_to_fs(prefix, **(storage_options or {}))
+    rows = []
+    for f in sorted(fs.find(path)):
+        if f.endswith(".parquet"):
+            rows.extend(pq.read_table(io.BytesIO(fs.cat_file(f))).to_pylist())
+    return rows
+
+
+def test_every_stage_reports_counts(local_run) -> None:
+    _, ex, bb, sc = local_run
+    assert (ex.ok, ex.error) == (18, 0)
+    assert bb.extra["n_images"] == 18 and bb.extra["shards"] == 3
+    assert bb.extra["bytes_per_image"] < 300 * 1024  # fp16 pyramids at 128 px are far below the 300 KB budget
+    assert (sc.ok, sc.error, sc.skipped) == (9, 1, 0)
+    assert "9 ok, 1 error, 0 skipped" in sc.line() and "images/s" in sc.line()
+
+
+def test_bank_has_three_verified_shards_and_a_manifest_written_last(local_run) -> None:
+    out, *_ = local_run
+    manifest = json.loads((out / "bank" / "v0001" / "manifest.json").read_text())
+    assert len(manifest["shards"]) == 3 and sum(s["n_images"] for s in manifest["shards"]) == 18
+    assert all(len(sha) == 64 for s in manifest["shards"] for sha in s["files"].values())
+    assert manifest["calibration"]["pixel_threshold"] > 0
+
+
+def test_one_result_row_per_input_with_the_design_columns(local_run, dataset) -> None:
+    out, *_ = local_run
+    rows = read_results(str(out / "scored" / "results"))
+    inputs = resolve_inputs(str(dataset / "test"))
+    assert sorted(r["image_id"] for r in rows) == sorted(i.image_id for i in inputs)
+    for col in ("uri", "image_id", "image_score", "pixel_max", "is_anomalous", "mask_uri", "heatmap_uri",
+                "neighbours", "bank_id", "status", "error", "seconds"):
+        assert col in rows[0]
+    broken = [r for r in rows if r["uri"].endswith("broken.png")]
+    assert broken[0]["status"] == "error" and "broken.png" in broken[0]["error"]
+    ok = [r for r in rows if r["status"] == "ok"]
+    assert all(Path(r["mask_uri"]).is_file() and Path(r["heatmap_uri"]).is_file() for r in ok)
+    assert all(len(r["neighbours"]) == SETTINGS["image_k"] for r in ok)
+
+
+def test_distributed_scores_and_maps_equal_in_process_spade(local_run, dataset) -> None:
+    out, *_ = local_run
+    data = load_mvtec(str(dataset))
+    model = Spade("lite0", image_size=IMAGE_SIZE, **SETTINGS).fit([s.uri for s in data.train], calibration_samples=0)
+    test = [s for s in data.test if not s.uri.endswith("broken.png")]
+    pred = model.predict([s.uri for s in test])
+    rows = {r["uri"]: r for r in read_results(str(out / "scored" / "results"))}
+    for sample, score, amap in zip(test, pred.image_scores, pred.maps):
+        row = rows[sample.uri]
+        assert row["image_score"] == pytest.approx(float(score), rel=1e-3)
+        distributed_map = np.load(out / "scored" / "maps" / sample.relpath.replace("test/", "", 1).replace(".png", ".npy"))
+        assert distributed_map.shape == amap.shape
+        np.testing.assert_allclose(distributed_map, amap, rtol=1e-3, atol=1e-3 * float(amap.max()))
+
+
+def test_rerun_skips_done_images_and_overwrite_redoes_them(local_run, dataset) -> None:
+    out, *_ = local_run
+    again = run_score(str(dataset / "test"), str(out / "bank"), str(out / "scored"), batch_size=4)
+    assert (again.ok, again.error, again.skipped) == (0, 0, 10)
+    assert len(read_results(str(out / "scored" / "results"))) == 10
+    redo = run_score(str(dataset / "test"), str(out / "bank"), str(out / "scored"), batch_size=4, overwrite=True)
+    assert (redo.ok, redo.error, redo.skipped) == (9, 1, 0)
+    assert len(read_results(str(out / "scored" / "results"))) == 10
+
+
+def test_add_to_makes_a_new_version_and_keeps_the_old_one(local_run, dataset, tmp_path) -> None:
+    out, *_ = local_run
+    extra = tmp_path / "more"
+    extra.mkdir()
+    for p in sorted((dataset / "test" / "good").glob("00*.png"))[:2]:
+        shutil.copy(p, extra / f"new-{p.name}")
+    run_extract(str(extra), str(tmp_path / "features"), image_size=IMAGE_SIZE)
+    bank = tmp_path / "bank"
+    shutil.copytree(out / "bank", bank)
+    added = run_build_bank(str(tmp_path / "features"), None, add_to=str(bank), shards=1, calibration_samples=4, **SETTINGS)
+    assert added.extra["version"] == "v0002" and added.extra["n_images"] == 20
+    v2 = json.loads((bank / "v0002" / "manifest.json").read_text())
+    assert v2["parent"] == "v0001" and len(v2["shards"]) == 4
+    assert (bank / "v0001" / "manifest.json").is_file()  # the old version stays readable
+    scored = run_score(str(extra), str(bank / "v0001"), str(tmp_path / "old"))
+    assert scored.ok == 2
+
+
+def test_the_whole_pipeline_on_s3(ray_with_s3_env, dataset) -> None:
+    s3 = ray_with_s3_env
+    bucket = s3.make_bucket()
+    fs = s3.filesystem()
+    fs.put(str(dataset) + "/", f"{bucket}/ds/", recursive=True)
+    base = f"s3://{bucket}"
+    # no storage options anywhere: driver and workers find endpoint and credentials in AWS_* variables
+    ex = run_extract(f"{base}/ds/train/good", f"{base}/features", image_size=IMAGE_SIZE, batch_size=8)
+    bb = run_build_bank(f"{base}/features", f"{base}/bank", shards=3, calibration_samples=6, **SETTINGS)
+    sc = run_score(f"{base}/ds/test", f"{base}/bank", f"{base}/out", batch_size=4)
+    assert (ex.ok, bb.extra["n_images"], sc.ok, sc.error) == (18, 18, 9, 1)
+    rows = read_results(f"{base}/out/results")
+    assert len(rows) == 10
+    ok = [r for r in rows if r["status"] == "ok"]
+    assert all(r["mask_uri"].startswith(f"{base}/out/masks/") and fs.exists(r["mask_uri"]) for r in ok)
+    assert fs.exists(f"{bucket}/bank/v0001/manifest.json")
