@@ -31,7 +31,8 @@ from ..bank import (
 from ..backbones import BACKBONES
 from ..featurestore import FeatureMeta, list_feature_shards, read_feature_meta
 from ..features import FeatureBatch
-from ..model import Calibration, SpadeConfig
+from ..fusion import DEFAULT_SIGMA
+from ..model import DEFAULT_IMAGE_K, DEFAULT_KAPPA, DEFAULT_PIXEL_K, Calibration, SpadeConfig
 from ..outputs import join_url
 from ..preprocess import Preprocessor
 from ..sources import InputImage, resolve_inputs
@@ -259,7 +260,7 @@ def _calibrate(bank: ServedBank, config: SpadeConfig, samples: int, target_fpr: 
 
 
 def run_build_bank(features: str, output: str | None, *, shards: int = 1, add_to: str | None = None,
-                   image_k: int = 5, pixel_k: int = 50, kappa: int = 1, sigma: float = 4.0,
+                   image_k: int = DEFAULT_IMAGE_K, pixel_k: int = DEFAULT_PIXEL_K, kappa: int = DEFAULT_KAPPA, sigma: float = DEFAULT_SIGMA,
                    calibration_samples: int = 64, target_fpr: float = 0.01, batch_size: int = 16,
                    storage_options: dict[str, Any] | None = None, address: str | None = None,
                    progress: Progress = _no_progress) -> JobSummary:
@@ -382,8 +383,8 @@ def run_score(source: str, bank_url: str, output: str, *, weights: str | None = 
     bank_root, manifest = open_bank(bank_url, storage_options)
     build = manifest.get("build") or {}
     config = SpadeConfig(manifest["backbone"], int(manifest["image_size"]), manifest["protocol"],
-                         image_k or int(build.get("image_k", 5)), pixel_k or int(build.get("pixel_k", 50)),
-                         kappa or int(build.get("kappa", 1)), float(build.get("sigma", 4.0)))
+                         image_k or int(build.get("image_k", DEFAULT_IMAGE_K)), pixel_k or int(build.get("pixel_k", DEFAULT_PIXEL_K)),
+                         kappa or int(build.get("kappa", DEFAULT_KAPPA)), float(build.get("sigma", DEFAULT_SIGMA)))
     calibration = manifest.get("calibration") or {}
     pixel_threshold = threshold if threshold is not None else calibration.get("pixel_threshold")
     image_thr = image_threshold if image_threshold is not None else calibration.get("image_threshold")
