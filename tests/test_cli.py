@@ -16,15 +16,16 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "spade_ray.cli", *args], capture_output=True, text=True, timeout=600)
 
 
-def test_demo_writes_masks_heatmaps_and_metrics(tmp_path) -> None:
+def test_demo_runs_the_distributed_pipeline_and_writes_every_output(tmp_path) -> None:
     out = tmp_path / "demo"
-    proc = run_cli("demo", "--output", str(out), "--pixel-k", "5", "--image-size", "128")
+    proc = run_cli("demo", "--output", str(out), "--pixel-k", "5", "--image-size", "128", "--quiet")
     assert proc.returncode == 0, proc.stderr
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["n_test"] == 34 and metrics["image_auroc"] > 0.8 and metrics["pixel_auroc"] > 0.85
-    assert str(out / "metrics.json") in proc.stdout and "image     AUROC" in proc.stdout
-    masks = sorted((out / "masks" / "test").rglob("*.png"))
-    heatmaps = sorted((out / "heatmaps" / "test").rglob("*.png"))
+    assert str(out / "metrics.json") in proc.stdout and "score: 34 ok, 0 error, 0 skipped" in proc.stdout
+    assert (out / "bank" / "v0001" / "manifest.json").is_file() and list((out / "features").glob("*.parquet"))
+    masks = sorted((out / "masks").rglob("*.png"))
+    heatmaps = sorted((out / "heatmaps").rglob("*.png"))
     assert len(masks) == len(heatmaps) == 34
     mask = np.asarray(Image.open(masks[0]))
     assert mask.dtype == np.uint8 and set(np.unique(mask)) <= {0, 255}

@@ -145,9 +145,12 @@ def test_add_to_makes_a_new_version_and_keeps_the_old_one(local_run, dataset, tm
     assert added.extra["version"] == "v0002" and added.extra["n_images"] == 20
     v2 = json.loads((bank / "v0002" / "manifest.json").read_text())
     assert v2["parent"] == "v0001" and len(v2["shards"]) == 4
-    assert (bank / "v0001" / "manifest.json").is_file()  # the old version stays readable
-    scored = run_score(str(extra), str(bank / "v0001"), str(tmp_path / "old"))
-    assert scored.ok == 2
+    # the old version stays complete and readable, and the latest version is the new one
+    from spade_ray.bank import load_shard, open_bank
+
+    root, v1 = open_bank(str(bank / "v0001"))
+    assert v1["n_images"] == 18 and sum(len(load_shard(root, e)) for e in v1["shards"]) == 18
+    assert open_bank(str(bank))[1]["version"] == 2
 
 
 def test_the_whole_pipeline_on_s3(ray_with_s3_env, dataset) -> None:

@@ -45,7 +45,7 @@ __all__ = ["JobSummary", "run_build_bank", "run_extract", "run_score"]
 Progress = Callable[[int, str], Any]
 
 
-def _no_progress(total: int, desc: str) -> Any:
+def no_progress(total: int, desc: str) -> Any:
     class _Bar:
         def update(self, n: int = 1) -> None:
             pass
@@ -145,7 +145,7 @@ def _done_ids(prefix: str, storage_options: dict[str, Any] | None, column_filter
 def run_extract(source: str, output: str, *, backbone: str = "lite0", weights: str | None = None, image_size: int = 224,
                 protocol: str = "full", batch_size: int = 16, max_actors: int | None = None,
                 storage_options: dict[str, Any] | None = None, address: str | None = None,
-                progress: Progress = _no_progress) -> JobSummary:
+                progress: Progress = no_progress) -> JobSummary:
     """Images under ``source`` -> Parquet feature shards under ``output`` (one file per batch).
 
     Images that already have a row in ``output`` are skipped, so an interrupted extract resumes.
@@ -263,7 +263,7 @@ def run_build_bank(features: str, output: str | None, *, shards: int = 1, add_to
                    image_k: int = DEFAULT_IMAGE_K, pixel_k: int = DEFAULT_PIXEL_K, kappa: int = DEFAULT_KAPPA, sigma: float = DEFAULT_SIGMA,
                    calibration_samples: int = 64, target_fpr: float = 0.01, batch_size: int = 16,
                    storage_options: dict[str, Any] | None = None, address: str | None = None,
-                   progress: Progress = _no_progress) -> JobSummary:
+                   progress: Progress = no_progress) -> JobSummary:
     """Parquet feature shards -> a new bank version (``output``, or a new version of ``add_to``).
 
     Images are assigned to shards by a hash of their id (stable across rebuilds); one Ray task
@@ -373,7 +373,7 @@ def run_score(source: str, bank_url: str, output: str, *, weights: str | None = 
               pixel_k: int | None = None, kappa: int | None = None, threshold: float | None = None,
               image_threshold: float | None = None, batch_size: int = 16, max_actors: int | None = None,
               overwrite: bool = False, save_maps: bool = False, storage_options: dict[str, Any] | None = None, address: str | None = None,
-              progress: Progress = _no_progress) -> JobSummary:
+              progress: Progress = no_progress) -> JobSummary:
     """Score every image under ``source`` against a served bank; masks, heatmaps and result rows to ``output``.
 
     Images already scored into ``output`` against the same bank are skipped (``overwrite`` redoes
