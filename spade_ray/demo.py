@@ -16,10 +16,11 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from .datasets import load_mvtec
-from .distributed.jobs import JobSummary, Progress, no_progress, run_build_bank, run_extract, run_score
+from .distributed.jobs import JobSummary, run_build_bank, run_extract, run_score
 from .images import load_mask
 from .metrics import compute_metrics
 from .outputs import output_key, write_bytes
+from .progress import Progress, no_progress
 from .sources import resolve_inputs
 from .synthetic import make_synthetic_dataset
 from .timing import peak_rss_mb

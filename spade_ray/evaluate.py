@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import time
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -17,23 +17,10 @@ from .images import load_mask
 from .metrics import compute_metrics, image_auroc
 from .model import DEFAULT_IMAGE_K, DEFAULT_KAPPA, DEFAULT_PIXEL_K, Spade
 from .outputs import heatmap_rgb, join_url, output_key, write_bytes, write_png
+from .progress import Progress, no_progress
 from .timing import peak_rss_mb
 
 __all__ = ["evaluate", "format_summary"]
-
-ProgressFactory = Callable[[int, str], Any]
-
-
-def _null_progress(total: int, desc: str) -> Any:
-    class _Bar:
-        def update(self, n: int = 1) -> None:
-            pass
-
-        def close(self) -> None:
-            pass
-
-    return _Bar()
-
 
 def _rates(scores: np.ndarray, labels: np.ndarray, threshold: float) -> dict[str, float | None]:
     flagged = scores > threshold
@@ -60,7 +47,7 @@ def evaluate(
     target_fpr: float = 0.01,
     write_maps: bool = False,
     storage_options: dict[str, Any] | None = None,
-    progress: ProgressFactory = _null_progress,
+    progress: Progress = no_progress,
 ) -> dict[str, Any]:
     """Fit on the dataset's normal training images, score its test images, write metrics.json."""
     started = time.perf_counter()

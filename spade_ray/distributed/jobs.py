@@ -8,10 +8,9 @@ the CLI and the ``jobs/`` entrypoints decide what to show.
 
 from __future__ import annotations
 
-import io
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -35,26 +34,13 @@ from ..fusion import DEFAULT_SIGMA
 from ..model import DEFAULT_IMAGE_K, DEFAULT_KAPPA, DEFAULT_PIXEL_K, Calibration, SpadeConfig
 from ..outputs import join_url
 from ..preprocess import Preprocessor
+from ..progress import Progress, no_progress
 from ..sources import InputImage, resolve_inputs
 from .runtime import cluster_cpus, init_ray
 from .serving import BankClient, ServedBank, start_shard_actors
 from .stages import DecodeImages, ExtractFeatures, ScoreImages, new_run_id
 
 __all__ = ["JobSummary", "run_build_bank", "run_extract", "run_score"]
-
-Progress = Callable[[int, str], Any]
-
-
-def no_progress(total: int, desc: str) -> Any:
-    class _Bar:
-        def update(self, n: int = 1) -> None:
-            pass
-
-        def close(self) -> None:
-            pass
-
-    return _Bar()
-
 
 @dataclass
 class JobSummary:
@@ -125,21 +111,21 @@ def shard_actor_cpus(n_shards: int) -> float:
 # ----------------------------------------------------------------------------- extract
 
 
-def _done_ids(prefix: str, storage_options: dict[str, Any] | None, column_filter: Callable[[dict[str, Any]], bool]) -> set[str]:
+def _read_rows(prefix: str, storage_options: dict[str, Any] | None, columns: list[str]) -> list[dict[str, Any]]:
+    """The given columns of every Parquet file under ``prefix`` (none when it does not exist)."""
     import fsspec
 
-    done: set[str] = set()
     fs, path = fsspec.core.url_to_fs(prefix, **(storage_options or {}))
     if not fs.exists(path):
-        return done
+        return []
+    rows: list[dict[str, Any]] = []
     for file in sorted(fs.find(path)):
-        if not file.endswith(".parquet") or "/." in file:
-            continue
-        table = pq.read_table(io.BytesIO(fs.cat_file(file)))
-        for row in table.select([c for c in ("image_id", "status", "bank_id") if c in table.column_names]).to_pylist():
-            if column_filter(row):
-                done.add(row["image_id"])
-    return done
+        if file.endswith(".parquet") and "/." not in file:
+            with fs.open(file, "rb") as fh:  # reads only the wanted column chunks, not the features
+                parquet = pq.ParquetFile(fh)
+                wanted = [c for c in columns if c in parquet.schema_arrow.names]
+                rows.extend(parquet.read(columns=wanted).to_pylist())
+    return rows
 
 
 def run_extract(source: str, output: str, *, backbone: str = "lite0", weights: str | None = None, image_size: int = 224,
@@ -152,7 +138,7 @@ def run_extract(source: str, output: str, *, backbone: str = "lite0", weights: s
     """
     start = time.perf_counter()
     items = resolve_inputs(source, storage_options)
-    done = _done_ids(output, storage_options, lambda row: True)
+    done = {row["image_id"] for row in _read_rows(output, storage_options, ["image_id"])}
     todo = [it for it in items if it.image_id not in done]
     summary = JobSummary("extract", skipped=len(items) - len(todo), output=output)
     if todo:
@@ -346,19 +332,6 @@ def _entry_bytes(meta: FeatureMeta, manifest: dict[str, Any]) -> list[int]:
 # ----------------------------------------------------------------------------- score
 
 
-def _existing_results(output: str, storage_options: dict[str, Any] | None) -> list[dict[str, Any]]:
-    import fsspec
-
-    fs, path = fsspec.core.url_to_fs(join_url(output, "results"), **(storage_options or {}))
-    if not fs.exists(path):
-        return []
-    rows: list[dict[str, Any]] = []
-    for file in sorted(fs.find(path)):
-        if file.endswith(".parquet") and "/." not in file:
-            rows.extend(pq.read_table(io.BytesIO(fs.cat_file(file)), columns=["image_id", "bank_id", "status"]).to_pylist())
-    return rows
-
-
 def _remove_results(output: str, storage_options: dict[str, Any] | None) -> None:
     import fsspec
 
@@ -399,7 +372,7 @@ def run_score(source: str, bank_url: str, output: str, *, weights: str | None = 
         _remove_results(output, storage_options)
         done: set[str] = set()
     else:
-        existing = _existing_results(output, storage_options)
+        existing = _read_rows(join_url(output, "results"), storage_options, ["image_id", "bank_id"])
         others = {r["bank_id"] for r in existing} - {bank_id}
         if others:
             raise ValueError(f"{output} holds results scored against another bank ({', '.join(sorted(others))}); "
