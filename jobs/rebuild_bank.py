@@ -18,7 +18,9 @@ from spade_ray.cli import main
 
 
 def parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog="Other flags pass through to `spade-ray build-bank` (e.g. --calibration-samples, "
+                                     "--target-fpr, --image-k, --pixel-k, --kappa).")
     parser.add_argument("input", help="folder, URL prefix, glob or list of normal images")
     parser.add_argument("--features", required=True, help="prefix for the Parquet feature shards")
     target = parser.add_mutually_exclusive_group(required=True)
@@ -29,6 +31,7 @@ def parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument("--image-size", default="224")
     parser.add_argument("--protocol", default="full")
     parser.add_argument("--batch-size", default="16")
+    parser.add_argument("--max-actors", help="upper bound of the extractor actor pool (default: fit the cluster)")
     parser.add_argument("--address")
     parser.add_argument("--storage-options")
     parser.add_argument("--quiet", action="store_true")
@@ -41,7 +44,8 @@ def run(argv: list[str]) -> int:
              (["--storage-options", args.storage_options] if args.storage_options else []) + \
              (["--quiet"] if args.quiet else [])
     code = main(["extract", args.input, "--output", args.features, "--backbone", args.backbone,
-                 "--image-size", args.image_size, "--protocol", args.protocol, "--batch-size", args.batch_size, *common])
+                 "--image-size", args.image_size, "--protocol", args.protocol, "--batch-size", args.batch_size,
+                 *(["--max-actors", args.max_actors] if args.max_actors else []), *common])
     if code != 0:
         return code
     target = ["--output", args.output] if args.output else ["--add-to", args.add_to]
