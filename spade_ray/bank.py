@@ -38,6 +38,7 @@ import numpy as np
 
 from .featurestore import FeatureMeta, _join, _resolve
 from .outputs import write_bytes
+from .retrieval import search_exact
 
 __all__ = [
     "BANK_FORMAT",
@@ -355,25 +356,15 @@ class BankShard:
     def __len__(self) -> int:
         return len(self.ids)
 
-    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    def search(self, queries: np.ndarray, k: int, exclude: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         """This shard's ``k`` nearest rows per query: (Euclidean distances, local rows), (B, k) ascending.
 
-        Missing neighbours (k > shard size) have row -1 and distance inf, so per-shard results
-        merge with :func:`spade_ray.retrieval.merge_topk` after mapping rows to global ids.
+        Exact and deterministic (see :func:`spade_ray.retrieval.search_exact`), so per-shard
+        results merge with :func:`spade_ray.retrieval.merge_topk` (after mapping rows to global
+        ids) into exactly what one index over the whole bank returns.  Missing neighbours have
+        row -1 and distance inf; ``exclude`` (B,) local rows to leave out (-1: none).
         """
-        queries = np.ascontiguousarray(queries, dtype=np.float32)
-        if queries.ndim != 2:
-            raise ValueError(f"queries must be (B, D); got {queries.shape}")
-        b = len(queries)
-        dist = np.full((b, k), np.inf, dtype=np.float32)
-        rows = np.full((b, k), -1, dtype=np.int64)
-        kk = min(k, int(self.index.ntotal))
-        if kk > 0 and b > 0:
-            d2, found = self.index.search(queries, kk)
-            valid = found >= 0
-            dist[:, :kk] = np.where(valid, np.sqrt(np.maximum(d2, 0.0)), np.inf)
-            rows[:, :kk] = np.where(valid, found, -1)
-        return dist, rows
+        return search_exact(self.index, self.global_, queries, k, exclude)
 
 
 def _safe_relpath(path: str) -> str:

@@ -10,7 +10,43 @@ from __future__ import annotations
 import faiss
 import numpy as np
 
-__all__ = ["GlobalIndex", "merge_topk"]
+__all__ = ["RERANK_MARGIN", "GlobalIndex", "merge_topk", "search_exact"]
+
+
+# FAISS proposes this many extra candidates; exact distances then decide the order.  Its own
+# distances (|x|^2 + |y|^2 - 2xy in float32, computed differently for different index sizes and
+# batch sizes) can swap near-ties, so without the exact re-ranking a bank split into shards
+# could pick a different k-th neighbour than one index over everything.
+RERANK_MARGIN = 8
+
+
+def search_exact(index: faiss.Index, vectors: np.ndarray, queries: np.ndarray, k: int,
+                 exclude: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """The ``k`` nearest rows of ``vectors`` (indexed by ``index``) for each query, deterministically.
+
+    Returns (distances float32, rows int64), both (B, k), ascending by exact float64 Euclidean
+    distance, ties broken by row; -1/inf where there are fewer than k rows.  ``exclude`` (B,)
+    names one row per query to leave out (-1: none), for leave-one-out scoring.
+    """
+    queries = np.ascontiguousarray(queries, dtype=np.float32)
+    if queries.ndim != 2:
+        raise ValueError(f"queries must be (B, D); got {queries.shape}")
+    n_query, n_rows = len(queries), int(index.ntotal)
+    dist = np.full((n_query, k), np.inf, dtype=np.float32)
+    rows = np.full((n_query, k), -1, dtype=np.int64)
+    kk = min(k + RERANK_MARGIN + (0 if exclude is None else 1), n_rows)
+    if kk == 0 or n_query == 0:
+        return dist, rows
+    _, candidates = index.search(queries, kk)
+    for b in range(n_query):
+        cand = candidates[b][candidates[b] >= 0]
+        if exclude is not None:
+            cand = cand[cand != exclude[b]]
+        exact = np.linalg.norm(vectors[cand].astype(np.float64) - queries[b].astype(np.float64), axis=1)
+        order = np.lexsort((cand, exact))[:k]
+        dist[b, : len(order)] = exact[order]
+        rows[b, : len(order)] = cand[order]
+    return dist, rows
 
 
 class GlobalIndex:
@@ -20,6 +56,7 @@ class GlobalIndex:
         vectors = np.ascontiguousarray(vectors, dtype=np.float32)
         if vectors.ndim != 2:
             raise ValueError(f"global vectors must be (N, D); got {vectors.shape}")
+        self.vectors = vectors
         self.dim = int(vectors.shape[1])
         self.index = faiss.IndexFlatL2(self.dim)
         self.index.add(vectors)
@@ -33,19 +70,7 @@ class GlobalIndex:
         ``exclude`` (B,) gives one row id per query to leave out (leave-one-out scoring of the
         bank's own images).  Missing neighbours (k > bank size) have id -1 and distance inf.
         """
-        queries = np.ascontiguousarray(queries, dtype=np.float32)
-        kk = min(k + (0 if exclude is None else 1), len(self))
-        d2, ids = self.index.search(queries, kk) if kk > 0 else (np.zeros((len(queries), 0), np.float32), np.zeros((len(queries), 0), np.int64))
-        dist = np.full((len(queries), k), np.inf, dtype=np.float32)
-        out_ids = np.full((len(queries), k), -1, dtype=np.int64)
-        for row in range(len(queries)):
-            keep = ids[row] >= 0
-            if exclude is not None:
-                keep &= ids[row] != exclude[row]
-            kept_d2, kept_ids = d2[row][keep][:k], ids[row][keep][:k]
-            dist[row, : len(kept_ids)] = np.sqrt(np.maximum(kept_d2, 0.0))
-            out_ids[row, : len(kept_ids)] = kept_ids
-        return dist, out_ids
+        return search_exact(self.index, self.vectors, queries, k, exclude)
 
 
 def merge_topk(parts: list[tuple[np.ndarray, np.ndarray]], k: int) -> tuple[np.ndarray, np.ndarray]:

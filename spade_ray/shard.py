@@ -59,16 +59,12 @@ class ShardServer:
 
         ``exclude`` (B,) bank-wide rows to leave out (leave-one-out calibration); -1 for none.
         """
-        extra = 0 if exclude is None else 1
-        dist, local = self.shard.search(queries, k + extra)
-        rows = np.where(local >= 0, local + self.offset, -1)
+        local_exclude = None
         if exclude is not None:
-            drop = rows == np.asarray(exclude)[:, None]
-            dist = np.where(drop, np.inf, dist)
-            rows = np.where(drop, -1, rows)
-            order = np.argsort(dist, axis=1, kind="stable")
-            dist, rows = np.take_along_axis(dist, order, 1), np.take_along_axis(rows, order, 1)
-        return dist[:, :k], rows[:, :k]
+            exclude = np.asarray(exclude)
+            local_exclude = np.where(self.owns(exclude), exclude - self.offset, -1)
+        dist, local = self.shard.search(queries, k, local_exclude)
+        return dist, np.where(local >= 0, local + self.offset, -1)
 
     def correspond(
         self,

@@ -43,3 +43,34 @@ def test_merging_shard_topk_equals_one_index() -> None:
     d_merged, ids_merged = merge_topk(parts, 5)
     np.testing.assert_array_equal(ids_merged, ids_all)
     np.testing.assert_allclose(d_merged, d_all, rtol=1e-6)
+
+
+def test_near_ties_are_ordered_by_exact_distance_then_row() -> None:
+    base = np.zeros((1, 4), np.float32)
+    bank = np.array([[1, 0, 0, 0], [0, 1, 0, 0], [0, 0, 1, 0], [2, 0, 0, 0]], np.float32)  # three exact ties
+    dist, ids = GlobalIndex(bank).search(base, 3)
+    assert ids[0].tolist() == [0, 1, 2] and np.allclose(dist, 1.0)
+
+
+def test_a_sharded_bank_serves_the_same_neighbours_as_one_index() -> None:
+    from spade_ray.bank import BankShard
+    from spade_ray.shard import ShardServer
+    from spade_ray.retrieval import merge_topk
+    import faiss
+
+    rng = np.random.default_rng(5)
+    bank = rng.normal(size=(120, 32)).astype(np.float32)
+    queries = bank[[3, 50, 99]] + rng.normal(scale=0.01, size=(3, 32)).astype(np.float32)
+    servers, offset = [], 0
+    for part in np.array_split(np.arange(120), 3):
+        index = faiss.IndexFlatL2(32)
+        index.add(bank[part])
+        shard = BankShard(f"s{offset}", [str(i) for i in part], [""] * len(part), bank[part], [], index)
+        servers.append(ShardServer.from_shard(shard, offset))
+        offset += len(part)
+    exclude = np.array([3, 50, 99])
+    merged = merge_topk([s.search(queries, 10, exclude) for s in servers], 10)
+    whole = GlobalIndex(bank).search(queries, 10, exclude)
+    np.testing.assert_array_equal(merged[1], whole[1])
+    np.testing.assert_array_equal(merged[0], whole[0])
+    assert not np.isin(exclude, merged[1]).any()
