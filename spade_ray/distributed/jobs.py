@@ -37,7 +37,7 @@ from ..preprocess import Preprocessor
 from ..progress import Progress, no_progress
 from ..sources import InputImage, resolve_inputs
 from .runtime import cluster_cpus, init_ray
-from .serving import BankClient, ServedBank, start_shard_actors
+from .serving import BankClient, ServedBank, shard_actor_cpus, start_shard_actors
 from .stages import DecodeImages, ExtractFeatures, ScoreImages, new_run_id
 
 __all__ = ["JobSummary", "run_build_bank", "run_extract", "run_score"]
@@ -101,11 +101,6 @@ def _run_pipeline(items: list[InputImage], decode: DecodeImages, udf: type, udf_
             bar.update(len(batch["image_id"]))
     finally:
         bar.close()
-
-
-def shard_actor_cpus(n_shards: int) -> float:
-    """CPUs reserved per shard actor: one each on a cluster, a fair part of half the CPUs on a small machine."""
-    return float(min(1.0, max(0.05, cluster_cpus() / (2 * max(n_shards, 1)))))
 
 
 # ----------------------------------------------------------------------------- extract

@@ -25,7 +25,7 @@ from ..fusion import fuse_levels, image_score
 from ..model import SpadeConfig
 from ..retrieval import merge_topk
 from ..shard import ShardServer
-from .runtime import set_worker_threads
+from .runtime import cluster_cpus, set_worker_threads
 
 __all__ = ["BankClient", "ServedBank", "bank_id_of", "serve_bank", "start_shard_actors"]
 
@@ -72,9 +72,20 @@ class ServedBank:
             ray.kill(actor, no_restart=True)
 
 
+def shard_actor_cpus(n_shards: int) -> float:
+    """CPUs reserved per shard actor: one each on a cluster, a fair part of half the CPUs on a small machine.
+
+    Asking a whole CPU per shard on a 2-CPU machine would leave a third shard unschedulable and the
+    job waiting forever.
+    """
+    return float(min(1.0, max(0.05, cluster_cpus() / (2 * max(n_shards, 1)))))
+
+
 def start_shard_actors(bank_root: str, manifest: dict[str, Any], storage_options: dict[str, Any] | None = None,
-                       num_cpus: float = 1.0) -> ServedBank:
+                       num_cpus: float | None = None) -> ServedBank:
     """One shard actor per manifest entry; returns once every shard is loaded and verified."""
+    if num_cpus is None:
+        num_cpus = shard_actor_cpus(len(manifest["shards"]))
     actors, offsets, sizes, offset = [], [], [], 0
     for entry in manifest["shards"]:
         actors.append(ShardActor.options(num_cpus=num_cpus).remote(bank_root, entry, offset, storage_options))
@@ -85,7 +96,7 @@ def start_shard_actors(bank_root: str, manifest: dict[str, Any], storage_options
     return ServedBank(bank_root, manifest, actors, offsets, sizes)
 
 
-def serve_bank(bank_url: str, storage_options: dict[str, Any] | None = None, num_cpus: float = 1.0) -> ServedBank:
+def serve_bank(bank_url: str, storage_options: dict[str, Any] | None = None, num_cpus: float | None = None) -> ServedBank:
     """Serve the bank's latest complete version (or the version folder given)."""
     bank_root, manifest = open_bank(bank_url, storage_options)
     return start_shard_actors(bank_root, manifest, storage_options, num_cpus)
