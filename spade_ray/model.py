@@ -94,6 +94,18 @@ class Calibration:
     image_scores: list[float] = field(default_factory=list)
     pixel_maxima: list[float] = field(default_factory=list)
 
+    @classmethod
+    def from_scores(cls, image_scores: list[float], pixel_maxima: list[float], target_fpr: float) -> "Calibration":
+        """Thresholds at the (1 - target_fpr) quantiles of leave-one-out normal scores."""
+        q = 1.0 - target_fpr
+        return cls(target_fpr, len(image_scores), float(np.quantile(image_scores, q)),
+                   float(np.quantile(pixel_maxima, q)), image_scores, pixel_maxima)
+
+
+def calibration_rows(n_images: int, samples: int) -> np.ndarray:
+    """Up to ``samples`` evenly spaced bank rows to score leave-one-out."""
+    return np.unique(np.linspace(0, n_images - 1, num=min(samples, n_images)).round().astype(np.int64))
+
 
 @dataclass
 class Prediction:
@@ -265,7 +277,7 @@ class Spade:
         self._require_fitted()
         assert self.bank_global is not None
         n = len(self.bank_ids)
-        rows = np.unique(np.linspace(0, n - 1, num=min(samples, n)).round().astype(np.int64))
+        rows = calibration_rows(n, samples)
         scores, maxima = [], []
         with self.timer.stage("calibration"):
             for batch_rows in _batches(rows, self.batch_size):
@@ -273,15 +285,7 @@ class Spade:
                 s, maps, _ = self._score_features(query, exclude=np.asarray(batch_rows))
                 scores.extend(float(v) for v in s)
                 maxima.extend(float(m.max()) for m in maps)
-        q = 1.0 - target_fpr
-        return Calibration(
-            target_fpr=target_fpr,
-            n_images=len(rows),
-            image_threshold=float(np.quantile(scores, q)),
-            pixel_threshold=float(np.quantile(maxima, q)),
-            image_scores=scores,
-            pixel_maxima=maxima,
-        )
+        return Calibration.from_scores(scores, maxima, target_fpr)
 
     # ------------------------------------------------------------------ predict
 

@@ -31,7 +31,7 @@ from ..backbones import BACKBONES
 from ..featurestore import FeatureMeta, list_feature_shards, read_feature_meta
 from ..features import FeatureBatch
 from ..fusion import DEFAULT_SIGMA
-from ..model import DEFAULT_IMAGE_K, DEFAULT_KAPPA, DEFAULT_PIXEL_K, Calibration, SpadeConfig
+from ..model import DEFAULT_IMAGE_K, DEFAULT_KAPPA, DEFAULT_PIXEL_K, Calibration, SpadeConfig, calibration_rows
 from ..outputs import join_url
 from ..preprocess import Preprocessor
 from ..progress import Progress, no_progress
@@ -217,7 +217,7 @@ def _calibrate(bank: ServedBank, config: SpadeConfig, samples: int, target_fpr: 
     n = bank.n_images
     if samples <= 0 or n < 2:
         return None
-    rows = np.unique(np.linspace(0, n - 1, num=min(samples, n)).round().astype(np.int64))
+    rows = calibration_rows(n, samples)
     client = BankClient(bank, config)
     starts = np.asarray(bank.offsets)
     scores: list[float] = []
@@ -236,8 +236,7 @@ def _calibrate(bank: ServedBank, config: SpadeConfig, samples: int, target_fpr: 
         s, maps, _ = client.score(query, exclude=query_rows)
         scores.extend(float(v) for v in s)
         maxima.extend(float(m.max()) for m in maps)
-    q = 1.0 - target_fpr
-    return Calibration(target_fpr, len(rows), float(np.quantile(scores, q)), float(np.quantile(maxima, q)), scores, maxima)
+    return Calibration.from_scores(scores, maxima, target_fpr)
 
 
 def run_build_bank(features: str, output: str | None, *, shards: int = 1, add_to: str | None = None,
