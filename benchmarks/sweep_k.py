@@ -18,6 +18,8 @@ from spade_ray.datasets import load_mvtec
 from spade_ray.fusion import image_score
 from spade_ray.images import load_mask
 from spade_ray.metrics import compute_metrics
+from dataclasses import replace
+
 from spade_ray.model import Spade, anomaly_maps
 
 
@@ -47,7 +49,7 @@ def main() -> None:
         print(json.dumps(rows_out[-1]), flush=True)
     for k in args.pixel_k:
         start = time.perf_counter()
-        maps = anomaly_maps(query, model.bank_levels, rows[:, :k], args.kappa, model.config.image_size, model.config.sigma)
+        maps = anomaly_maps(query, model.bank_levels, rows[:, :k], replace(model.config, pixel_k=k))
         seconds = (time.perf_counter() - start) / len(maps)
         maps = [model.preprocessor.map_to_output(m, h, w) for m, (h, w) in zip(maps, sizes)]
         m = compute_metrics(image_score(dists, 1), labels, maps, masks)

@@ -14,7 +14,8 @@ import tempfile
 from typing import Any, Sequence
 
 from .backbones import BACKBONES
-from .model import DEFAULT_IMAGE_K, DEFAULT_KAPPA, DEFAULT_PIXEL_K
+from .matching import MATCHING
+from .model import DEFAULT_IMAGE_K, DEFAULT_KAPPA, DEFAULT_PIXEL_K, SpadeConfig
 from .preprocess import PROTOCOLS
 
 
@@ -60,6 +61,24 @@ def _add_k_options(group: argparse._ArgumentGroup) -> None:
                        help=f"nearest normal images whose pixels form the correspondence gallery (default {DEFAULT_PIXEL_K})")
     group.add_argument("--kappa", type=int, default=DEFAULT_KAPPA,
                        help=f"nearest gallery features averaged per pixel (default {DEFAULT_KAPPA})")
+    _add_matching_options(group, SpadeConfig())
+
+
+def _add_matching_options(group: argparse._ArgumentGroup, defaults: SpadeConfig | None) -> None:
+    """How pixels are matched; ``defaults`` None means "override the bank's setting" (score)."""
+    show = (lambda name: f" (default {getattr(defaults, name)})") if defaults else (lambda name: " (default: the bank's)")
+    group.add_argument("--matching", choices=list(MATCHING), default=defaults.matching if defaults else None,
+                       help="exact: every pixel against every gallery pixel (the paper); coarse-to-fine: the "
+                       "coarsest level's matches choose where finer levels look" + show("matching"))
+    group.add_argument("--coarse-k", type=int, default=defaults.coarse_k if defaults else None,
+                       help="coarse-to-fine: best coarse cells kept per gallery image" + show("coarse_k"))
+    group.add_argument("--margin", type=int, default=defaults.margin if defaults else None,
+                       help="coarse-to-fine: extra coarse cells searched around each kept one" + show("margin"))
+
+
+def _scoring(args: argparse.Namespace) -> dict[str, Any]:
+    """Scoring settings beyond image_k/pixel_k/kappa given on the command line (None = not given)."""
+    return {name: getattr(args, name) for name in ("matching", "coarse_k", "margin") if getattr(args, name, None) is not None}
 
 
 def _add_model_options(parser: argparse.ArgumentParser, only_backbone: bool = False, scoring_only: bool = False) -> None:
@@ -156,9 +175,27 @@ def build_parser() -> argparse.ArgumentParser:
     sc.add_argument("--image-k", type=int, help="override the bank's image_k")
     sc.add_argument("--pixel-k", type=int, help="override the bank's pixel_k")
     sc.add_argument("--kappa", type=int, help="override the bank's kappa")
+    _add_matching_options(sc, None)
     sc.add_argument("--batch-size", type=int, default=16, help="images per batch (default 16)")
     _add_ray(sc)
     _add_common(sc)
+
+    be = sub.add_parser("bench", help="measure forward, extraction, in-process and distributed scoring, the published loop",
+                        description="Time, in one run on the same images and settings: (a) the backbone forward pass, "
+                        "(b) the extract job, (c) in-process scoring, (d) the distributed score job with N shard actors, "
+                        "(e) the published SPADE correspondence loop; print images/s, a per-stage breakdown, peak RSS "
+                        "of each actor kind and R1 = throughput(c)/throughput(a), R2 = time(e)/time(c).")
+    be.add_argument("--dataset", help="MVTec-layout dataset (default: a small synthetic one)")
+    be.add_argument("--test-images", type=int, default=64, help="test images timed (evenly spaced; default 64)")
+    be.add_argument("--reference-images", type=int, default=4, help="images scored with the slow published loop (default 4)")
+    be.add_argument("--shards", type=int, default=2, help="bank shards served for (d) (default 2)")
+    be.add_argument("--protocol", default="paper", choices=list(PROTOCOLS), help="preprocessing (default paper)")
+    be.add_argument("--workdir", help="where features, bank and outputs go (default: a new temporary folder)")
+    be.add_argument("--json", nargs="?", const="-", help="write the figures as JSON to this file ('-' or no value: stdout)")
+    group = be.add_argument_group("scoring")
+    _add_matching_options(group, None)
+    _add_ray(be)
+    be.add_argument("--quiet", action="store_true", help="no progress bars")
     return parser
 
 
@@ -170,6 +207,7 @@ def _model_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         "image_k": args.image_k,
         "pixel_k": args.pixel_k,
         "kappa": args.kappa,
+        "scoring": _scoring(args),
         "batch_size": args.batch_size,
     }
 
@@ -198,7 +236,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
     output = args.output or tempfile.mkdtemp(prefix="spade-ray-demo-")
     result = run_demo(output, seed=args.seed, image_size=args.image_size, image_k=args.image_k, pixel_k=args.pixel_k,
-                      kappa=args.kappa, batch_size=args.batch_size, shards=args.shards, address=args.address,
+                      kappa=args.kappa, scoring=_scoring(args), batch_size=args.batch_size, shards=args.shards, address=args.address,
                       progress=_progress_factory(args.quiet))
     fmt = lambda v: "n/a" if v is None else f"{v:.3f}"  # noqa: E731
     print(f"image     AUROC {fmt(result['image_auroc'])}   F1-max {fmt(result['image_f1_max'])}")
@@ -234,7 +272,7 @@ def _cmd_build_bank(args: argparse.Namespace) -> int:
     from .distributed.jobs import run_build_bank
 
     summary = run_build_bank(args.features, args.output, shards=args.shards, add_to=args.add_to,
-                             image_k=args.image_k, pixel_k=args.pixel_k, kappa=args.kappa,
+                             image_k=args.image_k, pixel_k=args.pixel_k, kappa=args.kappa, scoring=_scoring(args),
                              calibration_samples=args.calibration_samples, target_fpr=args.target_fpr,
                              batch_size=args.batch_size, storage_options=_storage_options(args.storage_options),
                              address=args.address, progress=_progress_factory(args.quiet))
@@ -250,14 +288,31 @@ def _cmd_score(args: argparse.Namespace) -> int:
     from .distributed.jobs import run_score
 
     summary = run_score(args.input, args.bank, args.output, weights=args.weights, image_k=args.image_k,
-                        pixel_k=args.pixel_k, kappa=args.kappa, threshold=args.threshold,
+                        pixel_k=args.pixel_k, kappa=args.kappa, scoring=_scoring(args), threshold=args.threshold,
                         image_threshold=args.image_threshold, batch_size=args.batch_size, max_actors=args.max_actors,
                         overwrite=args.overwrite, save_maps=args.save_maps, storage_options=_storage_options(args.storage_options),
                         address=args.address, progress=_progress_factory(args.quiet))
     return _finish(summary, args.quiet)
 
 
-COMMANDS = {"demo": _cmd_demo, "evaluate": _cmd_evaluate, "extract": _cmd_extract,
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from .benchmark import format_bench, run_bench
+
+    log = (lambda line: print(line, file=sys.stderr)) if args.json == "-" else print
+    result = run_bench(args.dataset, test_images=args.test_images, reference_images=args.reference_images,
+                       shards=args.shards, protocol=args.protocol, scoring=_scoring(args), workdir=args.workdir,
+                       address=args.address, progress=_progress_factory(args.quiet), log=log)
+    if args.json == "-":
+        print(json.dumps(result, indent=2))
+    else:
+        print(format_bench(result))
+        if args.json:
+            with open(args.json, "w") as fh:
+                json.dump(result, fh, indent=2)
+    return 0
+
+
+COMMANDS = {"bench": _cmd_bench, "demo": _cmd_demo, "evaluate": _cmd_evaluate, "extract": _cmd_extract,
             "build-bank": _cmd_build_bank, "score": _cmd_score}
 
 

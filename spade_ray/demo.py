@@ -29,7 +29,7 @@ __all__ = ["run_demo"]
 
 
 def run_demo(output: str, *, seed: int = 0, image_size: int = 224, image_k: int | None = None, pixel_k: int | None = None,
-             kappa: int | None = None, batch_size: int = 16, shards: int = 2, address: str | None = None,
+             kappa: int | None = None, scoring: dict[str, Any] | None = None, batch_size: int = 16, shards: int = 2, address: str | None = None,
              progress: Progress = no_progress, log: Any = print) -> dict[str, Any]:
     """Run the demo into the local folder ``output``; returns the metrics written to OUT/metrics.json."""
     started = time.perf_counter()
@@ -40,7 +40,8 @@ def run_demo(output: str, *, seed: int = 0, image_size: int = 224, image_k: int 
         log(f"making a synthetic inspection dataset in {dataset} ...")
         make_synthetic_dataset(dataset, seed=seed)
     data = load_mvtec(dataset)
-    model_args = {k: v for k, v in {"image_k": image_k, "pixel_k": pixel_k, "kappa": kappa}.items() if v is not None}
+    model_args: dict[str, Any] = {k: v for k, v in {"image_k": image_k, "pixel_k": pixel_k, "kappa": kappa}.items() if v is not None}
+    model_args["scoring"] = scoring
     summaries: list[JobSummary] = []
     summaries.append(run_extract(os.path.join(dataset, "train", "good"), os.path.join(output, "features"),
                                  image_size=image_size, batch_size=batch_size, address=address, progress=progress))

@@ -42,6 +42,7 @@ def evaluate(
     image_k: int = DEFAULT_IMAGE_K,
     pixel_k: int = DEFAULT_PIXEL_K,
     kappa: int = DEFAULT_KAPPA,
+    scoring: dict[str, Any] | None = None,
     batch_size: int = 16,
     calibration_samples: int = 64,
     target_fpr: float = 0.01,
@@ -53,7 +54,7 @@ def evaluate(
     started = time.perf_counter()
     data = load_mvtec(dataset, storage_options)
     model = Spade(backbone, image_k=image_k, pixel_k=pixel_k, kappa=kappa, image_size=image_size,
-                  protocol=protocol, weights=weights, batch_size=batch_size, storage_options=storage_options)
+                  protocol=protocol, **(scoring or {}), weights=weights, batch_size=batch_size, storage_options=storage_options)
 
     bar = progress(len(data.train), "fit (normal bank)")
     fit_start = time.perf_counter()
@@ -115,11 +116,8 @@ def evaluate(
         "protocol": protocol,
         "backbone": backbone,
         "params": {
-            "image_k": image_k,
-            "pixel_k": pixel_k,
-            "kappa": kappa,
+            **model.config.scoring(),
             "image_size": image_size,
-            "sigma": model.config.sigma,
             "weights_sha256": model.weights_sha256,
             "bank_dtype": "float16",
         },
@@ -155,7 +153,7 @@ def format_summary(result: dict[str, Any]) -> str:
     lines = [
         f"dataset   {result['dataset']}  ({result['n_train']} normal train, {result['n_test']} test images)",
         f"settings  backbone={result['backbone']} protocol={result['protocol']} image_k={p['image_k']} "
-        f"pixel_k={p['pixel_k']} kappa={p['kappa']} image_size={p['image_size']}",
+        f"pixel_k={p['pixel_k']} kappa={p['kappa']} matching={p['matching']} image_size={p['image_size']}",
         f"image     AUROC {_fmt(result['image_auroc'])}   F1-max {_fmt(result['image_f1_max'])}",
         f"pixel     AUROC {_fmt(result['pixel_auroc'])}   AUPRO {_fmt(result['aupro'])}   F1-max {_fmt(result['pixel_f1_max'])}",
     ]

@@ -23,17 +23,19 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
 
 from .backbones import BACKBONES, Backbone, load_backbone
-from .correspondence import DEFAULT_CHUNK_ELEMENTS, level_nearest_distances
+from .coarse_to_fine import DEFAULT_COARSE_K, DEFAULT_MARGIN
+from .correspondence import DEFAULT_CHUNK_ELEMENTS
 from .features import FeatureBatch, extract_features
 from .fusion import DEFAULT_SIGMA, fuse_levels, image_score
+from .matching import MATCHING, pyramid_distances
 from .preprocess import Preprocessor
 from .retrieval import GlobalIndex
 from .timing import StageTimer
@@ -69,13 +71,31 @@ class SpadeConfig:
     pixel_k: int = DEFAULT_PIXEL_K
     kappa: int = DEFAULT_KAPPA
     sigma: float = DEFAULT_SIGMA
+    matching: str = "exact"
+    coarse_k: int = DEFAULT_COARSE_K
+    margin: int = DEFAULT_MARGIN
 
     def __post_init__(self) -> None:
         if self.backbone not in BACKBONES:
             raise ValueError(f"unknown backbone {self.backbone!r}; choose one of {', '.join(BACKBONES)}")
-        for name in ("image_k", "pixel_k", "kappa"):
+        for name in ("image_k", "pixel_k", "kappa", "coarse_k"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1; got {getattr(self, name)}")
+        if self.margin < 0:
+            raise ValueError(f"margin must be >= 0; got {self.margin}")
+        if self.matching not in MATCHING:
+            raise ValueError(f"unknown matching {self.matching!r}; choose one of {', '.join(MATCHING)}")
+
+    def scoring(self) -> dict[str, Any]:
+        """The settings a scorer may override per run (stored in a bank's manifest as its defaults)."""
+        return {name: getattr(self, name) for name in SCORING_SETTINGS}
+
+    def with_scoring(self, settings: dict[str, Any]) -> "SpadeConfig":
+        """This config with the scoring settings found in ``settings`` (None values and other keys ignored)."""
+        return replace(self, **{k: type(getattr(self, k))(v) for k, v in settings.items() if k in SCORING_SETTINGS and v is not None})
+
+
+SCORING_SETTINGS = ("image_k", "pixel_k", "kappa", "sigma", "matching", "coarse_k", "margin")
 
 
 @dataclass(frozen=True)
@@ -129,29 +149,29 @@ def anomaly_maps(
     query: FeatureBatch,
     bank_levels: Sequence[np.ndarray],
     neighbour_rows: np.ndarray,
-    kappa: int,
-    image_size: int,
-    sigma: float,
+    config: SpadeConfig,
     timer: StageTimer | None = None,
     chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
+    device: torch.device | str | None = None,
 ) -> list[np.ndarray]:
     """SPADE's pixel-level step for a batch: fused, smoothed maps at the network's input size.
 
     ``neighbour_rows[b]`` are the bank rows forming image b's gallery (negative ids are ignored).
+    The matching runs on ``device`` (the backbone's, so a GPU does both); the bank stays in host
+    memory and only each image's gallery is copied over.
     """
     timer = timer or StageTimer()
     maps = []
     for b in range(len(query)):
         rows = neighbour_rows[b]
         rows = np.sort(rows[rows >= 0])
-        level_maps = []
         with timer.stage("correspondence"):
-            for level, bank_level in zip(query.levels, bank_levels):
-                gallery = torch.from_numpy(bank_level[rows])
-                q = torch.from_numpy(np.ascontiguousarray(level[b])).float()
-                level_maps.append(level_nearest_distances(q, gallery, kappa, chunk_elements).mean(dim=-1))
+            galleries = [torch.from_numpy(bank_level[rows]).to(device) for bank_level in bank_levels]
+            queries = [torch.from_numpy(np.ascontiguousarray(level[b])).to(device, torch.float32) for level in query.levels]
+            distances = pyramid_distances(queries, galleries, config.kappa, config.matching, config.coarse_k,
+                                          config.margin, chunk_elements)
         with timer.stage("fusion"):
-            maps.append(fuse_levels(level_maps, image_size, sigma))
+            maps.append(fuse_levels([d.mean(dim=-1) for d in distances], config.image_size, config.sigma))
     return maps
 
 
@@ -185,12 +205,15 @@ class Spade:
         image_size: int = 224,
         protocol: str = "full",
         sigma: float = DEFAULT_SIGMA,
+        matching: str = "exact",
+        coarse_k: int = DEFAULT_COARSE_K,
+        margin: int = DEFAULT_MARGIN,
         weights: str | None = None,
         device: str | None = None,
         batch_size: int = 16,
         storage_options: dict | None = None,
     ) -> None:
-        self.config = SpadeConfig(backbone, image_size, protocol, image_k, pixel_k, kappa, sigma)
+        self.config = SpadeConfig(backbone, image_size, protocol, image_k, pixel_k, kappa, sigma, matching, coarse_k, margin)
         self.batch_size = batch_size
         self.storage_options = storage_options
         self._weights = weights
@@ -300,7 +323,8 @@ class Spade:
         with self.timer.stage("retrieval"):
             dists, rows = self.index.search(query.global_, max(cfg.image_k, cfg.pixel_k), exclude)
             scores = image_score(dists, cfg.image_k)
-        maps = anomaly_maps(query, self.bank_levels, rows[:, : cfg.pixel_k], cfg.kappa, cfg.image_size, cfg.sigma, self.timer)
+        maps = anomaly_maps(query, self.bank_levels, rows[:, : cfg.pixel_k], cfg, self.timer,
+                            device=self.backbone.device)
         return scores, maps, rows
 
     def predict(self, images: Sequence[object], progress: Callable[[int], None] | None = None) -> Prediction:

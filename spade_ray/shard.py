@@ -15,7 +15,9 @@ import numpy as np
 import torch
 
 from .bank import BankShard, load_shard
-from .correspondence import DEFAULT_CHUNK_ELEMENTS, level_nearest_distances
+from .coarse_to_fine import DEFAULT_COARSE_K, DEFAULT_MARGIN
+from .correspondence import DEFAULT_CHUNK_ELEMENTS
+from .matching import pyramid_distances
 
 __all__ = ["ShardServer"]
 
@@ -71,6 +73,9 @@ class ShardServer:
         query_levels: list[np.ndarray],
         wanted: dict[int, np.ndarray],
         kappa: int,
+        matching: str = "exact",
+        coarse_k: int = DEFAULT_COARSE_K,
+        margin: int = DEFAULT_MARGIN,
         chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
     ) -> dict[int, list[np.ndarray]]:
         """For query b in ``wanted``: per level, (H, W, kappa) distances to this shard's part of its gallery.
@@ -84,12 +89,10 @@ class ShardServer:
             local = np.sort(rows[self.owns(rows)] - self.offset)
             if local.size == 0:
                 continue
-            per_level = []
-            for level, bank_level in zip(query_levels, self.shard.levels):
-                q = torch.from_numpy(np.array(level[b], dtype=np.float32))  # a writable copy of the shared query
-                gallery = torch.from_numpy(bank_level[local])
-                per_level.append(level_nearest_distances(q, gallery, kappa, chunk_elements).numpy())
-            out[int(b)] = per_level
+            queries = [torch.from_numpy(np.array(level[b], dtype=np.float32)) for level in query_levels]  # writable copies
+            galleries = [torch.from_numpy(bank_level[local]) for bank_level in self.shard.levels]
+            distances = pyramid_distances(queries, galleries, kappa, matching, coarse_k, margin, chunk_elements)
+            out[int(b)] = [d.numpy() for d in distances]
         return out
 
     def features(self, rows: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]:

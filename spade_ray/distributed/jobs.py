@@ -241,7 +241,7 @@ def _calibrate(bank: ServedBank, config: SpadeConfig, samples: int, target_fpr: 
 
 def run_build_bank(features: str, output: str | None, *, shards: int = 1, add_to: str | None = None,
                    image_k: int = DEFAULT_IMAGE_K, pixel_k: int = DEFAULT_PIXEL_K, kappa: int = DEFAULT_KAPPA, sigma: float = DEFAULT_SIGMA,
-                   calibration_samples: int = 64, target_fpr: float = 0.01, batch_size: int = 16,
+                   scoring: dict[str, Any] | None = None, calibration_samples: int = 64, target_fpr: float = 0.01, batch_size: int = 16,
                    storage_options: dict[str, Any] | None = None, address: str | None = None,
                    progress: Progress = no_progress) -> JobSummary:
     """Parquet feature shards -> a new bank version (``output``, or a new version of ``add_to``).
@@ -295,15 +295,14 @@ def run_build_bank(features: str, output: str | None, *, shards: int = 1, add_to
         bar.close()
         new_entries = ray.get(order)
     entries = (list(parent_manifest["shards"]) if parent_manifest else []) + new_entries
-    config = SpadeConfig(meta.backbone, meta.image_size, meta.protocol, image_k, pixel_k, kappa, sigma)
+    config = SpadeConfig(meta.backbone, meta.image_size, meta.protocol, image_k, pixel_k, kappa, sigma).with_scoring(scoring or {})
     draft = make_manifest(version, meta, entries, parent=version_name(parent_manifest["version"]) if parent_manifest else None)
     served = start_shard_actors(bank_root, draft, storage_options, num_cpus=shard_actor_cpus(len(entries)))
     try:
         calibration = _calibrate(served, config, calibration_samples, target_fpr, batch_size)
     finally:
         served.shutdown()
-    build = {"shards": shards, "image_k": image_k, "pixel_k": pixel_k, "kappa": kappa, "sigma": sigma,
-             "calibration_samples": calibration_samples, "target_fpr": target_fpr, "features": features}
+    build = {"shards": shards, **config.scoring(), "calibration_samples": calibration_samples, "target_fpr": target_fpr, "features": features}
     manifest = make_manifest(version, meta, entries, build=build,
                              calibration=asdict(calibration) if calibration else None,
                              parent=version_name(parent_manifest["version"]) if parent_manifest else None)
@@ -337,8 +336,8 @@ def _remove_results(output: str, storage_options: dict[str, Any] | None) -> None
 
 
 def run_score(source: str, bank_url: str, output: str, *, weights: str | None = None, image_k: int | None = None,
-              pixel_k: int | None = None, kappa: int | None = None, threshold: float | None = None,
-              image_threshold: float | None = None, batch_size: int = 16, max_actors: int | None = None,
+              pixel_k: int | None = None, kappa: int | None = None, scoring: dict[str, Any] | None = None,
+              threshold: float | None = None, image_threshold: float | None = None, batch_size: int = 16, max_actors: int | None = None,
               overwrite: bool = False, save_maps: bool = False, storage_options: dict[str, Any] | None = None, address: str | None = None,
               progress: Progress = no_progress) -> JobSummary:
     """Score every image under ``source`` against a served bank; masks, heatmaps and result rows to ``output``.
@@ -349,9 +348,8 @@ def run_score(source: str, bank_url: str, output: str, *, weights: str | None = 
     start = time.perf_counter()
     bank_root, manifest = open_bank(bank_url, storage_options)
     build = manifest.get("build") or {}
-    config = SpadeConfig(manifest["backbone"], int(manifest["image_size"]), manifest["protocol"],
-                         image_k or int(build.get("image_k", DEFAULT_IMAGE_K)), pixel_k or int(build.get("pixel_k", DEFAULT_PIXEL_K)),
-                         kappa or int(build.get("kappa", DEFAULT_KAPPA)), float(build.get("sigma", DEFAULT_SIGMA)))
+    config = (SpadeConfig(manifest["backbone"], int(manifest["image_size"]), manifest["protocol"])
+              .with_scoring(build).with_scoring({"image_k": image_k, "pixel_k": pixel_k, "kappa": kappa, **(scoring or {})}))
     calibration = manifest.get("calibration") or {}
     pixel_threshold = threshold if threshold is not None else calibration.get("pixel_threshold")
     image_thr = image_threshold if image_threshold is not None else calibration.get("image_threshold")

@@ -142,7 +142,7 @@ class BankClient:
                 if owned.size:
                     wanted[b] = owned
             if wanted:
-                calls.append(actor.correspond.remote(levels_ref, wanted, cfg.kappa))
+                calls.append(actor.correspond.remote(levels_ref, wanted, cfg.kappa, cfg.matching, cfg.coarse_k, cfg.margin))
         answers = ray.get(calls)
         maps = []
         for b in range(len(query)):

@@ -1,0 +1,204 @@
+"""``spade-ray bench``: where the time goes, measured in one run on the same images and settings.
+
+Stages, all on the same test images:
+
+(a) backbone forward only (decoded, preprocessed tensors in memory) - the floor;
+(b) extraction job: decode + forward + Parquet write of the bank's normal images, on Ray;
+(c) in-process scoring: ``Spade.predict`` (decode, forward, retrieval, correspondence, fusion);
+(d) distributed scoring: the ``score`` job against a bank served by N shard actors (masks,
+    heatmaps and result rows written);
+(e) the published SPADE correspondence loop (:mod:`spade_ray.reference`), on a few images.
+
+R1 = throughput (c) / throughput (a): how close scoring is to the forward pass (1 = free).
+R2 = time (e) / time (c): the speed-up over the published code.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from .datasets import load_mvtec
+from .featurestore import list_feature_shards, read_features, table_to_features
+from .features import features_from_tensor
+from .fusion import fuse_levels, image_score
+from .images import load_image
+from .model import Spade
+from .procwatch import ProcessPeaks
+from .progress import Progress, no_progress
+from .reference import reference_level_distances
+from .synthetic import make_synthetic_dataset
+from .timing import peak_rss_mb
+
+__all__ = ["format_bench", "run_bench"]
+
+
+def _evenly(items: list, n: int) -> list:
+    if n >= len(items):
+        return list(items)
+    return [items[i] for i in np.linspace(0, len(items) - 1, n).round().astype(int)]
+
+
+def _write_list(path: Path, uris: list[str]) -> str:
+    path.write_text("\n".join(uris) + "\n")
+    return str(path)
+
+
+def _time_forward(model: Spade, images: list[np.ndarray]) -> float:
+    """Seconds per image of the backbone alone, on preprocessed tensors already in memory."""
+    tensors = [model.preprocessor.to_tensor(images[i : i + model.batch_size]) for i in range(0, len(images), model.batch_size)]
+    features_from_tensor(model.backbone, tensors[0])  # warm-up: first-call allocations are not the steady state
+    start = time.perf_counter()
+    for tensor in tensors:
+        features_from_tensor(model.backbone, tensor)
+    return (time.perf_counter() - start) / len(images)
+
+
+def _time_predict(model: Spade, uris: list[str]) -> tuple[float, dict[str, float]]:
+    """Seconds per image of ``Spade.predict`` and its per-stage seconds per image."""
+    model.predict(uris[: model.batch_size])  # warm-up
+    model.timer.seconds.clear()
+    start = time.perf_counter()
+    model.predict(uris)
+    seconds = (time.perf_counter() - start) / len(uris)
+    return seconds, {k: round(v / len(uris), 5) for k, v in model.timer.as_dict().items()}
+
+
+def _time_reference(model: Spade, uris: list[str]) -> float:
+    """Seconds per image of scoring with the published correspondence loop (same forward, retrieval, fusion)."""
+    cfg = model.config
+    assert model.index is not None
+    start = time.perf_counter()
+    for uri in uris:
+        image = load_image(uri)
+        query = features_from_tensor(model.backbone, model.preprocessor.to_tensor([image]))
+        dists, rows = model.index.search(query.global_, max(cfg.image_k, cfg.pixel_k))
+        image_score(dists, cfg.image_k)
+        gallery = np.sort(rows[0, : cfg.pixel_k])
+        level_maps = [reference_level_distances(torch.from_numpy(level[0]), torch.from_numpy(bank[gallery]))
+                      for level, bank in zip(query.levels, model.bank_levels)]
+        fuse_levels(level_maps, cfg.image_size, cfg.sigma)
+    return (time.perf_counter() - start) / len(uris)
+
+
+def run_bench(
+    dataset: str | None = None,
+    *,
+    test_images: int = 64,
+    reference_images: int = 4,
+    shards: int = 2,
+    protocol: str = "paper",
+    scoring: dict[str, Any] | None = None,
+    workdir: str | None = None,
+    address: str | None = None,
+    progress: Progress = no_progress,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Run stages (a)-(e) and return the figures (also what ``--json`` writes)."""
+    from .distributed.jobs import run_build_bank, run_extract, run_score
+    from .distributed.runtime import init_ray
+
+    work = Path(workdir or tempfile.mkdtemp(prefix="spade-ray-bench-"))
+    work.mkdir(parents=True, exist_ok=True)
+    if dataset is None:
+        dataset = str(work / "dataset")
+        if not (work / "dataset" / "train").is_dir():
+            log(f"no --dataset: making a synthetic one in {dataset}")
+            make_synthetic_dataset(dataset, n_train=64, n_test_good=16, n_test_per_defect=16)
+    data = load_mvtec(dataset)
+    test = [s.uri for s in _evenly(data.test, test_images)]
+    train_list = _write_list(work / "train.txt", [s.uri for s in data.train])
+    test_list = _write_list(work / "test.txt", test)
+    torch_threads = torch.get_num_threads()
+    init_ray(address)
+
+    with ProcessPeaks() as peaks_extract:
+        extract = run_extract(train_list, str(work / "features"), protocol=protocol, progress=progress)
+    log(extract.line())
+    build = run_build_bank(str(work / "features"), str(work / "bank"), shards=shards, calibration_samples=0,
+                           scoring=scoring, progress=progress)
+    log(build.line())
+
+    model = Spade("lite0", protocol=protocol, **(scoring or {}))
+    table, _ = read_features(list_feature_shards(str(work / "features")))
+    ids, _, bank = table_to_features(table)
+    model.set_bank(ids, bank.global_, bank.levels)
+    images = [load_image(uri) for uri in test]
+
+    log(f"(a) backbone forward on {len(test)} images ...")
+    forward = _time_forward(model, images)
+    log(f"(c) in-process scoring ({model.config.matching} matching) ...")
+    scored, stages = _time_predict(model, test)
+    exact = None
+    if model.config.matching != "exact":
+        log("(c') in-process scoring, exact matching ...")
+        exact_model = Spade("lite0", protocol=protocol, **{**(scoring or {}), "matching": "exact"})
+        exact_model.set_bank(ids, bank.global_, bank.levels)
+        exact, _ = _time_predict(exact_model, test)
+    log(f"(e) published correspondence loop on {min(reference_images, len(test))} images ...")
+    reference = _time_reference(model, test[:reference_images])
+
+    log(f"(d) distributed scoring with {shards} shard actors ...")
+    with ProcessPeaks() as peaks_score:
+        score = run_score(test_list, str(work / "bank"), str(work / "scored"), overwrite=True, progress=progress)
+    log(score.line())
+
+    per_image = {"a_forward": forward, "b_extract_job": 1 / extract.images_per_second if extract.images_per_second else None,
+                 "c_in_process": scored, "d_distributed": 1 / score.images_per_second if score.images_per_second else None,
+                 "e_reference": reference}
+    if exact is not None:
+        per_image["c_in_process_exact"] = exact
+    result: dict[str, Any] = {
+        "dataset": dataset,
+        "protocol": protocol,
+        "settings": replace(model.config).scoring(),
+        "machine": {"cpus": os.cpu_count(), "torch_threads": torch_threads, "platform": platform.platform(),
+                    "torch": torch.__version__, "device": str(model.backbone.device)},
+        "images": {"bank": build.extra.get("n_images"), "test": len(test), "reference": min(reference_images, len(test))},
+        "seconds_per_image": {k: round(v, 5) if v is not None else None for k, v in per_image.items()},
+        "images_per_second": {k: round(1 / v, 2) if v else None for k, v in per_image.items()},
+        "in_process_stages_seconds_per_image": stages,
+        "R1_scoring_vs_forward_throughput": round(forward / scored, 3),
+        "R2_reference_vs_scoring_time": round(reference / scored, 1),
+        "bank_bytes_per_image": build.extra.get("bytes_per_image"),
+        "peak_rss_mib": {"driver (in-process model)": round(peak_rss_mb(), 1), **peaks_extract.mib(), **peaks_score.mib()},
+        "workdir": str(work),
+    }
+    if exact is not None:
+        result["R1_exact"] = round(forward / exact, 3)
+        result["R2_exact"] = round(reference / exact, 1)
+    (work / "bench.json").write_text(json.dumps(result, indent=2))
+    return result
+
+
+def format_bench(result: dict[str, Any]) -> str:
+    """The human-readable table printed by ``spade-ray bench``."""
+    names = {"a_forward": "(a) backbone forward", "b_extract_job": "(b) extract job (decode+forward+write)",
+             "c_in_process": f"(c) in-process scoring [{result['settings']['matching']}]",
+             "c_in_process_exact": "(c') in-process scoring [exact]", "d_distributed": "(d) distributed scoring job",
+             "e_reference": "(e) published correspondence loop"}
+    lines = [f"{'stage':<44}{'s/image':>10}{'images/s':>10}"]
+    for key, label in names.items():
+        if key in result["seconds_per_image"]:
+            s, ips = result["seconds_per_image"][key], result["images_per_second"][key]
+            lines.append(f"{label:<44}{s if s is not None else float('nan'):>10.4f}{ips if ips is not None else float('nan'):>10.1f}")
+    lines.append("in-process stages (s/image): " + ", ".join(f"{k} {v:.4f}" for k, v in result["in_process_stages_seconds_per_image"].items()))
+    r = f"R1 = {result['R1_scoring_vs_forward_throughput']:.3f}   R2 = {result['R2_reference_vs_scoring_time']:.1f}"
+    if "R1_exact" in result:
+        r += f"   (exact matching: R1 = {result['R1_exact']:.3f}, R2 = {result['R2_exact']:.1f})"
+    lines.append(r)
+    lines.append(f"bank: {result['bank_bytes_per_image'] / 1024:.0f} KiB per image")
+    lines.append("peak RSS (MiB): " + ", ".join(f"{k} {v:.0f}" for k, v in result["peak_rss_mib"].items()))
+    m = result["machine"]
+    lines.append(f"machine: {m['cpus']} CPUs, {m['torch_threads']} torch threads, {m['device']}; "
+                 f"{result['images']['test']} test images, bank of {result['images']['bank']}")
+    return "\n".join(lines)
