@@ -35,6 +35,7 @@ from ..model import DEFAULT_IMAGE_K, DEFAULT_KAPPA, DEFAULT_PIXEL_K, Calibration
 from ..outputs import join_url
 from ..preprocess import Preprocessor
 from ..progress import Progress, no_progress
+from ..report import DEFAULT_REPORT_TOP, score_report, write_report
 from ..sources import InputImage, resolve_inputs
 from .runtime import cluster_cpus, init_ray
 from .serving import BankClient, ServedBank, shard_actor_cpus, start_shard_actors
@@ -340,11 +341,13 @@ def run_score(source: str, bank_url: str, output: str, *, weights: str | None = 
               pixel_k: int | None = None, kappa: int | None = None, threshold: float | None = None,
               image_threshold: float | None = None, batch_size: int = 16, max_actors: int | None = None,
               overwrite: bool = False, save_maps: bool = False, storage_options: dict[str, Any] | None = None, address: str | None = None,
-              progress: Progress = no_progress) -> JobSummary:
-    """Score every image under ``source`` against a served bank; masks, heatmaps and result rows to ``output``.
+              progress: Progress = no_progress, report_top: int = DEFAULT_REPORT_TOP) -> JobSummary:
+    """Score every image under ``source`` against a served bank; masks, heatmaps, overlays and result rows to ``output``.
 
     Images already scored into ``output`` against the same bank are skipped (``overwrite`` redoes
-    them); the mask threshold defaults to the bank's normal-only calibration.
+    them); the mask threshold defaults to the bank's normal-only calibration.  Finally
+    ``output/report.html`` shows everything scored into ``output``, with the ``report_top`` most
+    anomalous images.
     """
     start = time.perf_counter()
     bank_root, manifest = open_bank(bank_url, storage_options)
@@ -375,13 +378,13 @@ def run_score(source: str, bank_url: str, output: str, *, weights: str | None = 
     todo = [it for it in items if it.image_id not in done]
     summary = JobSummary("score", skipped=len(items) - len(todo), output=output,
                          extra={"bank_id": bank_id, "pixel_threshold": pixel_threshold, "image_threshold": image_thr})
+    spec = BACKBONES[config.backbone]
+    pre = Preprocessor(config.image_size, config.protocol, spec.mean, spec.std)  # type: ignore[arg-type]
     if todo:
         init_ray(address)
         shard_cpus = shard_actor_cpus(len(manifest["shards"]))
         served = start_shard_actors(bank_root, manifest, storage_options, num_cpus=shard_cpus)
         try:
-            spec = BACKBONES[config.backbone]
-            pre = Preprocessor(config.image_size, config.protocol, spec.mean, spec.std)  # type: ignore[arg-type]
             _run_pipeline(todo, DecodeImages(pre, storage_options), ScoreImages,
                           {"bank": served, "config": config, "weights": weights, "output": output, "run_id": new_run_id(),
                            "pixel_threshold": float(pixel_threshold), "image_threshold": float(image_thr),
@@ -389,5 +392,15 @@ def run_score(source: str, bank_url: str, output: str, *, weights: str | None = 
                           batch_size, max_actors, summary, progress, "score", reserved_cpus=shard_cpus * len(manifest["shards"]))
         finally:
             served.shutdown()
+    bar = progress(min(report_top, len(items)), "report")
+    try:
+        report = score_report(output, source=source, bank_id=bank_id, image_threshold=float(image_thr),
+                              pixel_threshold=float(pixel_threshold), preprocessor=pre, skipped=summary.skipped,
+                              top=report_top, storage_options=storage_options, progress=bar.update)
+    finally:
+        bar.close()
+    summary.extra["report"] = join_url(output, "report.html")
+    summary.extra["anomalous"] = report.counts["anomalous"]
+    write_report(summary.extra["report"], report, storage_options)
     summary.seconds = time.perf_counter() - start
     return summary
