@@ -17,7 +17,7 @@ from .datasets import load_mvtec
 from .evaluate_report import evaluation_report
 from .images import load_image, load_mask
 from .metrics import compute_metrics
-from .model import DEFAULT_IMAGE_K, DEFAULT_KAPPA, DEFAULT_PIXEL_K, Spade
+from .model import DEFAULT_IMAGE_K, DEFAULT_KAPPA, DEFAULT_PIXEL_K, Spade, calibration_rows
 from .outputs import heatmap_rgb, join_url, output_key, write_bytes, write_jpeg, write_png
 from .overlay import overlay_rgb
 from .progress import Progress, no_progress
@@ -66,10 +66,13 @@ def evaluate(
 
     bar = progress(len(data.train), "fit (normal bank)")
     fit_start = time.perf_counter()
-    model.fit([s.uri for s in data.train], ids=[s.relpath for s in data.train],
-              calibration_samples=calibration_samples, target_fpr=target_fpr, progress=bar.update)
-    fit_seconds = time.perf_counter() - fit_start
+    model.fit([s.uri for s in data.train], ids=[s.relpath for s in data.train], calibration_samples=0, progress=bar.update)
     bar.close()
+    if calibration_samples > 0 and len(data.train) > 1:
+        bar = progress(len(calibration_rows(len(data.train), calibration_samples)), "calibrate (leave-one-out)")
+        model.calibration = model.calibrate(calibration_samples, target_fpr, progress=bar.update)
+        bar.close()
+    fit_seconds = time.perf_counter() - fit_start
 
     bar = progress(len(data.test), "score (test)")
     test_start = time.perf_counter()

@@ -34,10 +34,10 @@ from ..fusion import DEFAULT_SIGMA
 from ..model import DEFAULT_IMAGE_K, DEFAULT_KAPPA, DEFAULT_PIXEL_K, Calibration, SpadeConfig, calibration_rows
 from ..outputs import join_url
 from ..preprocess import Preprocessor
-from ..progress import Progress, no_progress
+from ..progress import Progress, no_progress, shows_ray_data_bars
 from ..report import DEFAULT_REPORT_TOP, score_report, write_report
 from ..sources import InputImage, resolve_inputs
-from .runtime import cluster_cpus, init_ray
+from .runtime import cluster_cpus, init_ray, ray_data_output
 from .serving import BankClient, ServedBank, shard_actor_cpus, start_shard_actors
 from .stages import DecodeImages, ExtractFeatures, ScoreImages, new_run_id
 
@@ -61,8 +61,15 @@ class JobSummary:
         return (self.ok + self.error) / self.seconds if self.seconds > 0 else 0.0
 
     def line(self) -> str:
-        return (f"{self.job}: {self.ok} ok, {self.error} error, {self.skipped} skipped in {self.seconds:.1f}s "
+        flagged = f", {self.extra['anomalous']} anomalous" if "anomalous" in self.extra else ""
+        return (f"{self.job}: {self.ok} ok, {self.error} error, {self.skipped} skipped{flagged} in {self.seconds:.1f}s "
                 f"({self.images_per_second:.1f} images/s) -> {self.output}")
+
+    def fields(self) -> dict[str, Any]:
+        """The summary as flat JSON-ready fields, for structured logs."""
+        return {"stage": self.job, "ok": self.ok, "error": self.error, "skipped": self.skipped,
+                "seconds": round(self.seconds, 3), "images_per_second": round(self.images_per_second, 3),
+                "output": self.output, **self.extra}
 
 
 def _actor_pool(n_items: int, batch_size: int, max_actors: int | None, reserved_cpus: float = 0.0) -> tuple[ray.data.ActorPoolStrategy, float]:
@@ -85,12 +92,16 @@ def _run_pipeline(items: list[InputImage], decode: DecodeImages, udf: type, udf_
                   batch_size: int, max_actors: int | None, summary: JobSummary, progress: Progress, desc: str,
                   reserved_cpus: float = 0.0) -> None:
     """from_items -> decode (tasks) -> UDF (actor pool); counts results as they stream back."""
+    # On a terminal Ray Data draws its own bars (one per operator); otherwise it stays silent and
+    # so does the driver's bar.  Set before the dataset exists: a dataset keeps the context it was made with.
+    ray_bars = shows_ray_data_bars(progress)
+    ray_data_output(interactive=ray_bars)
     ds = ray.data.from_items([{"uri": it.uri, "relpath": it.relpath, "image_id": it.image_id} for it in items],
                              override_num_blocks=max(1, -(-len(items) // batch_size)))
     ds = ds.map_batches(decode, batch_size=batch_size, num_cpus=DECODE_CPUS)
     pool, per_actor = _actor_pool(len(items), batch_size, max_actors, reserved_cpus)
     ds = ds.map_batches(udf, fn_constructor_kwargs=udf_kwargs, batch_size=batch_size, num_cpus=per_actor, compute=pool)
-    bar = progress(len(items), desc)
+    bar = no_progress(len(items), desc) if ray_bars else progress(len(items), desc)
     try:
         for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
             for image_id, status, error in zip(batch["image_id"], batch["status"], batch["error"]):
@@ -213,12 +224,14 @@ def _select_rows(files: list[str], storage_options: dict[str, Any] | None, exclu
     return keep, errors, duplicates
 
 
-def _calibrate(bank: ServedBank, config: SpadeConfig, samples: int, target_fpr: float, batch_size: int) -> Calibration | None:
+def _calibrate(bank: ServedBank, config: SpadeConfig, samples: int, target_fpr: float, batch_size: int,
+               progress: Progress = no_progress) -> Calibration | None:
     """Leave-one-out scores of up to ``samples`` bank images (evenly spaced rows) -> thresholds."""
     n = bank.n_images
     if samples <= 0 or n < 2:
         return None
     rows = calibration_rows(n, samples)
+    bar = progress(len(rows), "calibrate (leave-one-out)")
     client = BankClient(bank, config)
     starts = np.asarray(bank.offsets)
     scores: list[float] = []
@@ -237,6 +250,8 @@ def _calibrate(bank: ServedBank, config: SpadeConfig, samples: int, target_fpr: 
         s, maps, _ = client.score(query, exclude=query_rows)
         scores.extend(float(v) for v in s)
         maxima.extend(float(m.max()) for m in maps)
+        bar.update(len(batch_rows))
+    bar.close()
     return Calibration.from_scores(scores, maxima, target_fpr)
 
 
@@ -300,7 +315,7 @@ def run_build_bank(features: str, output: str | None, *, shards: int = 1, add_to
     draft = make_manifest(version, meta, entries, parent=version_name(parent_manifest["version"]) if parent_manifest else None)
     served = start_shard_actors(bank_root, draft, storage_options, num_cpus=shard_actor_cpus(len(entries)))
     try:
-        calibration = _calibrate(served, config, calibration_samples, target_fpr, batch_size)
+        calibration = _calibrate(served, config, calibration_samples, target_fpr, batch_size, progress)
     finally:
         served.shutdown()
     build = {"shards": shards, "image_k": image_k, "pixel_k": pixel_k, "kappa": kappa, "sigma": sigma,
