@@ -8,7 +8,8 @@ detection rates the normal-only thresholds actually reach.  Built from the predi
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -18,7 +19,16 @@ from .metrics import pixel_roc_curve, pro_curve, roc_curve
 from .model import Prediction
 from .overlay import overlay_rgb
 from .preprocess import Preprocessor
-from .report import DEFAULT_REPORT_TOP, Neighbour, Report, ReportItem, item_panels, most_anomalous, neighbour_pictures, now_utc
+from .report import (
+    DEFAULT_REPORT_TOP,
+    Neighbour,
+    Report,
+    ReportItem,
+    item_panels,
+    most_anomalous,
+    neighbour_pictures,
+    now_utc,
+)
 from .svgplot import Series, curves_svg, histogram_svg
 
 __all__ = ["evaluation_report"]

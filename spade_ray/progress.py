@@ -9,7 +9,8 @@ bars written into a log file or a CI log are only noise.
 from __future__ import annotations
 
 import sys
-from typing import Any, Callable, TextIO
+from collections.abc import Callable
+from typing import Any, TextIO
 
 __all__ = ["Progress", "TerminalProgress", "no_progress", "shows_ray_data_bars", "terminal_progress"]
 

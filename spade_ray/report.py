@@ -15,9 +15,10 @@ from __future__ import annotations
 import datetime as _dt
 import io
 import posixpath
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from html import escape
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import fsspec
 import numpy as np
@@ -37,6 +38,8 @@ __all__ = [
     "item_panels",
     "most_anomalous",
     "neighbour_pictures",
+    "now_utc",
+    "read_result_rows",
     "render_report",
     "score_report",
     "severity",
@@ -220,6 +223,7 @@ def write_report(url: str, report: Report, storage_options: dict[str, Any] | Non
 
 
 def now_utc() -> str:
+    """The time a report was written, ISO 8601 in UTC."""
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
 

@@ -7,9 +7,9 @@ curves (a pixel ROC has a point per distinct score) are thinned to what a 400-pi
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from html import escape
-from typing import Sequence
 
 import numpy as np
 

@@ -7,7 +7,13 @@ import pytest
 from skimage import data as skdata
 
 from spade_ray.outputs import heatmap_rgb, output_key
-from spade_ray.overlay import OUTLINE_RGB, draw_outline, mask_outline, overlay_rgb, thumbnail
+from spade_ray.overlay import (
+    OUTLINE_RGB,
+    draw_outline,
+    mask_outline,
+    overlay_rgb,
+    thumbnail,
+)
 from spade_ray.preprocess import Preprocessor
 
 

@@ -9,8 +9,22 @@ import pytest
 from PIL import Image
 from skimage import data as skdata
 
-from spade_ray.metrics import aupro, image_auroc, pixel_auroc, pixel_roc_curve, pro_curve, roc_curve
-from spade_ray.report import Report, ReportItem, item_panels, most_anomalous, neighbour_pictures, render_report
+from spade_ray.metrics import (
+    aupro,
+    image_auroc,
+    pixel_auroc,
+    pixel_roc_curve,
+    pro_curve,
+    roc_curve,
+)
+from spade_ray.report import (
+    Report,
+    ReportItem,
+    item_panels,
+    most_anomalous,
+    neighbour_pictures,
+    render_report,
+)
 from spade_ray.svgplot import Series, curves_svg, histogram_svg, thin_curve
 
 
@@ -53,7 +67,7 @@ def test_curves_are_the_exact_polylines_the_metrics_integrate() -> None:
 
 def test_long_curves_are_thinned_to_what_a_plot_can_show() -> None:
     x = np.linspace(0, 1, 1_000_000)
-    tx, ty = thin_curve(x, np.sqrt(x), resolution=600)
+    tx, _ = thin_curve(x, np.sqrt(x), resolution=600)
     assert len(tx) <= 1300 and tx[0] == 0 and tx[-1] == 1
     svg = curves_svg("ROC", [Series("pixel", x, np.sqrt(x))], "FPR", "TPR", diagonal=True)
     assert len(svg) < 40_000 and "<polyline" in svg
