@@ -208,7 +208,7 @@ def render_report(report: Report) -> str:
            "its thresholds (image score / image threshold, or map maximum / pixel threshold, whichever is larger). "
            "Overlay: the heat colour fades in above half the pixel threshold (red → yellow at twice the threshold); "
            "cyan outline: the mask (map above the pixel threshold). Right: the nearest normal images of the bank, "
-           "which the image was compared against.</p>" + items) if report.items else "<h2>No scored images</h2>"
+           "which the image was compared against.</p>" + items) if report.items else "<h2>No images to show</h2>"
     return ("<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\">"
             f"<title>{escape(report.title)}</title><style>{_CSS}</style></head><body>"
             f"<h1>{escape(report.title)}</h1><table class=\"facts\">{facts}</table>"
