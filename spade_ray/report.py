@@ -22,6 +22,7 @@ from typing import Any
 
 import fsspec
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .images import decode_image, decode_mask, load_image, read_bytes
@@ -39,7 +40,7 @@ __all__ = [
     "most_anomalous",
     "neighbour_pictures",
     "now_utc",
-    "read_result_rows",
+    "read_results",
     "render_report",
     "score_report",
     "severity",
@@ -49,6 +50,7 @@ __all__ = [
 DEFAULT_REPORT_TOP = 24
 PANEL_SIDE = 256  # px: a 24-item report stays a few MB
 NEIGHBOUR_SIDE = 160
+MAX_ERRORS_SHOWN = 50
 
 
 @dataclass
@@ -85,7 +87,8 @@ class Report:
     charts: list[str]
     items: list[ReportItem]
     tables: list[tuple[str, list[str], list[list[str]]]] = field(default_factory=list)
-    errors: list[tuple[str, str]] = field(default_factory=list)
+    errors: list[tuple[str, str]] = field(default_factory=list)  # (image, reason), the first ones
+    n_errors: int | None = None  # all of them, when more than ``errors`` lists
 
 
 def severity(image_score: float, pixel_max: float, image_threshold: float, pixel_threshold: float) -> float:
@@ -200,8 +203,9 @@ def render_report(report: Report) -> str:
     tables = "".join(_table(*t) for t in report.tables)
     errors = ""
     if report.errors:
-        shown = report.errors[:50]
-        more = f" (first {len(shown)} of {len(report.errors)})" if len(report.errors) > len(shown) else ""
+        shown = report.errors[:MAX_ERRORS_SHOWN]
+        total = max(report.n_errors or 0, len(report.errors))
+        more = f" (first {len(shown)} of {total})" if total > len(shown) else ""
         errors = _table(f"Errors{more}", ["image", "reason"], [[a, b] for a, b in shown])
     items = "".join(_item_html(i + 1, item) for i, item in enumerate(report.items))
     top = (f"<h2>The {len(report.items)} most anomalous images</h2><p class=\"legend\">Ranked by how far each is past "
@@ -230,16 +234,29 @@ def now_utc() -> str:
 # ----------------------------------------------------------------------------- from a score output folder
 
 
-def read_result_rows(output: str, storage_options: dict[str, Any] | None = None) -> list[dict[str, Any]]:
-    """Every result row under ``OUT/results`` (files written by any run into this output)."""
+_RESULT_COLUMNS = ("uri", "relpath", "status", "error", "image_score", "pixel_max", "is_anomalous",
+                   "mask_uri", "overlay_uri", "neighbours")
+
+
+def read_results(output: str, storage_options: dict[str, Any] | None = None,
+                 columns: Sequence[str] = _RESULT_COLUMNS) -> pa.Table:
+    """``columns`` of every result row under ``OUT/results`` (all runs into this output), as one Arrow table.
+
+    Columnar, so a report over a million rows costs tens of MB on the driver, not Python dicts;
+    a column missing from older files (e.g. ``overlay_uri``) reads as nulls.
+    """
     fs, path = fsspec.core.url_to_fs(join_url(output, "results"), **(storage_options or {}))
-    if not fs.exists(path):
-        return []
-    rows: list[dict[str, Any]] = []
-    for file in sorted(fs.find(path)):
-        if file.endswith(".parquet"):
-            rows.extend(pq.read_table(io.BytesIO(fs.cat_file(file))).to_pylist())
-    return rows
+    files = sorted(f for f in fs.find(path) if f.endswith(".parquet")) if fs.exists(path) else []
+    tables = []
+    for file in files:
+        table = pq.read_table(io.BytesIO(fs.cat_file(file)))
+        missing = [c for c in columns if c not in table.column_names]
+        for name in missing:
+            table = table.append_column(name, pa.nulls(len(table), pa.list_(pa.string()) if name == "neighbours" else pa.string()))
+        tables.append(table.select(list(columns)))
+    if not tables:
+        return pa.table({c: pa.array([], pa.string()) for c in columns})
+    return pa.concat_tables(tables, promote_options="permissive")
 
 
 def _score_item(row: dict[str, Any], preprocessor: Preprocessor, storage_options: dict[str, Any] | None,
@@ -268,24 +285,34 @@ def score_report(output: str, *, source: str, bank_id: str, image_threshold: flo
 
     ``preprocessor`` is the bank's geometry: it puts a source image into its map's frame.
     """
-    rows = read_result_rows(output, storage_options)
-    ok = [r for r in rows if r["status"] == "ok"]
-    errors = [(str(r.get("relpath") or r["uri"]), str(r.get("error") or "")) for r in rows if r["status"] != "ok"]
+    table = read_results(output, storage_options)
+    status = np.asarray(table.column("status").to_pylist(), dtype=object)
+    ok = status == "ok"
+    scores = np.asarray(table.column("image_score").to_numpy(zero_copy_only=False), dtype=np.float64)[ok]
+    maxima = np.asarray(table.column("pixel_max").to_numpy(zero_copy_only=False), dtype=np.float64)[ok]
+    flagged = np.asarray(table.column("is_anomalous").to_pylist(), dtype=object)[ok]
+    ok_rows = np.flatnonzero(ok)
+    # the top rows only become Python dicts (and are read as pictures)
+    order = np.argsort(-np.maximum(scores / max(image_threshold, 1e-12), maxima / max(pixel_threshold, 1e-12)),
+                       kind="stable")[: max(top, 0)]
+    candidates = table.take(pa.array(ok_rows[order], pa.int64())).to_pylist() if len(order) else []
     cache: dict[str, Neighbour] = {}
     items = []
-    for row in most_anomalous(ok, top, image_threshold, pixel_threshold):
+    for row in most_anomalous(candidates, top, image_threshold, pixel_threshold):
         items.append(_score_item(row, preprocessor, storage_options, cache))
         if progress:
             progress(1)
-    counts = {"images": len(rows), "ok": len(ok), "error": len(errors), "skipped (this run)": skipped,
-              "anomalous": sum(bool(r["is_anomalous"]) for r in ok)}
+    error_rows = np.flatnonzero(~ok)
+    errors = [(str(r.get("relpath") or r["uri"]), str(r.get("error") or ""))
+              for r in table.take(pa.array(error_rows[:MAX_ERRORS_SHOWN], pa.int64())).to_pylist()]
+    counts = {"images": len(table), "ok": int(ok.sum()), "error": int((~ok).sum()), "skipped (this run)": skipped,
+              "anomalous": int(sum(bool(f) for f in flagged))}
     charts = [
-        histogram_svg("image scores", [Series("images", [r["image_score"] for r in ok])],
-                      {"threshold": image_threshold}, x_label="image score"),
-        histogram_svg("anomaly map maxima", [Series("images", [r["pixel_max"] for r in ok])],
-                      {"threshold": pixel_threshold}, x_label="anomaly map maximum"),
+        histogram_svg("image scores", [Series("images", scores)], {"threshold": image_threshold}, x_label="image score"),
+        histogram_svg("anomaly map maxima", [Series("images", maxima)], {"threshold": pixel_threshold},
+                      x_label="anomaly map maximum"),
     ]
     facts = [("input", source), ("output", output), ("bank", bank_id),
              ("image threshold", f"{image_threshold:.6g}"), ("pixel threshold", f"{pixel_threshold:.6g}"),
              ("written", now_utc())]
-    return Report("spade-ray score report", facts, counts, charts, items, errors=errors)
+    return Report("spade-ray score report", facts, counts, charts, items, errors=errors, n_errors=counts["error"])

@@ -90,3 +90,34 @@ def test_the_page_escapes_names_and_embeds_every_picture() -> None:
     assert "<script>" not in html and "&lt;script&gt;" in html and "a&amp;b" in html
     srcs = re.findall(r'<img src="([^"]+)"', html)
     assert len(srcs) == 3 and all(s.startswith("data:image/jpeg;base64,") for s in srcs)
+
+
+def test_a_score_report_reads_every_run_in_the_output_and_says_why_pictures_are_missing(tmp_path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from spade_ray.distributed.stages import RESULT_SCHEMA
+    from spade_ray.preprocess import Preprocessor
+    from spade_ray.report import score_report
+
+    def row(name: str, score: float | None, status: str = "ok") -> dict:
+        return {"uri": str(tmp_path / "in" / name), "relpath": name, "image_id": name, "bank_id": "v0001-x",
+                "image_score": score, "pixel_max": None if score is None else 1.0,
+                "is_anomalous": None if score is None else score > 2.0, "mask_uri": str(tmp_path / "gone.png"),
+                "heatmap_uri": None, "overlay_uri": None, "neighbours": None if score is None else [str(tmp_path / "n.png")],
+                "status": status, "error": "ImageDecodeError: truncated" if status != "ok" else None, "seconds": 0.1}
+
+    (tmp_path / "out" / "results").mkdir(parents=True)
+    pq.write_table(pa.Table.from_pylist([row("a.png", 1.0), row("b.png", 3.0)], schema=RESULT_SCHEMA),
+                   tmp_path / "out" / "results" / "part-1.parquet")
+    older = pa.Table.from_pylist([row("c.png", 5.0), row("d.png", None, "error")], schema=RESULT_SCHEMA)
+    pq.write_table(older.drop_columns(["overlay_uri"]), tmp_path / "out" / "results" / "part-0.parquet")  # an older run
+
+    report = score_report(str(tmp_path / "out"), source="in", bank_id="v0001-x", image_threshold=2.0,
+                          pixel_threshold=10.0, preprocessor=Preprocessor(), skipped=4, top=2)
+    assert report.counts == {"images": 4, "ok": 3, "error": 1, "skipped (this run)": 4, "anomalous": 2}
+    assert report.errors == [("d.png", "ImageDecodeError: truncated")]
+    assert [i.name for i in report.items] == ["c.png", "b.png"]
+    assert all(i.problem and "FileNotFoundError" in i.problem and i.neighbours[0].picture is None for i in report.items)
+    html = render_report(report)
+    assert "c.png" in html and "a.png" not in html and "not available" in html
