@@ -14,21 +14,17 @@ import tempfile
 from typing import Any, Sequence
 
 from .backbones import BACKBONES
+from .logs import LOG_FORMATS, configure_logging, fields, get_logger
 from .matching import MATCHING
 from .model import DEFAULT_IMAGE_K, DEFAULT_KAPPA, DEFAULT_PIXEL_K, SpadeConfig
 from .preprocess import PROTOCOLS
+from .progress import Progress, terminal_progress
+from .report import DEFAULT_REPORT_TOP
 
 
-def _progress_factory(quiet: bool) -> Any:
-    """tqdm bars on a terminal; nothing when quiet or when output is not a terminal."""
-    from tqdm import tqdm
-
-    disable = quiet or not sys.stderr.isatty()
-
-    def factory(total: int, desc: str) -> Any:
-        return tqdm(total=total, desc=desc, unit="img", disable=disable, file=sys.stderr)
-
-    return factory
+def _progress(args: argparse.Namespace) -> Progress:
+    """Bars only for a person at a terminal: not with --quiet, not when stderr is a file or a pipe, not for JSON logs."""
+    return terminal_progress(quiet=args.quiet or args.log_format == "json")
 
 
 def _storage_options(text: str | None) -> dict[str, Any] | None:
@@ -95,9 +91,22 @@ def _add_model_options(parser: argparse.ArgumentParser, only_backbone: bool = Fa
         _add_k_options(group)
 
 
+def _add_output_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--quiet", action="store_true",
+                        help="no progress bars (automatic when stderr is not a terminal)")
+    parser.add_argument("--log-format", choices=LOG_FORMATS, default="text",
+                        help="text (default): summaries for a person; json: one JSON object per line on stdout "
+                        "(time, level, message, stage, counts) for log collectors")
+
+
+def _add_report(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--report-top", type=int, default=DEFAULT_REPORT_TOP, metavar="N",
+                        help=f"most anomalous images shown in OUT/report.html (default {DEFAULT_REPORT_TOP})")
+
+
 def _add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--storage-options", help="JSON object passed to fsspec for every URL (e.g. S3 endpoint)")
-    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    _add_output_options(parser)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -119,17 +128,22 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--image-size", type=int, default=224, help="network input size in pixels (default 224)")
     _add_model_options(demo, scoring_only=True)
     _add_ray(demo)
-    demo.add_argument("--quiet", action="store_true", help="no progress bars")
+    _add_report(demo)
+    _add_output_options(demo)
 
-    ev = sub.add_parser("evaluate", help="fit on DATASET/train/good, score DATASET/test/*, write OUT/metrics.json",
+    ev = sub.add_parser("evaluate", help="fit on DATASET/train/good, score DATASET/test/*, write OUT/metrics.json and OUT/report.html",
                         description="Evaluate SPADE on an MVTec-layout dataset (train/good, test/<type>, "
-                        "ground_truth/<type>/<name>_mask.png): image AUROC, pixel AUROC, AUPRO, F1-max, timing.")
+                        "ground_truth/<type>/<name>_mask.png): image AUROC, pixel AUROC, AUPRO, F1-max, timing, "
+                        "the rates reached at the normal-only thresholds; OUT/report.html shows them with ROC and "
+                        "PRO curves and the most anomalous test images.")
     ev.add_argument("dataset", help="dataset root: local folder or URL (s3://, gs://, file://)")
     ev.add_argument("--output", required=True, help="output folder or URL prefix")
     ev.add_argument("--protocol", default="full", choices=list(PROTOCOLS),
                     help="full (default): whole image, no crop, metrics at full frame; paper: resize 256, "
                     "centre-crop 224, metrics on the crop (the published protocol)")
-    ev.add_argument("--save-maps", action="store_true", help="also write OUT/masks and OUT/heatmaps for every test image")
+    ev.add_argument("--save-maps", action="store_true",
+                    help="also write OUT/masks, OUT/heatmaps and OUT/overlays for every test image")
+    _add_report(ev)
     _add_calibration(ev)
     _add_model_options(ev)
     _add_common(ev)
@@ -159,9 +173,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_ray(bb)
     _add_common(bb)
 
-    sc = sub.add_parser("score", help="score images against a bank; write masks, heatmaps and result rows",
+    sc = sub.add_parser("score", help="score images against a bank; write masks, heatmaps, overlays, result rows, a report",
                         description="Score every image under INPUT against BANK on Ray: OUT/masks/<relative path>.png, "
-                        "OUT/heatmaps/<relative path>.png, OUT/results/*.parquet (one row per input, ok or error). "
+                        "OUT/heatmaps/<relative path>.png, OUT/overlays/<relative path>.jpg, OUT/results/*.parquet "
+                        "(one row per input, ok or error) and OUT/report.html. "
                         "Images already scored into OUT against the same bank are skipped.")
     sc.add_argument("input", help="folder, URL prefix, glob, or a .txt/.parquet list of image URIs")
     sc.add_argument("--bank", required=True, help="bank folder/prefix (latest version) or a version folder BANK/vNNNN")
@@ -177,6 +192,7 @@ def build_parser() -> argparse.ArgumentParser:
     sc.add_argument("--kappa", type=int, help="override the bank's kappa")
     _add_matching_options(sc, None)
     sc.add_argument("--batch-size", type=int, default=16, help="images per batch (default 16)")
+    _add_report(sc)
     _add_ray(sc)
     _add_common(sc)
 
@@ -195,7 +211,7 @@ def build_parser() -> argparse.ArgumentParser:
     group = be.add_argument_group("scoring")
     _add_matching_options(group, None)
     _add_ray(be)
-    be.add_argument("--quiet", action="store_true", help="no progress bars")
+    _add_output_options(be)
     return parser
 
 
@@ -222,12 +238,22 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         calibration_samples=args.calibration_samples,
         target_fpr=args.target_fpr,
         write_maps=args.save_maps,
+        report_top=args.report_top,
         storage_options=_storage_options(args.storage_options),
-        progress=_progress_factory(args.quiet),
+        progress=_progress(args),
         **_model_kwargs(args),
     )
-    print(format_summary(result))
-    print(f"metrics   {args.output.rstrip('/')}/metrics.json")
+    log = get_logger()
+    metrics = {k: result[k] for k in ("image_auroc", "pixel_auroc", "aupro", "image_f1_max", "pixel_f1_max")}
+    if args.log_format == "json":
+        log.info("evaluate: done", **fields(stage="evaluate", n_train=result["n_train"], n_test=result["n_test"], **metrics,
+                                             calibration=result["calibration"], per_defect_type=result["per_defect_type"],
+                                             seconds=result["timing"]["total_seconds"],
+                                             metrics_json=f"{args.output.rstrip('/')}/metrics.json", report=result["report"]))
+    else:
+        log.info(format_summary(result))
+        log.info(f"metrics   {args.output.rstrip('/')}/metrics.json")
+        log.info(f"report    {result['report']}")
     return 0
 
 
@@ -235,26 +261,36 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
     output = args.output or tempfile.mkdtemp(prefix="spade-ray-demo-")
+    log = get_logger()
     result = run_demo(output, seed=args.seed, image_size=args.image_size, image_k=args.image_k, pixel_k=args.pixel_k,
-                      kappa=args.kappa, scoring=_scoring(args), batch_size=args.batch_size, shards=args.shards, address=args.address,
-                      progress=_progress_factory(args.quiet))
+                      kappa=args.kappa, scoring=_scoring(args), batch_size=args.batch_size, shards=args.shards,
+                      address=args.address, progress=_progress(args), report_top=args.report_top, log=log.info)
+    metrics = {k: result[k] for k in ("image_auroc", "pixel_auroc", "aupro", "image_f1_max", "pixel_f1_max")}
+    if args.log_format == "json":
+        log.info("demo: done", **fields(stage="demo", **metrics, output=output, report=os.path.join(output, "report.html")))
+        return 0
     fmt = lambda v: "n/a" if v is None else f"{v:.3f}"  # noqa: E731
-    print(f"image     AUROC {fmt(result['image_auroc'])}   F1-max {fmt(result['image_f1_max'])}")
-    print(f"pixel     AUROC {fmt(result['pixel_auroc'])}   AUPRO {fmt(result['aupro'])}   F1-max {fmt(result['pixel_f1_max'])}")
-    print(f"metrics   {os.path.join(output, 'metrics.json')}")
-    print(f"results   {os.path.join(output, 'results')}/*.parquet  (one row per test image)")
-    print(f"masks     {os.path.join(output, 'masks')}/<type>/<name>.png  (white = anomalous)")
-    print(f"heatmaps  {os.path.join(output, 'heatmaps')}/<type>/<name>.png")
-    print(f"bank      {os.path.join(output, 'bank')}  (features in {os.path.join(output, 'features')})")
+    log.info(f"image     AUROC {fmt(result['image_auroc'])}   F1-max {fmt(result['image_f1_max'])}")
+    log.info(f"pixel     AUROC {fmt(result['pixel_auroc'])}   AUPRO {fmt(result['aupro'])}   F1-max {fmt(result['pixel_f1_max'])}")
+    log.info(f"report    {os.path.join(output, 'report.html')}  (open it in a browser)")
+    log.info(f"metrics   {os.path.join(output, 'metrics.json')}")
+    log.info(f"results   {os.path.join(output, 'results')}/*.parquet  (one row per test image)")
+    log.info(f"masks     {os.path.join(output, 'masks')}/<type>/<name>.png  (white = anomalous)")
+    log.info(f"heatmaps  {os.path.join(output, 'heatmaps')}/<type>/<name>.png")
+    log.info(f"overlays  {os.path.join(output, 'overlays')}/<type>/<name>.jpg  (heatmap on the image, mask outline)")
+    log.info(f"bank      {os.path.join(output, 'bank')}  (features in {os.path.join(output, 'features')})")
     return 0
 
 
-def _finish(summary: Any, quiet: bool) -> int:
+def _finish(summary: Any) -> int:
+    """Errors first (at most 20, on stderr), then the one-line summary of the stage."""
+    log = get_logger()
     for image_id, reason in summary.errors[:20]:
-        print(f"  error {image_id}: {reason}", file=sys.stderr)
+        log.warning(f"  error {image_id}: {reason}", **fields(stage=summary.job, image_id=image_id, reason=reason))
     if len(summary.errors) > 20:
-        print(f"  ... and {len(summary.errors) - 20} more errors (see the result rows)", file=sys.stderr)
-    print(summary.line())
+        log.warning(f"  ... and {len(summary.errors) - 20} more errors (see the result rows)",
+                    **fields(stage=summary.job, more_errors=len(summary.errors) - 20))
+    log.info(summary.line(), **fields(**summary.fields()))
     return 0
 
 
@@ -264,8 +300,8 @@ def _cmd_extract(args: argparse.Namespace) -> int:
     summary = run_extract(args.input, args.output, backbone=args.backbone, weights=args.weights,
                           image_size=args.image_size, protocol=args.protocol, batch_size=args.batch_size,
                           max_actors=args.max_actors, storage_options=_storage_options(args.storage_options),
-                          address=args.address, progress=_progress_factory(args.quiet))
-    return _finish(summary, args.quiet)
+                          address=args.address, progress=_progress(args))
+    return _finish(summary)
 
 
 def _cmd_build_bank(args: argparse.Namespace) -> int:
@@ -275,13 +311,15 @@ def _cmd_build_bank(args: argparse.Namespace) -> int:
                              image_k=args.image_k, pixel_k=args.pixel_k, kappa=args.kappa, scoring=_scoring(args),
                              calibration_samples=args.calibration_samples, target_fpr=args.target_fpr,
                              batch_size=args.batch_size, storage_options=_storage_options(args.storage_options),
-                             address=args.address, progress=_progress_factory(args.quiet))
+                             address=args.address, progress=_progress(args))
     x = summary.extra
-    print(f"bank {x['version']}: {x['n_images']} images in {x['shards']} shards, "
-          f"{x['bytes_per_image'] / 1024:.0f} KiB per image in memory (fp16 pyramids + fp32 global vector)")
-    if x.get("pixel_threshold") is not None:
-        print(f"calibrated thresholds: image {x['image_threshold']:.4f}, pixel {x['pixel_threshold']:.4f}")
-    return _finish(summary, args.quiet)
+    log = get_logger()
+    if args.log_format == "text":
+        log.info(f"bank {x['version']}: {x['n_images']} images in {x['shards']} shards, "
+                 f"{x['bytes_per_image'] / 1024:.0f} KiB per image in memory (fp16 pyramids + fp32 global vector)")
+        if x.get("pixel_threshold") is not None:
+            log.info(f"calibrated thresholds: image {x['image_threshold']:.4f}, pixel {x['pixel_threshold']:.4f}")
+    return _finish(summary)
 
 
 def _cmd_score(args: argparse.Namespace) -> int:
@@ -291,17 +329,19 @@ def _cmd_score(args: argparse.Namespace) -> int:
                         pixel_k=args.pixel_k, kappa=args.kappa, scoring=_scoring(args), threshold=args.threshold,
                         image_threshold=args.image_threshold, batch_size=args.batch_size, max_actors=args.max_actors,
                         overwrite=args.overwrite, save_maps=args.save_maps, storage_options=_storage_options(args.storage_options),
-                        address=args.address, progress=_progress_factory(args.quiet))
-    return _finish(summary, args.quiet)
+                        address=args.address, progress=_progress(args), report_top=args.report_top)
+    if args.log_format == "text":
+        get_logger().info(f"report {summary.extra['report']}")
+    return _finish(summary)
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
     from .benchmark import format_bench, run_bench
 
-    log = (lambda line: print(line, file=sys.stderr)) if args.json == "-" else print
+    log = (lambda line: print(line, file=sys.stderr)) if args.json == "-" else get_logger().info
     result = run_bench(args.dataset, test_images=args.test_images, reference_images=args.reference_images,
                        shards=args.shards, protocol=args.protocol, scoring=_scoring(args), workdir=args.workdir,
-                       address=args.address, progress=_progress_factory(args.quiet), log=log)
+                       address=args.address, progress=_progress(args), log=log)
     if args.json == "-":
         print(json.dumps(result, indent=2))
     else:
@@ -318,16 +358,17 @@ COMMANDS = {"bench": _cmd_bench, "demo": _cmd_demo, "evaluate": _cmd_evaluate, "
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    log = configure_logging(args.log_format)
     try:
         return COMMANDS[args.command](args)
     except KeyboardInterrupt:
-        print("spade-ray: interrupted", file=sys.stderr)
+        log.error("spade-ray: interrupted", **fields(stage=args.command))
         return 130
     except Exception as exc:  # one-line reason, no traceback, for operators and CI logs
         if os.environ.get("SPADE_RAY_DEBUG"):
             raise
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        print(f"spade-ray {args.command}: error: {reason}", file=sys.stderr)
+        log.error(f"spade-ray {args.command}: error: {reason}", **fields(stage=args.command, reason=reason))
         return 1
 
 

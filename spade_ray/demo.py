@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -21,6 +21,7 @@ from .images import load_mask
 from .metrics import compute_metrics
 from .outputs import output_key, write_bytes
 from .progress import Progress, no_progress
+from .report import DEFAULT_REPORT_TOP
 from .sources import resolve_inputs
 from .synthetic import make_synthetic_dataset
 from .timing import peak_rss_mb
@@ -29,8 +30,9 @@ __all__ = ["run_demo"]
 
 
 def run_demo(output: str, *, seed: int = 0, image_size: int = 224, image_k: int | None = None, pixel_k: int | None = None,
-             kappa: int | None = None, scoring: dict[str, Any] | None = None, batch_size: int = 16, shards: int = 2, address: str | None = None,
-             progress: Progress = no_progress, log: Any = print) -> dict[str, Any]:
+             kappa: int | None = None, scoring: dict[str, Any] | None = None, batch_size: int = 16, shards: int = 2,
+             address: str | None = None, progress: Progress = no_progress, log: Callable[[str], Any] = print,
+             report_top: int = DEFAULT_REPORT_TOP) -> dict[str, Any]:
     """Run the demo into the local folder ``output``; returns the metrics written to OUT/metrics.json."""
     started = time.perf_counter()
     dataset = os.path.join(output, "dataset")
@@ -50,7 +52,8 @@ def run_demo(output: str, *, seed: int = 0, image_size: int = 224, image_k: int 
                                     batch_size=batch_size, address=address, progress=progress, **model_args))
     log(summaries[-1].line())
     summaries.append(run_score(os.path.join(dataset, "test"), os.path.join(output, "bank"), output, save_maps=True,
-                               overwrite=True, batch_size=batch_size, address=address, progress=progress))
+                               overwrite=True, batch_size=batch_size, address=address, progress=progress,
+                               report_top=report_top))
     log(summaries[-1].line())
 
     rows = {r["uri"]: r for r in pq.read_table(os.path.join(output, "results")).to_pylist()}

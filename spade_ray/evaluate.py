@@ -1,7 +1,8 @@
 """``spade-ray evaluate``: fit on ``train/good`` of an MVTec-layout dataset, score ``test/*``, measure.
 
-Writes ``OUT/metrics.json`` (contract in docs/DESIGN.md) and, on request, the masks and heatmaps
-of every test image.  The timing block separates the stages so that a slow run says why.
+Writes ``OUT/metrics.json`` (contract in docs/DESIGN.md), ``OUT/report.html`` and, on request, the
+masks, heatmaps and overlays of every test image.  The timing block separates the stages so that
+a slow run says why.
 """
 
 from __future__ import annotations
@@ -13,17 +14,24 @@ from typing import Any
 import numpy as np
 
 from .datasets import load_mvtec
-from .images import load_mask
-from .metrics import compute_metrics, image_auroc
-from .model import DEFAULT_IMAGE_K, DEFAULT_KAPPA, DEFAULT_PIXEL_K, Spade
-from .outputs import heatmap_rgb, join_url, output_key, write_bytes, write_png
+from .evaluate_report import evaluation_report
+from .images import load_image, load_mask
+from .metrics import compute_metrics
+from .model import DEFAULT_IMAGE_K, DEFAULT_KAPPA, DEFAULT_PIXEL_K, Spade, calibration_rows
+from .outputs import heatmap_rgb, join_url, output_key, write_bytes, write_jpeg, write_png
+from .overlay import overlay_rgb
 from .progress import Progress, no_progress
+from .report import DEFAULT_REPORT_TOP, write_report
 from .timing import peak_rss_mb
 
 __all__ = ["evaluate", "format_summary"]
 
 def _rates(scores: np.ndarray, labels: np.ndarray, threshold: float) -> dict[str, float | None]:
-    flagged = scores > threshold
+    return _flag_rates(scores > threshold, labels)
+
+
+def _flag_rates(flagged: np.ndarray, labels: np.ndarray) -> dict[str, float | None]:
+    """False-alarm rate (normal images flagged) and detection rate (defective images flagged)."""
     normal, defective = labels == 0, labels == 1
     return {
         "false_alarm_rate": float(flagged[normal].mean()) if normal.any() else None,
@@ -47,10 +55,11 @@ def evaluate(
     calibration_samples: int = 64,
     target_fpr: float = 0.01,
     write_maps: bool = False,
+    report_top: int = DEFAULT_REPORT_TOP,
     storage_options: dict[str, Any] | None = None,
     progress: Progress = no_progress,
 ) -> dict[str, Any]:
-    """Fit on the dataset's normal training images, score its test images, write metrics.json."""
+    """Fit on the dataset's normal training images, score its test images, write metrics.json and report.html."""
     started = time.perf_counter()
     data = load_mvtec(dataset, storage_options)
     model = Spade(backbone, image_k=image_k, pixel_k=pixel_k, kappa=kappa, image_size=image_size,
@@ -58,10 +67,13 @@ def evaluate(
 
     bar = progress(len(data.train), "fit (normal bank)")
     fit_start = time.perf_counter()
-    model.fit([s.uri for s in data.train], ids=[s.relpath for s in data.train],
-              calibration_samples=calibration_samples, target_fpr=target_fpr, progress=bar.update)
-    fit_seconds = time.perf_counter() - fit_start
+    model.fit([s.uri for s in data.train], ids=[s.relpath for s in data.train], calibration_samples=0, progress=bar.update)
     bar.close()
+    if calibration_samples > 0 and len(data.train) > 1:
+        bar = progress(len(calibration_rows(len(data.train), calibration_samples)), "calibrate (leave-one-out)")
+        model.calibration = model.calibrate(calibration_samples, target_fpr, progress=bar.update)
+        bar.close()
+    fit_seconds = time.perf_counter() - fit_start
 
     bar = progress(len(data.test), "score (test)")
     test_start = time.perf_counter()
@@ -78,18 +90,27 @@ def evaluate(
             for s in data.test
         ]
     metrics = compute_metrics(prediction.image_scores, labels, prediction.maps if masks else None, masks)
+    # Thresholds: the normal-only calibration; without one (calibration_samples=0) the test medians,
+    # so masks and the report still show something, marked as such in the report.
+    cal = model.calibration
+    image_threshold = cal.image_threshold if cal else float(np.quantile(prediction.image_scores, 0.5))
+    pixel_threshold = cal.pixel_threshold if cal else float(np.quantile(prediction.pixel_max, 0.5))
+    flagged = (prediction.image_scores > image_threshold) | (prediction.pixel_max > pixel_threshold)
     per_type = {}
     for defect in data.defect_types:
         if defect == "good":
             continue
         keep = np.array([s.defect_type in ("good", defect) for s in data.test])
-        per_type[defect] = {"n": int(sum(s.defect_type == defect for s in data.test)),
-                            "image_auroc": image_auroc(prediction.image_scores[keep], labels[keep])}
+        of_type = np.array([s.defect_type == defect for s in data.test])
+        sub = compute_metrics(prediction.image_scores[keep], labels[keep],
+                              [m for m, k in zip(prediction.maps, keep) if k] if masks else None,
+                              [m for m, k in zip(masks, keep) if k] if masks else None)
+        per_type[defect] = {"n": int(of_type.sum()), "image_auroc": sub["image_auroc"], "pixel_auroc": sub["pixel_auroc"],
+                            "aupro": sub["aupro"], "detection_rate": float(flagged[of_type].mean())}
     metric_seconds = time.perf_counter() - metric_start
 
     calibration = None
-    if model.calibration is not None:
-        cal = model.calibration
+    if cal is not None:
         calibration = {
             "target_fpr": cal.target_fpr,
             "n_images": cal.n_images,
@@ -97,16 +118,24 @@ def evaluate(
             "pixel_threshold": cal.pixel_threshold,
             "at_image_threshold": _rates(prediction.image_scores, labels, cal.image_threshold),
             "at_pixel_threshold": _rates(prediction.pixel_max, labels, cal.pixel_threshold),
+            # what `score` flags (is_anomalous): either rule; its false-alarm rate can exceed each alone
+            "at_decision": _flag_rates(flagged, labels),
         }
 
     write_seconds = 0.0
     if write_maps:
         write_start = time.perf_counter()
-        threshold = model.calibration.pixel_threshold if model.calibration else float(np.quantile(prediction.pixel_max, 0.5))
+        bar = progress(len(data.test), "write maps")
         for sample, amap in zip(data.test, prediction.maps):
             key = output_key(sample.relpath)
-            write_png(join_url(output, f"masks/{key}"), ((amap > threshold) * 255).astype(np.uint8), storage_options)
-            write_png(join_url(output, f"heatmaps/{key}"), heatmap_rgb(amap, vmax=2.0 * threshold), storage_options)
+            mask = amap > pixel_threshold
+            write_png(join_url(output, f"masks/{key}"), (mask * 255).astype(np.uint8), storage_options)
+            write_png(join_url(output, f"heatmaps/{key}"), heatmap_rgb(amap, vmax=2.0 * pixel_threshold), storage_options)
+            image = model.preprocessor.image_to_output(load_image(sample.uri, storage_options))
+            write_jpeg(join_url(output, f"overlays/{output_key(sample.relpath, '.jpg')}"),
+                       overlay_rgb(image, amap, 2.0 * pixel_threshold, mask), storage_options)
+            bar.update(1)
+        bar.close()
         write_seconds = time.perf_counter() - write_start
 
     n_test = len(data.test)
@@ -134,10 +163,19 @@ def evaluate(
             "test_images_per_second": round(n_test / test_seconds, 2) if test_seconds > 0 else None,
             "metrics_seconds": round(metric_seconds, 3),
             "write_seconds": round(write_seconds, 3),
-            "total_seconds": round(time.perf_counter() - started, 3),
-            "peak_rss_mb": round(peak_rss_mb(), 1),
         },
+        "report": join_url(output, "report.html"),
     }
+    report_start = time.perf_counter()
+    bar = progress(min(report_top, n_test), "report")
+    report = evaluation_report(data, prediction, labels, masks, result,
+                               image_threshold=image_threshold, pixel_threshold=pixel_threshold,
+                               preprocessor=model.preprocessor, top=report_top, storage_options=storage_options,
+                               progress=bar.update)
+    bar.close()
+    write_report(result["report"], report, storage_options)
+    result["timing"].update(report_seconds=round(time.perf_counter() - report_start, 3),
+                            total_seconds=round(time.perf_counter() - started, 3), peak_rss_mb=round(peak_rss_mb(), 1))
     write_bytes(join_url(output, "metrics.json"), json.dumps(result, indent=2).encode(), storage_options)
     return result
 
@@ -158,13 +196,18 @@ def format_summary(result: dict[str, Any]) -> str:
         f"pixel     AUROC {_fmt(result['pixel_auroc'])}   AUPRO {_fmt(result['aupro'])}   F1-max {_fmt(result['pixel_f1_max'])}",
     ]
     for defect, row in result.get("per_defect_type", {}).items():
-        lines.append(f"  {defect:<12} n={row['n']:<4} image AUROC {_fmt(row['image_auroc'])}")
+        lines.append(f"  {defect:<12} n={row['n']:<4} image AUROC {_fmt(row['image_auroc'])}   "
+                     f"pixel AUROC {_fmt(row.get('pixel_auroc'))}   AUPRO {_fmt(row.get('aupro'))}")
     cal = result.get("calibration")
     if cal:
-        at = cal["at_image_threshold"]
+        at, decision = cal["at_image_threshold"], cal["at_decision"]
         lines.append(
             f"threshold image {cal['image_threshold']:.3f} (normal-only, target FPR {cal['target_fpr']:.0%}): "
             f"false alarms {_fmt(at['false_alarm_rate'])}, detections {_fmt(at['detection_rate'])}"
+        )
+        lines.append(
+            f"flagged   image or map over its threshold (is_anomalous): "
+            f"false alarms {_fmt(decision['false_alarm_rate'])}, detections {_fmt(decision['detection_rate'])}"
         )
     lines.append(
         f"time      fit {t['fit_seconds']:.1f}s, test {t['test_seconds']:.1f}s "

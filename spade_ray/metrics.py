@@ -27,6 +27,9 @@ __all__ = [
     "image_auroc",
     "pixel_auroc",
     "pixel_f1_max",
+    "pixel_roc_curve",
+    "pro_curve",
+    "roc_curve",
 ]
 
 # 8-connectivity, as the MVTec AD reference code labels ground-truth regions.
@@ -283,3 +286,46 @@ def compute_metrics(
     result["aupro"] = _aupro(pixels, fpr_limit)
     result["pixel_f1_max"] = _f1_max(pixels)
     return result
+
+
+# ----------------------------------------------------------------------------- curves for plots
+# The same exact polylines the areas above integrate, as rates, for a report to draw.
+
+
+def roc_curve(scores: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+    """Image ROC as (false-positive rate, true-positive rate), from (0, 0) to (1, 1); None without both classes."""
+    r = _rank_images(scores, labels)
+    if r.n_pos == 0 or r.n_neg == 0:
+        return None
+    fp, tp = r.polyline(r.tp.astype(np.float64))
+    return fp / float(r.n_neg), tp / float(r.n_pos)
+
+
+def pixel_roc_curve(maps: Sequence[np.ndarray], masks: Sequence[np.ndarray | None]) -> tuple[np.ndarray, np.ndarray] | None:
+    """Pixel ROC as (false-positive rate, true-positive rate); None without a defective and a normal pixel."""
+    r = _rank_pixels(maps, masks, regions=False)
+    if r.n_pos == 0 or r.n_neg == 0:
+        return None
+    fp, tp = r.polyline(r.tp.astype(np.float64))
+    return fp / float(r.n_neg), tp / float(r.n_pos)
+
+
+def pro_curve(
+    maps: Sequence[np.ndarray], masks: Sequence[np.ndarray | None], fpr_limit: float = 0.3
+) -> tuple[np.ndarray, np.ndarray] | None:
+    """Per-region overlap against pixel false-positive rate, up to ``fpr_limit`` (the part AUPRO integrates).
+
+    None without any defect region or any normal pixel.
+    """
+    _check_fpr_limit(fpr_limit)
+    r = _rank_pixels(maps, masks, regions=True)
+    if r.n_regions == 0 or r.n_neg == 0 or r.region_tp is None:
+        return None
+    fp, pro = r.polyline(np.minimum(r.region_tp / r.n_regions, 1.0))
+    fpr = fp / float(r.n_neg)
+    keep = int(np.searchsorted(fpr, fpr_limit, side="right"))
+    x, y = fpr[:keep], pro[:keep]
+    if keep < fpr.size and x[-1] < fpr_limit:  # close the curve at the limit, as the area does
+        y_limit = y[-1] + (pro[keep] - y[-1]) * (fpr_limit - x[-1]) / (fpr[keep] - x[-1])
+        x, y = np.append(x, fpr_limit), np.append(y, y_limit)
+    return x, y

@@ -295,7 +295,7 @@ class Spade:
         with self.timer.stage("index"):
             self.index = GlobalIndex(self.bank_global)
 
-    def calibrate(self, samples: int = 64, target_fpr: float = 0.01) -> Calibration:
+    def calibrate(self, samples: int = 64, target_fpr: float = 0.01, progress: Callable[[int], None] | None = None) -> Calibration:
         """Leave-one-out scores of up to ``samples`` bank images (evenly spaced) -> thresholds."""
         self._require_fitted()
         assert self.bank_global is not None
@@ -308,6 +308,8 @@ class Spade:
                 s, maps, _ = self._score_features(query, exclude=np.asarray(batch_rows))
                 scores.extend(float(v) for v in s)
                 maxima.extend(float(m.max()) for m in maps)
+                if progress:
+                    progress(len(batch_rows))
         return Calibration.from_scores(scores, maxima, target_fpr)
 
     # ------------------------------------------------------------------ predict

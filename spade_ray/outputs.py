@@ -1,4 +1,4 @@
-"""Writing what a user looks at: binary masks and heatmap images, to any fsspec URL.
+"""Writing what a user looks at: binary masks, heatmap images and overlays, to any fsspec URL.
 
 Output keys come from the input's path relative to its root, so the same file name in two
 folders never collides, and a key can never climb out of the output prefix.  Local files are
@@ -18,7 +18,7 @@ import fsspec
 import numpy as np
 from PIL import Image
 
-__all__ = ["heatmap_rgb", "join_url", "output_key", "write_bytes", "write_npy", "write_png"]
+__all__ = ["encode_jpeg", "heatmap_rgb", "join_url", "output_key", "write_bytes", "write_jpeg", "write_npy", "write_png"]
 
 # Anchor colours of a perceptually ordered dark-to-bright map (black, purple, red, orange, yellow)
 _HEAT_ANCHORS = np.array(
@@ -62,6 +62,17 @@ def write_png(url: str, image: np.ndarray, storage_options: dict[str, Any] | Non
     buf = io.BytesIO()
     Image.fromarray(image).save(buf, format="PNG", optimize=False)
     write_bytes(url, buf.getvalue(), storage_options)
+
+
+def encode_jpeg(image: np.ndarray, quality: int = 85) -> bytes:
+    """JPEG bytes of an HxWx3 uint8 image (overlays are photos: a JPEG is a fraction of a PNG's size)."""
+    buf = io.BytesIO()
+    Image.fromarray(np.asarray(image, dtype=np.uint8)).convert("RGB").save(buf, format="JPEG", quality=quality)
+    return buf.getvalue()
+
+
+def write_jpeg(url: str, image: np.ndarray, storage_options: dict[str, Any] | None = None, quality: int = 85) -> None:
+    write_bytes(url, encode_jpeg(image, quality), storage_options)
 
 
 def write_npy(url: str, array: np.ndarray, storage_options: dict[str, Any] | None = None) -> None:

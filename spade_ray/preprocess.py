@@ -98,6 +98,13 @@ class Preprocessor:
         tensor = torch.from_numpy(np.ascontiguousarray(amap, dtype=np.float32))[None, None]
         return F.interpolate(tensor, size=(out_h, out_w), mode="bilinear", align_corners=False)[0, 0].numpy()
 
+    def image_to_output(self, image: np.ndarray) -> np.ndarray:
+        """An HxWx3 image -> the frame of its anomaly map, so overlays line up pixel for pixel.
+
+        ``full``: the image itself; ``paper``: the same resize and centre crop the network saw.
+        """
+        return image if self.protocol != "paper" else self.resize_rgb(image)
+
     def mask_to_output(self, mask: np.ndarray) -> np.ndarray:
         """A ground-truth mask at image size -> the same frame as :meth:`map_to_output` (bool)."""
         if self.protocol != "paper":

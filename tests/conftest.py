@@ -30,3 +30,21 @@ def lite0():
 
     return load_backbone("lite0", device="cpu")
 pytest_plugins = ["s3server"]
+
+
+@pytest.fixture(scope="session")
+def evaluated(synthetic_dataset, tmp_path_factory):
+    """One `spade-ray evaluate` run as a user's pipeline starts it: a subprocess whose stderr is not a
+    terminal, JSON logs, every output on; returns (output folder, finished process)."""
+    import subprocess
+    import sys
+
+    out = tmp_path_factory.mktemp("evaluated") / "ev"
+    proc = subprocess.run(
+        [sys.executable, "-m", "spade_ray.cli", "evaluate", str(synthetic_dataset), "--output", str(out),
+         "--protocol", "paper", "--image-k", "2", "--pixel-k", "3", "--calibration-samples", "4",
+         "--save-maps", "--report-top", "6", "--log-format", "json"],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr
+    return out, proc

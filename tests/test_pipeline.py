@@ -1,8 +1,8 @@
 """The distributed job on a real local Ray: extract -> build-bank (3 shards) -> score.
 
 It must give the same numbers as the in-process ``Spade`` with the same settings, write one
-result row per input (ok or error), skip what is done on a rerun, and run unchanged with every
-path on a real S3 server.
+result row per input (ok or error) with its mask, heatmap and overlay, a report of the output,
+skip what is done on a rerun, and run unchanged with every path on a real S3 server.
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -18,6 +19,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import ray
+from PIL import Image
 
 from spade_ray import Spade
 from spade_ray.datasets import load_mvtec
@@ -98,13 +100,43 @@ def test_one_result_row_per_input_with_the_design_columns(local_run, dataset) ->
     inputs = resolve_inputs(str(dataset / "test"))
     assert sorted(r["image_id"] for r in rows) == sorted(i.image_id for i in inputs)
     for col in ("uri", "image_id", "image_score", "pixel_max", "is_anomalous", "mask_uri", "heatmap_uri",
-                "neighbours", "bank_id", "status", "error", "seconds"):
+                "overlay_uri", "neighbours", "bank_id", "status", "error", "seconds"):
         assert col in rows[0]
     broken = [r for r in rows if r["uri"].endswith("broken.png")]
     assert broken[0]["status"] == "error" and "broken.png" in broken[0]["error"]
     ok = [r for r in rows if r["status"] == "ok"]
     assert all(Path(r["mask_uri"]).is_file() and Path(r["heatmap_uri"]).is_file() for r in ok)
     assert all(len(r["neighbours"]) == SETTINGS["image_k"] for r in ok)
+
+
+def test_every_scored_image_gets_an_overlay_aligned_at_its_own_size(local_run, dataset) -> None:
+    out, *_ = local_run
+    ok = [r for r in read_results(str(out / "scored" / "results")) if r["status"] == "ok"]
+    assert len(ok) == 9
+    for row in ok:
+        key = row["relpath"].rsplit(".", 1)[0]
+        assert row["overlay_uri"] == str(out / "scored" / "overlays" / f"{key}.jpg")
+        overlay = Image.open(row["overlay_uri"])
+        assert overlay.format == "JPEG" and overlay.size == Image.open(row["uri"]).size == Image.open(row["mask_uri"]).size
+    assert len(list((out / "scored" / "overlays").rglob("*.jpg"))) == 9
+
+
+def test_score_writes_a_self_contained_report_of_the_output(local_run, tmp_path) -> None:
+    from browser import assert_not_blank, render
+
+    out, _, bb, sc = local_run
+    html = (out / "scored" / "report.html").read_text()
+    assert sc.extra["report"] == str(out / "scored" / "report.html")
+    assert '<b>10</b>images' in html and '<b>9</b>ok' in html and '<b>1</b>error' in html
+    assert f'<b>{sc.extra["anomalous"]}</b>anomalous' in html and "broken.png" in html  # the error is listed
+    assert f"{bb.extra['image_threshold']:.6g}" in html and html.count("<svg") == 2
+    assert html.count('<section class="item">') == 9  # fewer images than --report-top 24: all of them
+    # the nearest normal images are the bank's own sources, reachable here: thumbnails, not names
+    assert html.count('<figure class="nb"><img src="data:image/jpeg;base64,') == 9 * SETTINGS["image_k"]
+    assert not re.findall(r'(?:src|href)="(?!data:)', html)
+    page = render(out / "scored" / "report.html", tmp_path)
+    assert page.n_images == 9 * (3 + SETTINGS["image_k"]) and page.broken == []
+    assert_not_blank(page.screenshot)
 
 
 def test_distributed_scores_and_maps_equal_in_process_spade(local_run, dataset) -> None:
@@ -168,6 +200,9 @@ def test_the_whole_pipeline_on_s3(ray_with_s3_env, dataset) -> None:
     assert len(rows) == 10
     ok = [r for r in rows if r["status"] == "ok"]
     assert all(r["mask_uri"].startswith(f"{base}/out/masks/") and fs.exists(r["mask_uri"]) for r in ok)
+    assert all(r["overlay_uri"].startswith(f"{base}/out/overlays/") and fs.exists(r["overlay_uri"]) for r in ok)
+    report = fs.cat_file(f"{bucket}/out/report.html").decode()
+    assert report.count('<figure class="nb"><img src="data:') == 9 * SETTINGS["image_k"]  # normals read from S3
     assert fs.exists(f"{bucket}/bank/v0001/manifest.json")
 
 

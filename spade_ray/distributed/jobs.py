@@ -34,9 +34,10 @@ from ..fusion import DEFAULT_SIGMA
 from ..model import DEFAULT_IMAGE_K, DEFAULT_KAPPA, DEFAULT_PIXEL_K, Calibration, SpadeConfig, calibration_rows
 from ..outputs import join_url
 from ..preprocess import Preprocessor
-from ..progress import Progress, no_progress
+from ..progress import Progress, no_progress, shows_ray_data_bars
+from ..report import DEFAULT_REPORT_TOP, score_report, write_report
 from ..sources import InputImage, resolve_inputs
-from .runtime import cluster_cpus, init_ray
+from .runtime import cluster_cpus, init_ray, ray_data_output
 from .serving import BankClient, ServedBank, shard_actor_cpus, start_shard_actors
 from .stages import DecodeImages, ExtractFeatures, ScoreImages, new_run_id
 
@@ -60,8 +61,15 @@ class JobSummary:
         return (self.ok + self.error) / self.seconds if self.seconds > 0 else 0.0
 
     def line(self) -> str:
-        return (f"{self.job}: {self.ok} ok, {self.error} error, {self.skipped} skipped in {self.seconds:.1f}s "
+        flagged = f", {self.extra['anomalous']} anomalous" if "anomalous" in self.extra else ""
+        return (f"{self.job}: {self.ok} ok, {self.error} error, {self.skipped} skipped{flagged} in {self.seconds:.1f}s "
                 f"({self.images_per_second:.1f} images/s) -> {self.output}")
+
+    def fields(self) -> dict[str, Any]:
+        """The summary as flat JSON-ready fields, for structured logs."""
+        return {"stage": self.job, "ok": self.ok, "error": self.error, "skipped": self.skipped,
+                "seconds": round(self.seconds, 3), "images_per_second": round(self.images_per_second, 3),
+                "output": self.output, **self.extra}
 
 
 def _actor_pool(n_items: int, batch_size: int, max_actors: int | None, reserved_cpus: float = 0.0) -> tuple[ray.data.ActorPoolStrategy, float]:
@@ -84,12 +92,16 @@ def _run_pipeline(items: list[InputImage], decode: DecodeImages, udf: type, udf_
                   batch_size: int, max_actors: int | None, summary: JobSummary, progress: Progress, desc: str,
                   reserved_cpus: float = 0.0) -> None:
     """from_items -> decode (tasks) -> UDF (actor pool); counts results as they stream back."""
+    # On a terminal Ray Data draws its own bars (one per operator); otherwise it stays silent and
+    # so does the driver's bar.  Set before the dataset exists: a dataset keeps the context it was made with.
+    ray_bars = shows_ray_data_bars(progress)
+    ray_data_output(interactive=ray_bars)
     ds = ray.data.from_items([{"uri": it.uri, "relpath": it.relpath, "image_id": it.image_id} for it in items],
                              override_num_blocks=max(1, -(-len(items) // batch_size)))
     ds = ds.map_batches(decode, batch_size=batch_size, num_cpus=DECODE_CPUS)
     pool, per_actor = _actor_pool(len(items), batch_size, max_actors, reserved_cpus)
     ds = ds.map_batches(udf, fn_constructor_kwargs=udf_kwargs, batch_size=batch_size, num_cpus=per_actor, compute=pool)
-    bar = progress(len(items), desc)
+    bar = no_progress(len(items), desc) if ray_bars else progress(len(items), desc)
     try:
         for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
             for image_id, status, error in zip(batch["image_id"], batch["status"], batch["error"]):
@@ -212,12 +224,14 @@ def _select_rows(files: list[str], storage_options: dict[str, Any] | None, exclu
     return keep, errors, duplicates
 
 
-def _calibrate(bank: ServedBank, config: SpadeConfig, samples: int, target_fpr: float, batch_size: int) -> Calibration | None:
+def _calibrate(bank: ServedBank, config: SpadeConfig, samples: int, target_fpr: float, batch_size: int,
+               progress: Progress = no_progress) -> Calibration | None:
     """Leave-one-out scores of up to ``samples`` bank images (evenly spaced rows) -> thresholds."""
     n = bank.n_images
     if samples <= 0 or n < 2:
         return None
     rows = calibration_rows(n, samples)
+    bar = progress(len(rows), "calibrate (leave-one-out)")
     client = BankClient(bank, config)
     starts = np.asarray(bank.offsets)
     scores: list[float] = []
@@ -236,6 +250,8 @@ def _calibrate(bank: ServedBank, config: SpadeConfig, samples: int, target_fpr: 
         s, maps, _ = client.score(query, exclude=query_rows)
         scores.extend(float(v) for v in s)
         maxima.extend(float(m.max()) for m in maps)
+        bar.update(len(batch_rows))
+    bar.close()
     return Calibration.from_scores(scores, maxima, target_fpr)
 
 
@@ -299,7 +315,7 @@ def run_build_bank(features: str, output: str | None, *, shards: int = 1, add_to
     draft = make_manifest(version, meta, entries, parent=version_name(parent_manifest["version"]) if parent_manifest else None)
     served = start_shard_actors(bank_root, draft, storage_options, num_cpus=shard_actor_cpus(len(entries)))
     try:
-        calibration = _calibrate(served, config, calibration_samples, target_fpr, batch_size)
+        calibration = _calibrate(served, config, calibration_samples, target_fpr, batch_size, progress)
     finally:
         served.shutdown()
     build = {"shards": shards, **config.scoring(), "calibration_samples": calibration_samples, "target_fpr": target_fpr, "features": features}
@@ -339,11 +355,13 @@ def run_score(source: str, bank_url: str, output: str, *, weights: str | None = 
               pixel_k: int | None = None, kappa: int | None = None, scoring: dict[str, Any] | None = None,
               threshold: float | None = None, image_threshold: float | None = None, batch_size: int = 16, max_actors: int | None = None,
               overwrite: bool = False, save_maps: bool = False, storage_options: dict[str, Any] | None = None, address: str | None = None,
-              progress: Progress = no_progress) -> JobSummary:
-    """Score every image under ``source`` against a served bank; masks, heatmaps and result rows to ``output``.
+              progress: Progress = no_progress, report_top: int = DEFAULT_REPORT_TOP) -> JobSummary:
+    """Score every image under ``source`` against a served bank; masks, heatmaps, overlays and result rows to ``output``.
 
     Images already scored into ``output`` against the same bank are skipped (``overwrite`` redoes
-    them); the mask threshold defaults to the bank's normal-only calibration.
+    them); the mask threshold defaults to the bank's normal-only calibration.  Finally
+    ``output/report.html`` shows everything scored into ``output``, with the ``report_top`` most
+    anomalous images.
     """
     start = time.perf_counter()
     bank_root, manifest = open_bank(bank_url, storage_options)
@@ -373,13 +391,13 @@ def run_score(source: str, bank_url: str, output: str, *, weights: str | None = 
     todo = [it for it in items if it.image_id not in done]
     summary = JobSummary("score", skipped=len(items) - len(todo), output=output,
                          extra={"bank_id": bank_id, "pixel_threshold": pixel_threshold, "image_threshold": image_thr})
+    spec = BACKBONES[config.backbone]
+    pre = Preprocessor(config.image_size, config.protocol, spec.mean, spec.std)  # type: ignore[arg-type]
     if todo:
         init_ray(address)
         shard_cpus = shard_actor_cpus(len(manifest["shards"]))
         served = start_shard_actors(bank_root, manifest, storage_options, num_cpus=shard_cpus)
         try:
-            spec = BACKBONES[config.backbone]
-            pre = Preprocessor(config.image_size, config.protocol, spec.mean, spec.std)  # type: ignore[arg-type]
             _run_pipeline(todo, DecodeImages(pre, storage_options), ScoreImages,
                           {"bank": served, "config": config, "weights": weights, "output": output, "run_id": new_run_id(),
                            "pixel_threshold": float(pixel_threshold), "image_threshold": float(image_thr),
@@ -387,5 +405,15 @@ def run_score(source: str, bank_url: str, output: str, *, weights: str | None = 
                           batch_size, max_actors, summary, progress, "score", reserved_cpus=shard_cpus * len(manifest["shards"]))
         finally:
             served.shutdown()
+    bar = progress(min(report_top, len(items)), "report")
+    try:
+        report = score_report(output, source=source, bank_id=bank_id, image_threshold=float(image_thr),
+                              pixel_threshold=float(pixel_threshold), preprocessor=pre, skipped=summary.skipped,
+                              top=report_top, storage_options=storage_options, progress=bar.update)
+    finally:
+        bar.close()
+    summary.extra["report"] = join_url(output, "report.html")
+    summary.extra["anomalous"] = report.counts["anomalous"]
+    write_report(summary.extra["report"], report, storage_options)
     summary.seconds = time.perf_counter() - start
     return summary

@@ -13,7 +13,7 @@ from typing import Any
 
 import ray
 
-__all__ = ["FORWARDED_ENV_PREFIXES", "cluster_cpus", "init_ray", "set_worker_threads"]
+__all__ = ["FORWARDED_ENV_PREFIXES", "cluster_cpus", "init_ray", "ray_data_output", "set_worker_threads"]
 
 # AWS_* (s3fs/botocore: credentials, endpoint, region, profile), GOOGLE_* (gcsfs), SPADE_RAY_*
 FORWARDED_ENV_PREFIXES = ("AWS_", "GOOGLE_", "SPADE_RAY_", "FSSPEC_")
@@ -37,7 +37,30 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
         kwargs.update(include_dashboard=False, num_cpus=num_cpus)
     ray.init(address=address, **kwargs)
     ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = False  # the CLI shows its own bars; Ray's own spam non-terminal logs
+    ctx.enable_progress_bars = False  # on only for a run on a terminal (ray_data_output); bars spam logs
+
+
+class _DropProgressBarsDisabled(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Progress bars disabled" not in record.getMessage()
+
+
+_QUIET_FILTER = _DropProgressBarsDisabled()
+
+
+def ray_data_output(interactive: bool) -> None:
+    """Ray Data's bars and INFO lines on a terminal; otherwise only its warnings.
+
+    Off a terminal its "Starting execution ..." lines and its advice to turn bars on are noise in
+    a job's log (the one-line summary says what happened); its warnings still come through.
+    """
+    ray.data.DataContext.get_current().enable_progress_bars = interactive
+    logging.getLogger("ray.data").setLevel(logging.INFO if interactive else logging.WARNING)
+    progress_logger = logging.getLogger("ray.data._internal.progress")
+    if interactive:
+        progress_logger.removeFilter(_QUIET_FILTER)
+    else:
+        progress_logger.addFilter(_QUIET_FILTER)
 
 
 def cluster_cpus() -> int:

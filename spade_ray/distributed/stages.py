@@ -23,7 +23,8 @@ from ..featurestore import FeatureMeta, features_to_table, write_feature_shard
 from ..features import features_from_tensor
 from ..images import DEFAULT_MAX_PIXELS, load_image
 from ..model import SpadeConfig
-from ..outputs import heatmap_rgb, join_url, output_key, write_bytes, write_npy, write_png
+from ..outputs import heatmap_rgb, join_url, output_key, write_bytes, write_jpeg, write_npy, write_png
+from ..overlay import overlay_rgb
 from ..preprocess import Preprocessor
 from .runtime import set_worker_threads
 from .serving import BankClient, ServedBank
@@ -130,6 +131,7 @@ RESULT_SCHEMA = pa.schema([
     ("is_anomalous", pa.bool_()),
     ("mask_uri", pa.string()),
     ("heatmap_uri", pa.string()),
+    ("overlay_uri", pa.string()),
     ("neighbours", pa.list_(pa.string())),
     ("bank_id", pa.string()),
     ("status", pa.string()),
@@ -139,16 +141,20 @@ RESULT_SCHEMA = pa.schema([
 
 
 class ScoreImages:
-    """Actor-pool UDF: backbone + map fusion; queries the shard actors; writes masks, heatmaps, result rows.
+    """Actor-pool UDF: backbone + map fusion; queries the shard actors; writes masks, heatmaps, overlays, result rows.
 
+    The overlay needs the image at its own size, which the decode stage does not ship (it sends
+    only the network-size pixels), so the scorer reads the image again: one more GET per image,
+    small next to the scoring itself, and the object store never carries full-size frames.
     Result rows are committed per batch (one Parquet file, written whole), so a crash loses only
     the batches in flight.
     """
 
     def __init__(self, bank: ServedBank, config: SpadeConfig, weights: str | None, output: str, run_id: str,
                  pixel_threshold: float, image_threshold: float, storage_options: dict[str, Any] | None = None,
-                 save_maps: bool = False) -> None:
+                 save_maps: bool = False, max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
         set_worker_threads()
+        self.max_pixels = max_pixels
         self.save_maps = save_maps
         self.backbone = load_backbone(config.backbone, weights)
         check_compatible(bank.manifest, config.backbone, self.backbone.weights_sha256, config.image_size, config.protocol)
@@ -171,7 +177,7 @@ class ScoreImages:
             {"uri": str(batch["uri"][i]), "relpath": str(batch["relpath"][i]), "image_id": str(batch["image_id"][i]),
              "bank_id": self.bank_id, "status": str(batch["status"][i]), "error": str(batch["error"][i]) or None,
              "image_score": None, "pixel_max": None, "is_anomalous": None, "mask_uri": None, "heatmap_uri": None,
-             "neighbours": None}
+             "overlay_uri": None, "neighbours": None}
             for i in range(n)
         ]
         if ok.size:
@@ -180,7 +186,8 @@ class ScoreImages:
             except Exception as exc:  # a failure of the batch is recorded on each of its images
                 for i in ok:
                     rows[i].update(status="error", error=_reason(exc), image_score=None, pixel_max=None,
-                                   is_anomalous=None, mask_uri=None, heatmap_uri=None, neighbours=None)
+                                   is_anomalous=None, mask_uri=None, heatmap_uri=None, overlay_uri=None,
+                                   neighbours=None)
         seconds = (time.perf_counter() - start) / max(n, 1)
         for row in rows:
             row["seconds"] = seconds
@@ -199,17 +206,24 @@ class ScoreImages:
         for j, i in enumerate(ok):
             amap = self.preprocessor.map_to_output(maps[j], int(batch["height"][i]), int(batch["width"][i]))
             pixel_max = float(amap.max())
-            key = output_key(str(batch["relpath"][i]))
+            relpath = str(batch["relpath"][i])
+            key = output_key(relpath)
             mask_uri = join_url(self.output, f"masks/{key}")
             heatmap_uri = join_url(self.output, f"heatmaps/{key}")
-            write_png(mask_uri, ((amap > self.pixel_threshold) * 255).astype(np.uint8), self.storage_options)
-            write_png(heatmap_uri, heatmap_rgb(amap, vmax=2.0 * self.pixel_threshold), self.storage_options)
+            overlay_uri = join_url(self.output, f"overlays/{output_key(relpath, '.jpg')}")
+            mask = amap > self.pixel_threshold
+            vmax = 2.0 * self.pixel_threshold
+            write_png(mask_uri, (mask * 255).astype(np.uint8), self.storage_options)
+            write_png(heatmap_uri, heatmap_rgb(amap, vmax=vmax), self.storage_options)
+            image = self.preprocessor.image_to_output(
+                load_image(str(batch["uri"][i]), self.storage_options, max_pixels=self.max_pixels))
+            write_jpeg(overlay_uri, overlay_rgb(image, amap, vmax, mask), self.storage_options)
             if self.save_maps:
                 write_npy(join_url(self.output, f"maps/{output_key(str(batch['relpath'][i]), '.npy')}"), amap, self.storage_options)
             rows[i].update(
                 image_score=float(scores[j]), pixel_max=pixel_max,
                 is_anomalous=bool(scores[j] > self.image_threshold or pixel_max > self.pixel_threshold),
-                mask_uri=mask_uri, heatmap_uri=heatmap_uri, neighbours=[uri for _, uri in neighbours[j]],
+                mask_uri=mask_uri, heatmap_uri=heatmap_uri, overlay_uri=overlay_uri, neighbours=[uri for _, uri in neighbours[j]],
             )
 
 
