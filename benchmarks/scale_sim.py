@@ -1,7 +1,11 @@
 """Scale simulation: a sharded bank of 10^6 synthetic global vectors served by Ray actors.
 
-    PYTHONPATH=. nice -n 10 python benchmarks/scale_sim.py --json runs/scale_sim.json
-    python benchmarks/scale_sim.py --n 20000 --dim 64 --shards 4 --sub-n 5000   # a quick run
+    PYTHONPATH=. nice -n 10 python benchmarks/scale_sim.py --json benchmarks/results/scale_sim.json   # ~11 min on 2 cores
+    PYTHONPATH=. python benchmarks/scale_sim.py --n 20000 --dim 64 --sub-n 5000                        # a quick run
+    PYTHONPATH=. python benchmarks/scale_sim.py --scan-rates     # one shard's flat search, batches, BLAS threshold
+
+Results and their reading: docs/scaling.md.  Peak memory at the defaults: ~2 GiB per shard actor
+while they run, then ~6 GiB in the driver alone.
 
 What it does, in order:
 
@@ -162,9 +166,17 @@ def data_stats(x: np.ndarray) -> dict[str, float]:
     xc = x - mean
     s = np.linalg.eigvalsh(xc.T @ xc)[::-1].clip(0)  # squared singular values, largest first
     c = np.cumsum(s) / s.sum()
-    return {"n": len(x), "mean_norm": float(np.linalg.norm(mean)), "total_var": float(s.sum() / len(x)),
-            "var_in_8_pcs": float(c[min(7, len(c) - 1)]), "var_in_32_pcs": float(c[min(31, len(c) - 1)]),
-            "var_in_128_pcs": float(c[min(127, len(c) - 1)]), "participation_ratio": float(s.sum() ** 2 / (s ** 2).sum())}
+    out = {"n": len(x), "mean_norm": float(np.linalg.norm(mean)), "total_var": float(s.sum() / len(x)),
+           "var_in_8_pcs": float(c[min(7, len(c) - 1)]), "var_in_32_pcs": float(c[min(31, len(c) - 1)]),
+           "var_in_128_pcs": float(c[min(127, len(c) - 1)]), "participation_ratio": float(s.sum() ** 2 / (s ** 2).sum())}
+    if 51 < len(x) <= 2000:  # neighbour distances: how much contrast a nearest-neighbour search has to work with
+        sq = (x * x).sum(1)
+        dist = np.sqrt(np.maximum(sq[:, None] + sq[None] - 2 * x @ x.T, 0))
+        np.fill_diagonal(dist, np.inf)
+        nn = np.sort(dist, axis=1)
+        out.update(nn1_mean=float(nn[:, 0].mean()), nn50_mean=float(nn[:, 49].mean()),
+                   median_pair=float(np.median(dist[np.isfinite(dist)])))
+    return out
 
 
 # ------------------------------------------------------------------------------------------ index
@@ -199,8 +211,10 @@ def proc_memory(pid: int | str = "self") -> dict[str, int]:
 class SimShard(ShardServer):
     """A shard of the synthetic bank: rows start..stop, served by the project's ShardServer.search."""
 
-    def __init__(self, spec: MixtureSpec, start: int, stop: int, threads: int = 1) -> None:
+    def __init__(self, spec: MixtureSpec, start: int, stop: int, threads: int = 1, blas_threshold: int | None = None) -> None:
         faiss.omp_set_num_threads(threads)
+        if blas_threshold is not None:  # FAISS flat search uses BLAS from this many queries on (default 20)
+            faiss.cvar.distance_compute_blas_threshold = blas_threshold
         self.memory_before = proc_memory()
         t0 = time.perf_counter()
         index, vectors = flat_index(Mixture(spec), start, stop)
@@ -235,7 +249,7 @@ def pct(values: list[float]) -> dict[str, float]:
 
 
 def run_sharded(spec: MixtureSpec, n: int, shards: int, queries: np.ndarray, k: int, n_latency: int,
-                n_batches: int, batch: int, num_cpus: float, log=print) -> dict[str, Any]:
+                n_batches: int, batch: int, num_cpus: float, log=print, blas_threshold: int | None = None) -> dict[str, Any]:
     """Start the shard actors, measure, and return the scatter-gather top-k of ``queries``."""
     import ray
 
@@ -246,7 +260,7 @@ def run_sharded(spec: MixtureSpec, n: int, shards: int, queries: np.ndarray, k: 
     actor_cls = ray.remote(num_cpus=num_cpus)(SimShard)
     bounds = shard_bounds(n, shards)
     t0 = time.perf_counter()
-    actors = [actor_cls.remote(spec, a, b) for a, b in bounds]
+    actors = [actor_cls.remote(spec, a, b, 1, blas_threshold) for a, b in bounds]
     try:
         stats = ray.get([a.stats.remote() for a in actors])
         build_wall = time.perf_counter() - t0
@@ -377,24 +391,60 @@ def compare_indexes(spec: MixtureSpec, sub_n: int, queries: np.ndarray, k: int, 
     return results
 
 
+def scan_rates(spec: MixtureSpec, rows: int, k: int, batches: tuple[int, ...] = (1, 16, 64), thresholds: tuple[int, ...] = (0, 20),
+               repeats: int = 5, log=print) -> list[dict[str, Any]]:
+    """Seconds per search_exact call on one shard of ``rows`` vectors, one thread, in this process.
+
+    Threshold 0 means FAISS's default ``distance_compute_blas_threshold``; with a batch at or above
+    the threshold FAISS computes the batch's distances with one BLAS pass over the vectors.
+    """
+    faiss.omp_set_num_threads(1)
+    default = int(faiss.cvar.distance_compute_blas_threshold)
+    index, vectors = flat_index(Mixture(spec), 0, rows)
+    queries = Mixture(spec).queries(max(batches))
+    out = []
+    try:
+        for threshold in thresholds:
+            faiss.cvar.distance_compute_blas_threshold = threshold or default
+            for b in batches:
+                times = []
+                for _ in range(repeats):
+                    t0 = time.perf_counter()
+                    search_exact(index, vectors, queries[:b], k)
+                    times.append(time.perf_counter() - t0)
+                t = float(np.median(times))
+                row = {"rows": rows, "batch": b, "blas_threshold": threshold or default, "median_s": t,
+                       "ns_per_query_vector": t / (b * rows) * 1e9, "loadavg": os.getloadavg()[0]}
+                log(f"  rows {rows:,} batch {b:3d} blas_threshold {row['blas_threshold']:6d}: {t * 1e3:8.1f} ms "
+                    f"({row['ns_per_query_vector']:.0f} ns per query-vector)")
+                out.append(row)
+    finally:
+        faiss.cvar.distance_compute_blas_threshold = default
+    return out
+
+
 def simulate(n: int = 1_000_000, shards: int = 4, dim: int = 1280, k: int = 50, n_queries: int = 200,
              n_latency: int = 40, n_batches: int = 10, batch: int = 16, num_cpus: float = 0.25,
              sub_n: int | None = 100_000, nprobes: tuple[int, ...] = (1, 4, 16, 64), efs: tuple[int, ...] = (64, 128, 256),
              hnsw_m: int = 32, ef_construction: int = 80, n_clusters: int | None = None, seed: int = 0,
-             log=print) -> dict[str, Any]:
+             blas_threshold: int | None = None, log=print) -> dict[str, Any]:
     """The whole simulation; expects Ray to be initialised.  Returns the JSON-able report."""
+    default_threshold = int(faiss.cvar.distance_compute_blas_threshold)
+    if blas_threshold is not None:  # the driver's flat reference too
+        faiss.cvar.distance_compute_blas_threshold = blas_threshold
     spec = MixtureSpec(dim=dim, n_clusters=n_clusters or max(10, min(1000, n // 1000)), seed=seed)
     mixture = Mixture(spec)
     queries = mixture.queries(n_queries)
     report: dict[str, Any] = {"n": n, "shards": shards, "dim": dim, "k": k, "n_queries": n_queries,
                               "spec": asdict(spec), "rerank_margin": RERANK_MARGIN, "cpus": os.cpu_count(),
-                              "loadavg_start": os.getloadavg()}
+                              "loadavg_start": os.getloadavg(), "blas_threshold": blas_threshold,
+                              "faiss_default_blas_threshold": default_threshold}
     report["data_stats"] = {"one_cluster": data_stats(mixture.one_cluster(0, 762)),
                             "bank_sample": data_stats(mixture.rows(0, min(n, 4096)))}
     del mixture
     gc.collect()
 
-    sharded = run_sharded(spec, n, shards, queries, k, n_latency, n_batches, batch, num_cpus, log)
+    sharded = run_sharded(spec, n, shards, queries, k, n_latency, n_batches, batch, num_cpus, log, blas_threshold)
     reference = run_reference(spec, n, queries, k, log)
     ids_equal = bool(np.array_equal(sharded["ids"], reference["ids"]))
     dist_equal = bool(np.array_equal(sharded["dist"], reference["dist"]))
@@ -409,6 +459,7 @@ def simulate(n: int = 1_000_000, shards: int = 4, dim: int = 1280, k: int = 50, 
         report["index_comparison"] = {"sub_n": min(sub_n, n), "threads": 1, "results": compare_indexes(
             spec, min(sub_n, n), queries, k, list(nprobes), list(efs), hnsw_m, ef_construction, n_latency, log)}
     report["loadavg_end"] = os.getloadavg()
+    faiss.cvar.distance_compute_blas_threshold = default_threshold
     return report
 
 
@@ -459,8 +510,20 @@ def main() -> None:
     parser.add_argument("--hnsw-m", type=int, default=32)
     parser.add_argument("--ef-construction", type=int, default=80)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--blas-threshold", type=int, help="shard actors: FAISS flat search uses BLAS (one pass over the "
+                        "vectors for the whole batch) from this many queries on; FAISS's default is 20")
+    parser.add_argument("--scan-rates", action="store_true", help="only time one shard's flat search in this process "
+                        "(n/shards rows, one thread, batches 1/16/64, FAISS's default BLAS threshold and 20)")
     parser.add_argument("--json", help="write the report here")
     args = parser.parse_args()
+
+    if args.scan_rates:
+        spec = MixtureSpec(dim=args.dim, n_clusters=max(10, min(1000, args.n // 1000)), seed=args.seed)
+        rows = scan_rates(spec, args.n // args.shards, args.k)
+        if args.json:
+            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.json).write_text(json.dumps({"command": " ".join(["python", *sys.argv]), "scan_rates": rows}, indent=2))
+        return
 
     import ray
 
@@ -470,7 +533,8 @@ def main() -> None:
         report = simulate(n=args.n, shards=args.shards, dim=args.dim, k=args.k, n_queries=args.queries,
                           n_latency=args.latency_queries, n_batches=args.batches, batch=args.batch,
                           num_cpus=args.shard_cpus, sub_n=args.sub_n, nprobes=tuple(args.nprobe), efs=tuple(args.ef_search),
-                          hnsw_m=args.hnsw_m, ef_construction=args.ef_construction, seed=args.seed)
+                          hnsw_m=args.hnsw_m, ef_construction=args.ef_construction, seed=args.seed,
+                          blas_threshold=args.blas_threshold)
     finally:
         ray.shutdown()
     report["total_s"] = time.perf_counter() - t0
