@@ -213,7 +213,7 @@ class SimShard(ShardServer):
 
     def __init__(self, spec: MixtureSpec, start: int, stop: int, threads: int = 1, blas_threshold: int | None = None) -> None:
         faiss.omp_set_num_threads(threads)
-        if blas_threshold is not None:  # FAISS flat search uses BLAS from this many queries on (default 20)
+        if blas_threshold is not None:  # FAISS 1.15: BLAS when queries x dim >= this (default 128,000)
             faiss.cvar.distance_compute_blas_threshold = blas_threshold
         self.memory_before = proc_memory()
         t0 = time.perf_counter()
@@ -391,15 +391,19 @@ def compare_indexes(spec: MixtureSpec, sub_n: int, queries: np.ndarray, k: int, 
     return results
 
 
-def scan_rates(spec: MixtureSpec, rows: int, k: int, batches: tuple[int, ...] = (1, 16, 64), thresholds: tuple[int, ...] = (0, 20),
-               repeats: int = 5, log=print) -> list[dict[str, Any]]:
+def scan_rates(spec: MixtureSpec, rows: int, k: int, batches: tuple[int, ...] = (1, 16, 64),
+               thresholds: tuple[int, ...] | None = None, repeats: int = 3, log=print) -> list[dict[str, Any]]:
     """Seconds per search_exact call on one shard of ``rows`` vectors, one thread, in this process.
 
-    Threshold 0 means FAISS's default ``distance_compute_blas_threshold``; with a batch at or above
-    the threshold FAISS computes the batch's distances with one BLAS pass over the vectors.
+    FAISS 1.15 computes a batch's distances with one BLAS pass over the vectors when
+    queries x dim >= ``distance_compute_blas_threshold`` (default 128,000: 100 queries at 1280-d), and
+    otherwise scans all the vectors once per query.  Thresholds tried: 0 = FAISS's default, 20
+    (always BLAS), 16 x dim (BLAS from 16 queries on).
     """
     faiss.omp_set_num_threads(1)
     default = int(faiss.cvar.distance_compute_blas_threshold)
+    if thresholds is None:
+        thresholds = (0, 20, 16 * spec.dim)
     index, vectors = flat_index(Mixture(spec), 0, rows)
     queries = Mixture(spec).queries(max(batches))
     out = []
@@ -510,10 +514,11 @@ def main() -> None:
     parser.add_argument("--hnsw-m", type=int, default=32)
     parser.add_argument("--ef-construction", type=int, default=80)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--blas-threshold", type=int, help="shard actors: FAISS flat search uses BLAS (one pass over the "
-                        "vectors for the whole batch) from this many queries on; FAISS's default is 20")
+    parser.add_argument("--blas-threshold", type=int, help="faiss.cvar.distance_compute_blas_threshold in the shard actors "
+                        "and the driver: FAISS 1.15 uses BLAS (one pass over the vectors for the whole batch) when "
+                        "queries x dim >= this (default 128000)")
     parser.add_argument("--scan-rates", action="store_true", help="only time one shard's flat search in this process "
-                        "(n/shards rows, one thread, batches 1/16/64, FAISS's default BLAS threshold and 20)")
+                        "(n/shards rows, one thread, batches 1/16/64; BLAS threshold FAISS's default, 20 and 16 x dim)")
     parser.add_argument("--json", help="write the report here")
     args = parser.parse_args()
 
