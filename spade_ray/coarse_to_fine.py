@@ -90,6 +90,72 @@ def _restricted_level(
 ) -> torch.Tensor:
     """One finer level: each query pixel against the windows of its coarse cell's matches."""
     channels, height, width = query.shape
+    hc, wc = coarse_shape
+    if kappa == 1 and height % hc == 0 and width % wc == 0:
+        return _restricted_level_windows(query, gallery, cells, coarse_shape, margin)
+    return _restricted_level_gather(query, gallery, cells, coarse_shape, kappa, margin, chunk_elements)
+
+
+def _restricted_level_windows(
+    query: torch.Tensor, gallery: torch.Tensor, cells: torch.Tensor, coarse_shape: tuple[int, int], margin: int
+) -> torch.Tensor:
+    """kappa = 1 on a grid that divides evenly: one gallery image at a time, its windows cut once.
+
+    Windows of an image are the same for every query, so the image is unfolded into its windows
+    once, and each query cell picks its window by index; the working set of one image stays in
+    cache, which is what makes this several times faster than gathering rows across all images.
+    """
+    channels, height, width = query.shape
+    hc, wc = coarse_shape
+    fy, fx = height // hc, width // wc
+    wy, wx = min(height, fy * (1 + 2 * margin)), min(width, fx * (1 + 2 * margin))
+    ny, nx = (height - wy) // fy + 1, (width - wx) // fx + 1  # window positions per axis
+    # query pixels grouped by coarse cell: (Pc, fy*fx, C)
+    q = query.reshape(channels, hc, fy, wc, fx).permute(1, 3, 2, 4, 0).reshape(hc * wc, fy * fx, channels)
+    best = torch.full((hc * wc, fy * fx), float("inf"), device=query.device)
+    best_row = torch.zeros((hc * wc, fy * fx), dtype=torch.long, device=query.device)
+    window_rows = _window_rows(ny, nx, fy, fx, wy, wx, width, query.device)  # (ny*nx, wy*wx) rows of one image
+    for k in range(gallery.shape[0]):
+        image = gallery[k].float()  # (C, H, W)
+        windows = image.unfold(1, wy, fy).unfold(2, wx, fx)  # (C, ny, nx, wy, wx)
+        windows = windows.permute(1, 2, 3, 4, 0).reshape(ny * nx, wy * wx, channels)
+        norms = (windows * windows).sum(dim=2)
+        for choice in range(cells.shape[2]):
+            cell = cells[k, :, choice]
+            wy_idx = (torch.div(cell, wc, rounding_mode="floor") - margin).clamp(0, ny - 1)
+            wx_idx = (cell % wc - margin).clamp(0, nx - 1)
+            pick = wy_idx * nx + wx_idx  # (Pc,)
+            g = windows[pick]  # (Pc, wy*wx, C)
+            d2 = torch.baddbmm(norms[pick][:, None, :], q, g.transpose(1, 2), beta=1.0, alpha=-2.0)
+            values, idx = d2.min(dim=2)
+            better = values < best
+            best = torch.where(better, values, best)
+            rows = k * height * width + window_rows[pick].gather(1, idx)
+            best_row = torch.where(better, rows, best_row)
+    # exact distances for the winners, back on the image grid
+    g_flat = gallery.permute(0, 2, 3, 1).reshape(-1, channels)
+    exact = torch.linalg.vector_norm(g_flat[best_row.reshape(-1)].float() - q.reshape(-1, channels), dim=1)
+    return exact.reshape(hc, wc, fy, fx).permute(0, 2, 1, 3).reshape(height, width, 1)
+
+
+def _window_rows(ny: int, nx: int, fy: int, fx: int, wy: int, wx: int, width: int, device: torch.device) -> torch.Tensor:
+    """Flat pixel rows (y * W + x) of each window of one image: (ny*nx, wy*wx), in unfold order."""
+    y = (torch.arange(ny, device=device) * fy)[:, None, None, None] + torch.arange(wy, device=device)[None, None, :, None]
+    x = (torch.arange(nx, device=device) * fx)[None, :, None, None] + torch.arange(wx, device=device)[None, None, None, :]
+    return (y * width + x).reshape(ny * nx, wy * wx)
+
+
+def _restricted_level_gather(
+    query: torch.Tensor,
+    gallery: torch.Tensor,
+    cells: torch.Tensor,
+    coarse_shape: tuple[int, int],
+    kappa: int,
+    margin: int,
+    chunk_elements: int,
+) -> torch.Tensor:
+    """Any grid and any kappa: gather every candidate row of every image per query cell."""
+    channels, height, width = query.shape
     n_images = gallery.shape[0]
     hc, wc = coarse_shape
     candidates = _candidate_rows(cells, coarse_shape, (height, width), margin)  # (Pc, M) gallery rows

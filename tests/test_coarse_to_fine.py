@@ -85,3 +85,15 @@ def test_exact_matching_equals_the_published_reference_loop() -> None:
     query, gallery = pyramid(gen, None, SHAPES), pyramid(gen, 3, SHAPES)
     for q, g, got in zip(query, gallery, pyramid_distances(query, gallery, kappa=1)):
         torch.testing.assert_close(got[..., 0], reference_level_distances(q, g), rtol=1e-5, atol=1e-5)
+
+
+def test_the_per_image_window_kernel_equals_the_general_gather_kernel() -> None:
+    from spade_ray.coarse_to_fine import _restricted_level_gather, _restricted_level_windows
+
+    gen = torch.Generator().manual_seed(6)
+    query, gallery = pyramid(gen, None, SHAPES), pyramid(gen, 5, SHAPES)
+    cells = torch.randint(0, 16, (5, 16, 2), generator=gen)
+    for margin in (0, 1):
+        fast = _restricted_level_windows(query[0], gallery[0], cells, (4, 4), margin)
+        general = _restricted_level_gather(query[0], gallery[0], cells, (4, 4), 1, margin, 1 << 20)
+        torch.testing.assert_close(fast, general, rtol=1e-5, atol=1e-5)

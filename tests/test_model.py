@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from spade_ray import Spade
@@ -105,3 +106,17 @@ def test_bad_settings_are_refused() -> None:
         Spade(pixel_k=0)
     with pytest.raises(ValueError, match="protocol"):
         Spade(protocol="crop")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("matching", ["exact", "coarse-to-fine"])
+def test_cuda_scores_equal_cpu_scores(synthetic_dataset, matching: str) -> None:
+    from spade_ray.datasets import load_mvtec
+
+    data = load_mvtec(str(synthetic_dataset))
+    train, test = [s.uri for s in data.train], [s.uri for s in data.test[:6]]
+    cpu = Spade("lite0", matching=matching, device="cpu").fit(train, calibration_samples=0).predict(test)
+    gpu = Spade("lite0", matching=matching, device="cuda").fit(train, calibration_samples=0).predict(test)
+    np.testing.assert_allclose(gpu.image_scores, cpu.image_scores, rtol=1e-3)
+    for a, b in zip(gpu.maps, cpu.maps):
+        assert np.abs(a - b).max() <= 1e-2 * np.abs(b).max()
