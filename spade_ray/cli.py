@@ -1,7 +1,15 @@
 """The ``spade-ray`` command line.
 
-Every command exits 0 on success and non-zero with a one-line reason on failure; ``--help`` on
-each command documents its options.
+Exit codes (what a scheduler acts on):
+
+* 0 — the job ran; images that failed have ``status="error"`` rows with the reason (a summary on
+  stdout, the first errors on stderr).
+* 1 — the job could not run (bad bank, unreachable storage, ...): a one-line reason on stderr.
+* 2 — wrong arguments (argparse).
+* 3 — the job ran and wrote every row, but more images failed than ``--max-error-rate`` allows.
+* 130 — interrupted.
+
+``--help`` on each command documents its options.
 """
 
 from __future__ import annotations
@@ -14,6 +22,7 @@ import tempfile
 from typing import Any, Sequence
 
 from .backbones import BACKBONES
+from .images import DEFAULT_MAX_PIXELS
 from .model import DEFAULT_IMAGE_K, DEFAULT_KAPPA, DEFAULT_PIXEL_K
 from .preprocess import PROTOCOLS
 
@@ -40,6 +49,37 @@ def _storage_options(text: str | None) -> dict[str, Any] | None:
     if not isinstance(value, dict):
         raise ValueError("--storage-options must be a JSON object, e.g. '{\"endpoint_url\": \"http://...\"}'")
     return value
+
+
+EXIT_TOO_MANY_ERRORS = 3
+
+
+def _fraction(text: str) -> float:
+    value = float(text)
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be a fraction between 0 and 1; got {text}")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1; got {text}")
+    return value
+
+
+def _add_max_pixels(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--max-pixels", type=_positive_int, default=DEFAULT_MAX_PIXELS,
+                        help=f"refuse images with more pixels than this, from the header before decoding (a "
+                        f"decompression-bomb guard; PIL's own limit follows it); default {DEFAULT_MAX_PIXELS:,} "
+                        "(100 Mpx: long line-scan frames pass, bombs do not)")
+
+
+def _add_max_error_rate(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--max-error-rate", type=_fraction, metavar="FRACTION",
+                        help="exit with code 3 when more than this fraction of the inputs ended as error rows "
+                        "(rows of earlier runs into the same output included); every row is still written. "
+                        "Default: none, failed images never fail the job")
 
 
 def _add_ray(parser: argparse.ArgumentParser) -> None:
@@ -77,7 +117,9 @@ def _add_model_options(parser: argparse.ArgumentParser, only_backbone: bool = Fa
 
 
 def _add_common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--storage-options", help="JSON object passed to fsspec for every URL (e.g. S3 endpoint)")
+    parser.add_argument("--storage-options", help="JSON object passed to fsspec for every URL (e.g. S3 endpoint). Never logged or "
+                        "written; still, prefer AWS_*/GOOGLE_* variables or config files for secrets: a command "
+                        "line is visible to every user of the machine")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
@@ -111,6 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="full (default): whole image, no crop, metrics at full frame; paper: resize 256, "
                     "centre-crop 224, metrics on the crop (the published protocol)")
     ev.add_argument("--save-maps", action="store_true", help="also write OUT/masks and OUT/heatmaps for every test image")
+    _add_max_pixels(ev)
     _add_calibration(ev)
     _add_model_options(ev)
     _add_common(ev)
@@ -122,6 +165,8 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--output", required=True, help="folder or URL prefix for the feature shards")
     ex.add_argument("--protocol", default="full", choices=list(PROTOCOLS), help="preprocessing (default full: no crop)")
     ex.add_argument("--max-actors", type=int, help="upper bound of the extractor actor pool (default: fit the cluster)")
+    _add_max_pixels(ex)
+    _add_max_error_rate(ex)
     _add_model_options(ex, only_backbone=True)
     _add_ray(ex)
     _add_common(ex)
@@ -157,6 +202,8 @@ def build_parser() -> argparse.ArgumentParser:
     sc.add_argument("--pixel-k", type=int, help="override the bank's pixel_k")
     sc.add_argument("--kappa", type=int, help="override the bank's kappa")
     sc.add_argument("--batch-size", type=int, default=16, help="images per batch (default 16)")
+    _add_max_pixels(sc)
+    _add_max_error_rate(sc)
     _add_ray(sc)
     _add_common(sc)
     return parser
@@ -185,6 +232,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         target_fpr=args.target_fpr,
         write_maps=args.save_maps,
         storage_options=_storage_options(args.storage_options),
+        max_pixels=args.max_pixels,
         progress=_progress_factory(args.quiet),
         **_model_kwargs(args),
     )
@@ -211,12 +259,20 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def _finish(summary: Any, quiet: bool) -> int:
+def _finish(summary: Any, quiet: bool, max_error_rate: float | None = None) -> int:
+    """Print the summary; exit 0, or 3 when the share of failed images is above ``max_error_rate``."""
     for image_id, reason in summary.errors[:20]:
         print(f"  error {image_id}: {reason}", file=sys.stderr)
     if len(summary.errors) > 20:
         print(f"  ... and {len(summary.errors) - 20} more errors (see the result rows)", file=sys.stderr)
     print(summary.line())
+    if max_error_rate is not None and summary.error_rate > max_error_rate:
+        total = summary.ok + summary.error + summary.skipped
+        failed = summary.error + summary.skipped_error
+        print(f"spade-ray {summary.job}: error: {failed} of {total} images failed ({summary.error_rate:.1%}), more than "
+              f"--max-error-rate {max_error_rate:g} allows; every image has its row in {summary.output} "
+              "(status/error columns)", file=sys.stderr)
+        return EXIT_TOO_MANY_ERRORS
     return 0
 
 
@@ -225,9 +281,10 @@ def _cmd_extract(args: argparse.Namespace) -> int:
 
     summary = run_extract(args.input, args.output, backbone=args.backbone, weights=args.weights,
                           image_size=args.image_size, protocol=args.protocol, batch_size=args.batch_size,
-                          max_actors=args.max_actors, storage_options=_storage_options(args.storage_options),
+                          max_actors=args.max_actors, max_pixels=args.max_pixels,
+                          storage_options=_storage_options(args.storage_options),
                           address=args.address, progress=_progress_factory(args.quiet))
-    return _finish(summary, args.quiet)
+    return _finish(summary, args.quiet, args.max_error_rate)
 
 
 def _cmd_build_bank(args: argparse.Namespace) -> int:
@@ -252,9 +309,10 @@ def _cmd_score(args: argparse.Namespace) -> int:
     summary = run_score(args.input, args.bank, args.output, weights=args.weights, image_k=args.image_k,
                         pixel_k=args.pixel_k, kappa=args.kappa, threshold=args.threshold,
                         image_threshold=args.image_threshold, batch_size=args.batch_size, max_actors=args.max_actors,
-                        overwrite=args.overwrite, save_maps=args.save_maps, storage_options=_storage_options(args.storage_options),
+                        overwrite=args.overwrite, save_maps=args.save_maps, max_pixels=args.max_pixels,
+                        storage_options=_storage_options(args.storage_options),
                         address=args.address, progress=_progress_factory(args.quiet))
-    return _finish(summary, args.quiet)
+    return _finish(summary, args.quiet, args.max_error_rate)
 
 
 COMMANDS = {"demo": _cmd_demo, "evaluate": _cmd_evaluate, "extract": _cmd_extract,

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from .datasets import load_mvtec
-from .images import load_mask
+from .images import DEFAULT_MAX_PIXELS, load_mask
 from .metrics import compute_metrics, image_auroc
 from .model import DEFAULT_IMAGE_K, DEFAULT_KAPPA, DEFAULT_PIXEL_K, Spade
 from .outputs import heatmap_rgb, join_url, output_key, write_bytes, write_png
@@ -47,13 +47,15 @@ def evaluate(
     target_fpr: float = 0.01,
     write_maps: bool = False,
     storage_options: dict[str, Any] | None = None,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
     progress: Progress = no_progress,
 ) -> dict[str, Any]:
     """Fit on the dataset's normal training images, score its test images, write metrics.json."""
     started = time.perf_counter()
     data = load_mvtec(dataset, storage_options)
     model = Spade(backbone, image_k=image_k, pixel_k=pixel_k, kappa=kappa, image_size=image_size,
-                  protocol=protocol, weights=weights, batch_size=batch_size, storage_options=storage_options)
+                  protocol=protocol, weights=weights, batch_size=batch_size, storage_options=storage_options,
+                  max_pixels=max_pixels)
 
     bar = progress(len(data.train), "fit (normal bank)")
     fit_start = time.perf_counter()
@@ -73,7 +75,7 @@ def evaluate(
     masks = None
     if data.has_masks:
         masks = [
-            model.preprocessor.mask_to_output(load_mask(s.mask_uri, storage_options)) if s.mask_uri else None
+            model.preprocessor.mask_to_output(load_mask(s.mask_uri, storage_options, max_pixels)) if s.mask_uri else None
             for s in data.test
         ]
     metrics = compute_metrics(prediction.image_scores, labels, prediction.maps if masks else None, masks)

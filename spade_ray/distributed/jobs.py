@@ -17,6 +17,7 @@ import pyarrow.parquet as pq
 import ray
 
 from ..bank import (
+    check_compatible,
     feature_meta_of,
     load_shard,
     make_manifest,
@@ -32,7 +33,8 @@ from ..featurestore import FeatureMeta, list_feature_shards, read_feature_meta
 from ..features import FeatureBatch
 from ..fusion import DEFAULT_SIGMA
 from ..model import DEFAULT_IMAGE_K, DEFAULT_KAPPA, DEFAULT_PIXEL_K, Calibration, SpadeConfig, calibration_rows
-from ..outputs import join_url
+from ..images import DEFAULT_MAX_PIXELS
+from ..outputs import join_url, output_stem, unique_output_stems
 from ..preprocess import Preprocessor
 from ..progress import Progress, no_progress
 from ..sources import InputImage, resolve_inputs
@@ -50,6 +52,7 @@ class JobSummary:
     ok: int = 0
     error: int = 0
     skipped: int = 0
+    skipped_error: int = 0  # of ``skipped``: images whose row from an earlier run is an error row
     seconds: float = 0.0
     output: str = ""
     errors: list[tuple[str, str]] = field(default_factory=list)
@@ -58,6 +61,16 @@ class JobSummary:
     @property
     def images_per_second(self) -> float:
         return (self.ok + self.error) / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def error_rate(self) -> float:
+        """Share of the job's inputs that ended as error rows, rows kept from earlier runs included.
+
+        Counting the rows a rerun skipped keeps the rate of a crashed-and-resumed night the same
+        as that of an undisturbed one.
+        """
+        total = self.ok + self.error + self.skipped
+        return (self.error + self.skipped_error) / total if total else 0.0
 
     def line(self) -> str:
         return (f"{self.job}: {self.ok} ok, {self.error} error, {self.skipped} skipped in {self.seconds:.1f}s "
@@ -80,15 +93,30 @@ def _actor_pool(n_items: int, batch_size: int, max_actors: int | None, reserved_
 DECODE_CPUS = 0.25
 
 
+# Fault tolerance of the pipeline (Ray Data's ray_remote_args): a UDF actor that dies (node lost,
+# OOM-killed, preempted) is restarted as often as needed, since a pool lives for the whole night,
+# and each batch it had in flight is retried on a live actor up to TASK_RETRIES times.  A batch
+# that kills its worker every time fails the job after that many tries instead of looping
+# forever; the images already committed stay, and the rerun resumes.  Decode tasks get the same
+# number of retries.
+TASK_RETRIES = 3
+
+
 def _run_pipeline(items: list[InputImage], decode: DecodeImages, udf: type, udf_kwargs: dict[str, Any],
                   batch_size: int, max_actors: int | None, summary: JobSummary, progress: Progress, desc: str,
-                  reserved_cpus: float = 0.0) -> None:
-    """from_items -> decode (tasks) -> UDF (actor pool); counts results as they stream back."""
-    ds = ray.data.from_items([{"uri": it.uri, "relpath": it.relpath, "image_id": it.image_id} for it in items],
+                  reserved_cpus: float = 0.0, keys: dict[str, str] | None = None) -> None:
+    """from_items -> decode (tasks) -> UDF (actor pool); counts results as they stream back.
+
+    ``keys`` maps image ids to their output key stems (default: :func:`output_stem` of the relpath).
+    """
+    keys = keys or {}
+    ds = ray.data.from_items([{"uri": it.uri, "relpath": it.relpath, "image_id": it.image_id,
+                               "key": keys.get(it.image_id) or output_stem(it.relpath)} for it in items],
                              override_num_blocks=max(1, -(-len(items) // batch_size)))
-    ds = ds.map_batches(decode, batch_size=batch_size, num_cpus=DECODE_CPUS)
+    ds = ds.map_batches(decode, batch_size=batch_size, num_cpus=DECODE_CPUS, max_retries=TASK_RETRIES)
     pool, per_actor = _actor_pool(len(items), batch_size, max_actors, reserved_cpus)
-    ds = ds.map_batches(udf, fn_constructor_kwargs=udf_kwargs, batch_size=batch_size, num_cpus=per_actor, compute=pool)
+    ds = ds.map_batches(udf, fn_constructor_kwargs=udf_kwargs, batch_size=batch_size, num_cpus=per_actor, compute=pool,
+                        max_restarts=-1, max_task_retries=TASK_RETRIES)
     bar = progress(len(items), desc)
     try:
         for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
@@ -125,22 +153,24 @@ def _read_rows(prefix: str, storage_options: dict[str, Any] | None, columns: lis
 
 def run_extract(source: str, output: str, *, backbone: str = "lite0", weights: str | None = None, image_size: int = 224,
                 protocol: str = "full", batch_size: int = 16, max_actors: int | None = None,
-                storage_options: dict[str, Any] | None = None, address: str | None = None,
-                progress: Progress = no_progress) -> JobSummary:
+                max_pixels: int = DEFAULT_MAX_PIXELS, storage_options: dict[str, Any] | None = None,
+                address: str | None = None, progress: Progress = no_progress) -> JobSummary:
     """Images under ``source`` -> Parquet feature shards under ``output`` (one file per batch).
 
     Images that already have a row in ``output`` are skipped, so an interrupted extract resumes.
+    Images above ``max_pixels`` are error rows (refused from the header, never decoded).
     """
     start = time.perf_counter()
     items = resolve_inputs(source, storage_options)
-    done = {row["image_id"] for row in _read_rows(output, storage_options, ["image_id"])}
+    done = {row["image_id"]: row.get("status") for row in _read_rows(output, storage_options, ["image_id", "status"])}
     todo = [it for it in items if it.image_id not in done]
-    summary = JobSummary("extract", skipped=len(items) - len(todo), output=output)
+    summary = JobSummary("extract", skipped=len(items) - len(todo), output=output,
+                         skipped_error=sum(1 for it in items if done.get(it.image_id, "ok") != "ok"))
     if todo:
         init_ray(address)
         spec = BACKBONES[backbone]
         pre = Preprocessor(image_size, protocol, spec.mean, spec.std)  # type: ignore[arg-type]
-        _run_pipeline(todo, DecodeImages(pre, storage_options), ExtractFeatures,
+        _run_pipeline(todo, DecodeImages(pre, storage_options, max_pixels), ExtractFeatures,
                       {"backbone": backbone, "weights": weights, "preprocessor": pre, "output": output,
                        "run_id": new_run_id(), "storage_options": storage_options},
                       batch_size, max_actors, summary, progress, "extract")
@@ -336,10 +366,26 @@ def _remove_results(output: str, storage_options: dict[str, Any] | None) -> None
                 fs.rm_file(file)
 
 
+def _check_weights_on_driver(manifest: dict[str, Any], config: SpadeConfig, weights: str | None) -> None:
+    """Refuse a bank of another backbone or other weights before any worker starts.
+
+    The scorer actors check again (they are what really loads the weights); this check only makes
+    the common mistake one clear error.  A driver that cannot see the weights file leaves it to them.
+    """
+    from ..backbones import WeightsNotFoundError, file_sha256, weights_path
+
+    try:
+        sha = file_sha256(weights_path(config.backbone, weights))
+    except WeightsNotFoundError:
+        return
+    check_compatible(manifest, config.backbone, sha, config.image_size, config.protocol)
+
+
 def run_score(source: str, bank_url: str, output: str, *, weights: str | None = None, image_k: int | None = None,
               pixel_k: int | None = None, kappa: int | None = None, threshold: float | None = None,
               image_threshold: float | None = None, batch_size: int = 16, max_actors: int | None = None,
-              overwrite: bool = False, save_maps: bool = False, storage_options: dict[str, Any] | None = None, address: str | None = None,
+              overwrite: bool = False, save_maps: bool = False, max_pixels: int = DEFAULT_MAX_PIXELS,
+              storage_options: dict[str, Any] | None = None, address: str | None = None,
               progress: Progress = no_progress) -> JobSummary:
     """Score every image under ``source`` against a served bank; masks, heatmaps and result rows to ``output``.
 
@@ -358,6 +404,7 @@ def run_score(source: str, bank_url: str, output: str, *, weights: str | None = 
     if pixel_threshold is None or image_thr is None:
         raise ValueError(f"bank {bank_url} has no calibration; pass --threshold (and --image-threshold)")
 
+    _check_weights_on_driver(manifest, config, weights)
     items = resolve_inputs(source, storage_options)
     from .serving import bank_id_of
 
@@ -366,14 +413,15 @@ def run_score(source: str, bank_url: str, output: str, *, weights: str | None = 
         _remove_results(output, storage_options)
         done: set[str] = set()
     else:
-        existing = _read_rows(join_url(output, "results"), storage_options, ["image_id", "bank_id"])
+        existing = _read_rows(join_url(output, "results"), storage_options, ["image_id", "bank_id", "status"])
         others = {r["bank_id"] for r in existing} - {bank_id}
         if others:
             raise ValueError(f"{output} holds results scored against another bank ({', '.join(sorted(others))}); "
                              f"use --overwrite to replace them or choose another --output")
-        done = {r["image_id"] for r in existing}
+        done = {r["image_id"]: r["status"] for r in existing}
     todo = [it for it in items if it.image_id not in done]
     summary = JobSummary("score", skipped=len(items) - len(todo), output=output,
+                         skipped_error=sum(1 for it in items if done.get(it.image_id, "ok") != "ok"),
                          extra={"bank_id": bank_id, "pixel_threshold": pixel_threshold, "image_threshold": image_thr})
     if todo:
         init_ray(address)
@@ -382,11 +430,13 @@ def run_score(source: str, bank_url: str, output: str, *, weights: str | None = 
         try:
             spec = BACKBONES[config.backbone]
             pre = Preprocessor(config.image_size, config.protocol, spec.mean, spec.std)  # type: ignore[arg-type]
-            _run_pipeline(todo, DecodeImages(pre, storage_options), ScoreImages,
+            keys = unique_output_stems((it.image_id, it.relpath) for it in items)  # all inputs: same keys on a rerun
+            _run_pipeline(todo, DecodeImages(pre, storage_options, max_pixels), ScoreImages,
                           {"bank": served, "config": config, "weights": weights, "output": output, "run_id": new_run_id(),
                            "pixel_threshold": float(pixel_threshold), "image_threshold": float(image_thr),
                            "storage_options": storage_options, "save_maps": save_maps},
-                          batch_size, max_actors, summary, progress, "score", reserved_cpus=shard_cpus * len(manifest["shards"]))
+                          batch_size, max_actors, summary, progress, "score", reserved_cpus=shard_cpus * len(manifest["shards"]),
+                          keys=keys)
         finally:
             served.shutdown()
     summary.seconds = time.perf_counter() - start
