@@ -90,6 +90,29 @@ class ImageDecodeError(ValueError):
         return f"cannot decode image {self.uri!r}: {self.reason}"
 
 
+# File signatures of the formats inspection cameras write; PIL's plugin name for each.
+_SIGNATURES = ((b"\x89PNG\r\n\x1a\n", "PNG"), (b"\xff\xd8\xff", "JPEG"), (b"II*\x00", "TIFF"),
+               (b"MM\x00*", "TIFF"), (b"BM", "BMP"))
+
+
+def _unidentified_reason(data: bytes) -> str:
+    """Why PIL identified no format: not an image at all, or a known format it cannot read.
+
+    PIL hides each plugin's reason behind "cannot identify image file"; for a file that has the
+    signature of a known format the plugin is asked again, so the reason says *what* is
+    unsupported (e.g. a TIFF's pixel layout) instead of claiming the file is no image.
+    """
+    for magic, fmt in _SIGNATURES:
+        if data.startswith(magic):
+            try:
+                Image.init()
+                Image.OPEN[fmt][0](io.BytesIO(data), "")
+            except Exception as exc:  # the plugin's own complaint
+                return f"unsupported or corrupt {fmt} ({type(exc).__name__}: {exc})"
+            return f"unsupported or corrupt {fmt}"
+    return "not a recognised image format"
+
+
 def _open_checked(data: bytes, uri: str, max_pixels: int, min_side: int) -> Image.Image:
     """Open, size-check, fully decode and orient an image, or raise ImageDecodeError.
 
@@ -106,7 +129,7 @@ def _open_checked(data: bytes, uri: str, max_pixels: int, min_side: int) -> Imag
             uri, f"too many pixels (> max_pixels={max_pixels}), refused as a decompression bomb ({exc})"
         ) from exc
     except UnidentifiedImageError as exc:
-        raise ImageDecodeError(uri, "not a recognised image format") from exc
+        raise ImageDecodeError(uri, _unidentified_reason(data)) from exc
     except Exception as exc:  # PIL plugins raise assorted types on malformed headers
         raise ImageDecodeError(uri, f"unreadable image header ({type(exc).__name__}: {exc})") from exc
 

@@ -151,11 +151,24 @@ def corrupt_middle(data: bytes) -> bytes:
     return data[:mid] + bytes(b ^ 0xFF for b in data[mid : mid + 64]) + data[mid + 64 :]
 
 
+def tiff_with_unsupported_layout() -> bytes:
+    """A valid TIFF whose pixel layout PIL cannot read: one sample per pixel tagged as CMYK."""
+    data = bytearray(encode(Image.new("L", (16, 16), 7), "TIFF"))
+    ifd = struct.unpack("<I", data[4:8])[0]
+    for i in range(struct.unpack("<H", data[ifd:ifd + 2])[0]):
+        entry = ifd + 2 + 12 * i
+        if struct.unpack("<H", data[entry:entry + 2])[0] == 262:  # PhotometricInterpretation
+            data[entry + 8:entry + 10] = struct.pack("<H", 5)  # "separated" (CMYK)
+    return bytes(data)
+
+
 @pytest.mark.parametrize(
     ("data", "kw", "reason"),
     [
         pytest.param(b"", {}, "empty", id="zero-bytes"),
         pytest.param(b"just some text, not an image", {}, "not a recognised image", id="not-an-image"),
+        pytest.param(tiff_with_unsupported_layout(), {}, "unsupported or corrupt TIFF (SyntaxError: unknown pixel mode)",
+                     id="unsupported-mode"),
         pytest.param(valid_png()[: len(valid_png()) // 2], {}, "truncated or corrupt", id="truncated-png"),
         pytest.param(valid_jpeg()[: len(valid_jpeg()) // 2], {}, "truncated or corrupt", id="truncated-jpeg"),
         pytest.param(corrupt_middle(valid_png()), {}, "truncated or corrupt", id="corrupt-png"),

@@ -98,7 +98,9 @@ DECODE_CPUS = 0.25
 # and each batch it had in flight is retried on a live actor up to TASK_RETRIES times.  A batch
 # that kills its worker every time fails the job after that many tries instead of looping
 # forever; the images already committed stay, and the rerun resumes.  Decode tasks get the same
-# number of retries.
+# number of retries.  Ray Data's own defaults are unbounded (-1) for both; they are passed
+# explicitly so the bound is ours.  (Ray 2.60 marks passing them through ``ray_remote_args`` as
+# deprecated for 2.64 without a named replacement yet; revisit on upgrade.)
 TASK_RETRIES = 3
 
 
