@@ -170,32 +170,3 @@ def test_the_whole_pipeline_on_s3(ray_with_s3_env, dataset) -> None:
     assert all(r["mask_uri"].startswith(f"{base}/out/masks/") and fs.exists(r["mask_uri"]) for r in ok)
     assert fs.exists(f"{bucket}/bank/v0001/manifest.json")
 
-
-def test_a_crashed_score_run_completes_on_rerun_with_one_row_per_image(ray_with_s3_env, dataset, local_run, tmp_path) -> None:
-    import signal
-    import subprocess
-    import sys
-    import time
-
-    out, *_ = local_run
-    target = tmp_path / "crashed"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "spade_ray.cli", "score", str(dataset / "test"), "--bank", str(out / "bank"),
-         "--output", str(target), "--batch-size", "2", "--max-actors", "1", "--quiet"],
-        start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        env={k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"},
-    )
-    try:
-        deadline = time.time() + 300
-        while time.time() < deadline and not list((target / "results").glob("*.parquet")):
-            time.sleep(0.2)
-        assert list((target / "results").glob("*.parquet")), "the first batch never committed"
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)  # the driver and its local Ray die mid-run
-        proc.wait()
-    committed = len(read_results(str(target / "results")))
-    assert 0 < committed < 10
-    rerun = run_score(str(dataset / "test"), str(out / "bank"), str(target), batch_size=4)
-    assert rerun.skipped == committed and rerun.ok + rerun.error == 10 - committed
-    ids = [r["image_id"] for r in read_results(str(target / "results"))]
-    assert len(ids) == len(set(ids)) == 10
