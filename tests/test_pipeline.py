@@ -34,7 +34,7 @@ IMAGE_SIZE = 128
 def ray_with_s3_env(s3_server):
     """A local Ray whose workers get the S3 endpoint and credentials only from the environment."""
     saved = {k: os.environ.get(k) for k in s3_server.env}
-    os.environ.update(s3_server.env)  # before ray.init: the job forwards AWS_* to workers via runtime_env
+    os.environ.update(s3_server.env)  # before ray.init: the local Ray's workers inherit the driver's environment
     from spade_ray.distributed.runtime import init_ray
 
     init_ray(num_cpus=2)
