@@ -16,7 +16,8 @@ from .datasets import load_mvtec
 from .images import DEFAULT_MAX_PIXELS, load_mask
 from .metrics import compute_metrics, image_auroc
 from .model import DEFAULT_IMAGE_K, DEFAULT_KAPPA, DEFAULT_PIXEL_K, Spade
-from .outputs import heatmap_rgb, join_url, output_key, write_bytes, write_png
+from .featurestore import image_id_for
+from .outputs import heatmap_rgb, join_url, unique_output_stems, write_bytes, write_png
 from .progress import Progress, no_progress
 from .timing import peak_rss_mb
 
@@ -104,8 +105,9 @@ def evaluate(
     if write_maps:
         write_start = time.perf_counter()
         threshold = model.calibration.pixel_threshold if model.calibration else float(np.quantile(prediction.pixel_max, 0.5))
+        stems = unique_output_stems((image_id_for(s.uri), s.relpath) for s in data.test)
         for sample, amap in zip(data.test, prediction.maps):
-            key = output_key(sample.relpath)
+            key = stems[image_id_for(sample.uri)] + ".png"
             write_png(join_url(output, f"masks/{key}"), ((amap > threshold) * 255).astype(np.uint8), storage_options)
             write_png(join_url(output, f"heatmaps/{key}"), heatmap_rgb(amap, vmax=2.0 * threshold), storage_options)
         write_seconds = time.perf_counter() - write_start
