@@ -195,6 +195,9 @@ def build_parser() -> argparse.ArgumentParser:
     sc.add_argument("--threshold", type=float, help="anomaly-map threshold for masks (default: the bank's calibration)")
     sc.add_argument("--image-threshold", type=float, help="image-score threshold (default: the bank's calibration)")
     sc.add_argument("--overwrite", action="store_true", help="redo images already scored into OUTPUT")
+    sc.add_argument("--retry-errors", action="store_true",
+                    help="score again the images whose row in OUTPUT is an error (after fixing the files or a "
+                    "storage outage); their error rows are removed first, so each image keeps exactly one row")
     sc.add_argument("--save-maps", action="store_true", help="also write the raw float anomaly maps as OUT/maps/<relative path>.npy")
     sc.add_argument("--max-actors", type=int, help="upper bound of the scorer actor pool (default: fit the cluster)")
     sc.add_argument("--weights", help="backbone weights file (the bank records which weights it needs)")
@@ -309,7 +312,8 @@ def _cmd_score(args: argparse.Namespace) -> int:
     summary = run_score(args.input, args.bank, args.output, weights=args.weights, image_k=args.image_k,
                         pixel_k=args.pixel_k, kappa=args.kappa, threshold=args.threshold,
                         image_threshold=args.image_threshold, batch_size=args.batch_size, max_actors=args.max_actors,
-                        overwrite=args.overwrite, save_maps=args.save_maps, max_pixels=args.max_pixels,
+                        overwrite=args.overwrite, retry_errors=args.retry_errors, save_maps=args.save_maps,
+                        max_pixels=args.max_pixels,
                         storage_options=_storage_options(args.storage_options),
                         address=args.address, progress=_progress_factory(args.quiet))
     return _finish(summary, args.quiet, args.max_error_rate)

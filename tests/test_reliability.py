@@ -178,6 +178,22 @@ def test_extract_records_bad_files_and_honours_max_error_rate(inbox, tmp_path, c
     assert all(BAD["bad/" + Path(r["uri"]).name] in r["error"] for r in rows)
 
 
+def test_retry_errors_rescores_only_the_failed_images_and_keeps_one_row_each(scored, inbox, small_bank, tmp_path) -> None:
+    out, _ = scored
+    target = tmp_path / "out"
+    shutil.copytree(out / "results", target / "results")
+    fixed = inbox / "bad" / "zero.png"
+    fixed.write_bytes((inbox / "good" / "gray.png").read_bytes())  # someone re-uploaded the empty file
+    try:
+        summary = run_score(str(inbox), str(small_bank["bank"]), str(target), max_pixels=MAX_PIXELS, retry_errors=True)
+    finally:
+        fixed.write_bytes(b"")
+    assert (summary.ok, summary.error, summary.skipped) == (1, 5, 10)
+    rows = read_rows(target / "results")
+    assert len(rows) == len({r["image_id"] for r in rows}) == 16
+    assert {r["relpath"] for r in rows if r["status"] == "error"} == set(BAD) - {"bad/zero.png"}
+
+
 # ----------------------------------------------------------------------------- a damaged or mismatched bank
 
 

@@ -8,6 +8,7 @@ the CLI and the ``jobs/`` entrypoints decide what to show.
 
 from __future__ import annotations
 
+import io
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -34,7 +35,7 @@ from ..features import FeatureBatch
 from ..fusion import DEFAULT_SIGMA
 from ..model import DEFAULT_IMAGE_K, DEFAULT_KAPPA, DEFAULT_PIXEL_K, Calibration, SpadeConfig, calibration_rows
 from ..images import DEFAULT_MAX_PIXELS
-from ..outputs import join_url, output_stem, unique_output_stems
+from ..outputs import join_url, output_stem, unique_output_stems, write_bytes
 from ..preprocess import Preprocessor
 from ..progress import Progress, no_progress
 from ..sources import InputImage, resolve_inputs
@@ -368,6 +369,38 @@ def _remove_results(output: str, storage_options: dict[str, Any] | None) -> None
                 fs.rm_file(file)
 
 
+def _drop_error_rows(output: str, storage_options: dict[str, Any] | None) -> int:
+    """Rewrite each result file that holds error rows without them; returns how many rows went.
+
+    Done before scoring so the images are simply "not done" again: a crash at any point leaves
+    every image with one row or none (the next run scores it), never two.  Each file is
+    replaced whole (atomic write), and a file left with no rows is removed.
+    """
+    import fsspec
+    import pyarrow.compute as pc
+
+    fs, path = fsspec.core.url_to_fs(join_url(output, "results"), **(storage_options or {}))
+    if not fs.exists(path):
+        return 0
+    dropped = 0
+    for file in sorted(fs.find(path)):
+        if not file.endswith(".parquet") or "/." in file:
+            continue
+        with fs.open(file, "rb") as fh:
+            table = pq.read_table(fh)
+        kept = table.filter(pc.equal(table.column("status"), "ok"))
+        if kept.num_rows == table.num_rows:
+            continue
+        if kept.num_rows:
+            buf = io.BytesIO()
+            pq.write_table(kept, buf)
+            write_bytes(fs.unstrip_protocol(file), buf.getvalue(), storage_options)
+        else:
+            fs.rm_file(file)
+        dropped += table.num_rows - kept.num_rows
+    return dropped
+
+
 def _check_weights_on_driver(manifest: dict[str, Any], config: SpadeConfig, weights: str | None) -> None:
     """Refuse a bank of another backbone or other weights before any worker starts.
 
@@ -386,13 +419,15 @@ def _check_weights_on_driver(manifest: dict[str, Any], config: SpadeConfig, weig
 def run_score(source: str, bank_url: str, output: str, *, weights: str | None = None, image_k: int | None = None,
               pixel_k: int | None = None, kappa: int | None = None, threshold: float | None = None,
               image_threshold: float | None = None, batch_size: int = 16, max_actors: int | None = None,
-              overwrite: bool = False, save_maps: bool = False, max_pixels: int = DEFAULT_MAX_PIXELS,
+              overwrite: bool = False, retry_errors: bool = False, save_maps: bool = False,
+              max_pixels: int = DEFAULT_MAX_PIXELS,
               storage_options: dict[str, Any] | None = None, address: str | None = None,
               progress: Progress = no_progress) -> JobSummary:
     """Score every image under ``source`` against a served bank; masks, heatmaps and result rows to ``output``.
 
     Images already scored into ``output`` against the same bank are skipped (``overwrite`` redoes
-    them); the mask threshold defaults to the bank's normal-only calibration.
+    them all, ``retry_errors`` only those whose row is an error); the mask threshold defaults to
+    the bank's normal-only calibration.
     """
     start = time.perf_counter()
     bank_root, manifest = open_bank(bank_url, storage_options)
@@ -420,6 +455,9 @@ def run_score(source: str, bank_url: str, output: str, *, weights: str | None = 
         if others:
             raise ValueError(f"{output} holds results scored against another bank ({', '.join(sorted(others))}); "
                              f"use --overwrite to replace them or choose another --output")
+        if retry_errors and any(r["status"] != "ok" for r in existing):
+            _drop_error_rows(output, storage_options)
+            existing = [r for r in existing if r["status"] == "ok"]
         done = {r["image_id"]: r["status"] for r in existing}
     todo = [it for it in items if it.image_id not in done]
     summary = JobSummary("score", skipped=len(items) - len(todo), output=output,
