@@ -13,10 +13,10 @@ from typing import Any
 import numpy as np
 
 from .datasets import load_mvtec
+from .featurestore import image_id_for
 from .images import DEFAULT_MAX_PIXELS, load_mask
 from .metrics import compute_metrics, image_auroc
 from .model import DEFAULT_IMAGE_K, DEFAULT_KAPPA, DEFAULT_PIXEL_K, Spade
-from .featurestore import image_id_for
 from .outputs import heatmap_rgb, join_url, unique_output_stems, write_bytes, write_png
 from .progress import Progress, no_progress
 from .timing import peak_rss_mb

@@ -34,11 +34,11 @@ __all__ = [
     "DEFAULT_MAX_PIXELS",
     "ImageDecodeError",
     "decode_image",
-    "set_pixel_limit",
     "decode_mask",
     "load_image",
     "load_mask",
     "read_bytes",
+    "set_pixel_limit",
 ]
 
 # 100 megapixels: line-scan cameras on web inspection lines produce very long
@@ -107,7 +107,7 @@ def _unidentified_reason(data: bytes) -> str:
             try:
                 Image.init()
                 Image.OPEN[fmt][0](io.BytesIO(data), "")
-            except Exception as exc:  # the plugin's own complaint
+            except Exception as exc:  # noqa: BLE001 - the plugin's own complaint, whatever its type
                 return f"unsupported or corrupt {fmt} ({type(exc).__name__}: {exc})"
             return f"unsupported or corrupt {fmt}"
     return "not a recognised image format"

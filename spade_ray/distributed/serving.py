@@ -27,7 +27,7 @@ from ..retrieval import merge_topk
 from ..shard import ShardServer
 from .runtime import cluster_cpus, set_worker_threads
 
-__all__ = ["BankClient", "BankLoadError", "ServedBank", "creation_error_reason", "bank_id_of", "serve_bank", "start_shard_actors"]
+__all__ = ["BankClient", "BankLoadError", "ServedBank", "bank_id_of", "creation_error_reason", "serve_bank", "start_shard_actors"]
 
 
 @ray.remote(max_restarts=3, max_task_retries=3)
