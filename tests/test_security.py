@@ -109,7 +109,7 @@ def test_credentials_never_appear_in_outputs_logs_or_errors(s3_server, small_ban
     wrong = "wrong-" + secrets.token_hex(16)  # planted in a run that must fail on access
     ray_tmp = Path(tempfile.mkdtemp(prefix="sr-", dir="/tmp"))  # short: Ray puts sockets in there
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS" and not k.startswith("AWS_")}
-    env.update(s3_server.env, RAY_TMPDIR=str(ray_tmp), SPADE_RAY_NOTE="x")
+    env.update(s3_server.env, RAY_TMPDIR=str(ray_tmp))
     assert env["AWS_SECRET_ACCESS_KEY"] == secret
 
     def score(secret_key: str, output: str) -> subprocess.CompletedProcess:
