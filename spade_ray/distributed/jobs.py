@@ -448,7 +448,7 @@ def run_score(source: str, bank_url: str, output: str, *, weights: str | None = 
     bank_id = bank_id_of(bank_root, manifest)
     if overwrite:
         _remove_results(output, storage_options)
-        done: set[str] = set()
+        done: dict[str, str] = {}
     else:
         existing = _read_rows(join_url(output, "results"), storage_options, ["image_id", "bank_id", "status"])
         others = {r["bank_id"] for r in existing} - {bank_id}
