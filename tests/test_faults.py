@@ -153,8 +153,7 @@ def test_a_killed_scorer_actor_is_restarted_and_its_batches_retried(small_bank, 
 
 
 def test_a_rerun_after_the_driver_is_killed_completes_the_rest_without_duplicates(small_bank, many, undisturbed, tmp_path) -> None:
-    ray.shutdown()  # the killed driver starts its own local Ray; leave it the CPUs
-    out = tmp_path / "out"
+    out = tmp_path / "out"  # the killed driver starts its own local Ray, next to this idle one
     proc = subprocess.Popen(
         [sys.executable, "-m", "spade_ray.cli", "score", str(many), "--bank", str(small_bank["bank"]),
          "--output", str(out), "--batch-size", str(BATCH), "--max-actors", "1", "--quiet"],
