@@ -67,7 +67,13 @@ def main() -> None:
         config = model.config.with_scoring(settings)
         start = time.perf_counter()
         dists, rows = model.index.search(query.global_, max(config.image_k, config.pixel_k))
-        maps = anomaly_maps(query, model.bank_levels, rows[:, : config.pixel_k], config)
+        bank_levels, q = model.bank_levels, query
+        if "aggregate" in settings:  # experiment: each pixel feature averaged over its n x n neighbourhood
+            n = int(settings["aggregate"])
+            pool = lambda a: torch.nn.functional.avg_pool2d(torch.from_numpy(a).float(), n, 1, n // 2, count_include_pad=False).numpy()  # noqa: E731
+            bank_levels = [pool(level).astype(np.float16) for level in model.bank_levels]
+            q = FeatureBatch(query.global_, [pool(level) for level in query.levels])
+        maps = anomaly_maps(q, bank_levels, rows[:, : config.pixel_k], config)
         seconds = (time.perf_counter() - start) / len(maps)
         maps = [model.preprocessor.map_to_output(m, h, w) for m, (h, w) in zip(maps, sizes)]
         metrics = compute_metrics(image_score(dists, config.image_k), labels, maps, masks)

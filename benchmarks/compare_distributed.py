@@ -66,7 +66,7 @@ def main() -> None:
     d_scores, d_maps, score_diff, map_diff, worst = [], [], 0.0, 0.0, ""
     for sample, score, amap in zip(data.test, pred.image_scores, pred.maps):
         row = rows[sample.uri]
-        dmap = np.load(work / "scored" / "maps" / output_key(rel[sample.uri], ".npy"))
+        dmap = np.load(work / "scored" / "maps" / output_key(rel[sample.uri], ".npy"), allow_pickle=False)
         d_scores.append(row["image_score"])
         d_maps.append(dmap)
         score_diff = max(score_diff, abs(row["image_score"] - float(score)) / abs(float(score)))

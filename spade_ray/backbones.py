@@ -35,6 +35,7 @@ __all__ = [
     "file_sha256",
     "load_backbone",
     "remap_efficientnet_pytorch_keys",
+    "weights_path",
 ]
 
 
@@ -218,12 +219,17 @@ def _run_efficientnet(taps: tuple[int, ...]) -> Callable[[nn.Module, torch.Tenso
     return run
 
 
-def _load_lite(variant: int, weights: str | None) -> Backbone:
-    import timm
-
+def _lite_path(variant: int, weights: str | None) -> Path:
     path = Path(weights) if weights else _lite_weights_file(variant)
     if not path.is_file():
         raise WeightsNotFoundError(f"weights file {path} does not exist")
+    return path
+
+
+def _load_lite(variant: int, weights: str | None) -> Backbone:
+    import timm
+
+    path = _lite_path(variant, weights)
     model = timm.create_model(f"tf_efficientnet_lite{variant}", pretrained=False)
     state = torch.load(path, map_location="cpu", weights_only=True)
     if any(k.startswith("_blocks.") for k in state):
@@ -258,9 +264,7 @@ def _run_resnet(model: nn.Module, x: torch.Tensor) -> tuple[list[torch.Tensor], 
     return [f1, f2, f3], pooled
 
 
-def _load_resnet(name: str, weights: str | None) -> Backbone:
-    import torchvision
-
+def _resnet_path(name: str, weights: str | None) -> Path:
     path = Path(weights) if weights else _torchvision_cached_weights(name)
     if path is None or not path.is_file():
         where = f"the file {path} does not exist" if weights else (
@@ -273,10 +277,28 @@ def _load_resnet(name: str, weights: str | None) -> Backbone:
             f"internet access and pass it with --weights FILE, or copy it into that cache folder. "
             f"spade_ray never falls back to random weights."
         )
+    return path
+
+
+def _load_resnet(name: str, weights: str | None) -> Backbone:
+    import torchvision
+
+    path = _resnet_path(name, weights)
     model = getattr(torchvision.models, name)(weights=None)
     state = torch.load(path, map_location="cpu", weights_only=True)
     model.load_state_dict(state, strict=True)
     return Backbone(BACKBONES[name], model, _run_resnet, str(path), file_sha256(path))
+
+
+def weights_path(name: str, weights: str | None = None) -> Path:
+    """The weights file :func:`load_backbone` would load, without building the network.
+
+    Lets a driver compare ``file_sha256`` of it with a bank's before it starts any worker, so a
+    mismatch is one clear error instead of a pool of actors failing one after another.
+    """
+    if name not in BACKBONES:
+        raise ValueError(f"unknown backbone {name!r}; choose one of {', '.join(BACKBONES)}")
+    return _lite_path(int(name[-1]), weights) if name.startswith("lite") else _resnet_path(name, weights)
 
 
 def load_backbone(name: str = "lite0", weights: str | None = None, device: str | torch.device | None = None) -> Backbone:

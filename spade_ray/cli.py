@@ -1,7 +1,15 @@
 """The ``spade-ray`` command line.
 
-Every command exits 0 on success and non-zero with a one-line reason on failure; ``--help`` on
-each command documents its options.
+Exit codes (what a scheduler acts on):
+
+* 0 — the job ran; images that failed have ``status="error"`` rows with the reason (a summary on
+  stdout, the first errors on stderr).
+* 1 — the job could not run (bad bank, unreachable storage, ...): a one-line reason on stderr.
+* 2 — wrong arguments (argparse).
+* 3 — the job ran and wrote every row, but more images failed than ``--max-error-rate`` allows.
+* 130 — interrupted.
+
+``--help`` on each command documents its options.
 """
 
 from __future__ import annotations
@@ -14,6 +22,7 @@ import tempfile
 from typing import Any, Sequence
 
 from .backbones import BACKBONES
+from .images import DEFAULT_MAX_PIXELS
 from .logs import LOG_FORMATS, configure_logging, fields, get_logger
 from .matching import MATCHING
 from .model import DEFAULT_IMAGE_K, DEFAULT_KAPPA, DEFAULT_PIXEL_K, SpadeConfig
@@ -37,6 +46,37 @@ def _storage_options(text: str | None) -> dict[str, Any] | None:
     if not isinstance(value, dict):
         raise ValueError("--storage-options must be a JSON object, e.g. '{\"endpoint_url\": \"http://...\"}'")
     return value
+
+
+EXIT_TOO_MANY_ERRORS = 3
+
+
+def _fraction(text: str) -> float:
+    value = float(text)
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be a fraction between 0 and 1; got {text}")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1; got {text}")
+    return value
+
+
+def _add_max_pixels(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--max-pixels", type=_positive_int, default=DEFAULT_MAX_PIXELS,
+                        help=f"refuse images with more pixels than this, from the header before decoding (a "
+                        f"decompression-bomb guard; PIL's own limit follows it); default {DEFAULT_MAX_PIXELS:,} "
+                        "(100 Mpx: long line-scan frames pass, bombs do not)")
+
+
+def _add_max_error_rate(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--max-error-rate", type=_fraction, metavar="FRACTION",
+                        help="exit with code 3 when more than this fraction of the inputs ended as error rows "
+                        "(rows of earlier runs into the same output included); every row is still written. "
+                        "Default: none, failed images never fail the job")
 
 
 def _add_ray(parser: argparse.ArgumentParser) -> None:
@@ -105,7 +145,9 @@ def _add_report(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--storage-options", help="JSON object passed to fsspec for every URL (e.g. S3 endpoint)")
+    parser.add_argument("--storage-options", help="JSON object passed to fsspec for every URL (e.g. S3 endpoint). Never logged or "
+                        "written; still, prefer AWS_*/GOOGLE_* variables or config files for secrets: a command "
+                        "line is visible to every user of the machine")
     _add_output_options(parser)
 
 
@@ -144,6 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--save-maps", action="store_true",
                     help="also write OUT/masks, OUT/heatmaps and OUT/overlays for every test image")
     _add_report(ev)
+    _add_max_pixels(ev)
     _add_calibration(ev)
     _add_model_options(ev)
     _add_common(ev)
@@ -155,6 +198,8 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--output", required=True, help="folder or URL prefix for the feature shards")
     ex.add_argument("--protocol", default="full", choices=list(PROTOCOLS), help="preprocessing (default full: no crop)")
     ex.add_argument("--max-actors", type=int, help="upper bound of the extractor actor pool (default: fit the cluster)")
+    _add_max_pixels(ex)
+    _add_max_error_rate(ex)
     _add_model_options(ex, only_backbone=True)
     _add_ray(ex)
     _add_common(ex)
@@ -184,6 +229,9 @@ def build_parser() -> argparse.ArgumentParser:
     sc.add_argument("--threshold", type=float, help="anomaly-map threshold for masks (default: the bank's calibration)")
     sc.add_argument("--image-threshold", type=float, help="image-score threshold (default: the bank's calibration)")
     sc.add_argument("--overwrite", action="store_true", help="redo images already scored into OUTPUT")
+    sc.add_argument("--retry-errors", action="store_true",
+                    help="score again the images whose row in OUTPUT is an error (after fixing the files or a "
+                    "storage outage); their error rows are removed first, so each image keeps exactly one row")
     sc.add_argument("--save-maps", action="store_true", help="also write the raw float anomaly maps as OUT/maps/<relative path>.npy")
     sc.add_argument("--max-actors", type=int, help="upper bound of the scorer actor pool (default: fit the cluster)")
     sc.add_argument("--weights", help="backbone weights file (the bank records which weights it needs)")
@@ -193,6 +241,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_matching_options(sc, None)
     sc.add_argument("--batch-size", type=int, default=16, help="images per batch (default 16)")
     _add_report(sc)
+    _add_max_pixels(sc)
+    _add_max_error_rate(sc)
     _add_ray(sc)
     _add_common(sc)
 
@@ -240,6 +290,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         write_maps=args.save_maps,
         report_top=args.report_top,
         storage_options=_storage_options(args.storage_options),
+        max_pixels=args.max_pixels,
         progress=_progress(args),
         **_model_kwargs(args),
     )
@@ -282,8 +333,9 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def _finish(summary: Any) -> int:
-    """Errors first (at most 20, on stderr), then the one-line summary of the stage."""
+def _finish(summary: Any, max_error_rate: float | None = None) -> int:
+    """Errors first (at most 20, on stderr), then the one-line summary; exit 0, or 3 when the share
+    of failed images is above ``max_error_rate``."""
     log = get_logger()
     for image_id, reason in summary.errors[:20]:
         log.warning(f"  error {image_id}: {reason}", **fields(stage=summary.job, image_id=image_id, reason=reason))
@@ -291,6 +343,13 @@ def _finish(summary: Any) -> int:
         log.warning(f"  ... and {len(summary.errors) - 20} more errors (see the result rows)",
                     **fields(stage=summary.job, more_errors=len(summary.errors) - 20))
     log.info(summary.line(), **fields(**summary.fields()))
+    if max_error_rate is not None and summary.error_rate > max_error_rate:
+        total = summary.ok + summary.error + summary.skipped
+        failed = summary.error + summary.skipped_error
+        log.error(f"spade-ray {summary.job}: error: {failed} of {total} images failed ({summary.error_rate:.1%}), more than "
+                  f"--max-error-rate {max_error_rate:g} allows; every image has its row in {summary.output} "
+                  "(status/error columns)", **fields(stage=summary.job, error_rate=summary.error_rate))
+        return EXIT_TOO_MANY_ERRORS
     return 0
 
 
@@ -299,9 +358,10 @@ def _cmd_extract(args: argparse.Namespace) -> int:
 
     summary = run_extract(args.input, args.output, backbone=args.backbone, weights=args.weights,
                           image_size=args.image_size, protocol=args.protocol, batch_size=args.batch_size,
-                          max_actors=args.max_actors, storage_options=_storage_options(args.storage_options),
+                          max_actors=args.max_actors, max_pixels=args.max_pixels,
+                          storage_options=_storage_options(args.storage_options),
                           address=args.address, progress=_progress(args))
-    return _finish(summary)
+    return _finish(summary, args.max_error_rate)
 
 
 def _cmd_build_bank(args: argparse.Namespace) -> int:
@@ -328,11 +388,12 @@ def _cmd_score(args: argparse.Namespace) -> int:
     summary = run_score(args.input, args.bank, args.output, weights=args.weights, image_k=args.image_k,
                         pixel_k=args.pixel_k, kappa=args.kappa, scoring=_scoring(args), threshold=args.threshold,
                         image_threshold=args.image_threshold, batch_size=args.batch_size, max_actors=args.max_actors,
-                        overwrite=args.overwrite, save_maps=args.save_maps, storage_options=_storage_options(args.storage_options),
+                        overwrite=args.overwrite, retry_errors=args.retry_errors, save_maps=args.save_maps,
+                        max_pixels=args.max_pixels, storage_options=_storage_options(args.storage_options),
                         address=args.address, progress=_progress(args), report_top=args.report_top)
     if args.log_format == "text":
         get_logger().info(f"report {summary.extra['report']}")
-    return _finish(summary)
+    return _finish(summary, args.max_error_rate)
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:

@@ -64,7 +64,7 @@ def run_demo(output: str, *, seed: int = 0, image_size: int = 224, image_k: int 
         if row["status"] != "ok":
             continue
         scores.append(row["image_score"])
-        maps.append(np.load(os.path.join(output, "maps", output_key(relpaths[sample.uri], ".npy"))))
+        maps.append(np.load(os.path.join(output, "maps", output_key(relpaths[sample.uri], ".npy")), allow_pickle=False))
         masks.append(load_mask(sample.mask_uri) if sample.mask_uri else None)
         labels.append(sample.label)
     metrics = compute_metrics(np.array(scores), np.array(labels), maps, masks)

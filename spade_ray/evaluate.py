@@ -15,10 +15,11 @@ import numpy as np
 
 from .datasets import load_mvtec
 from .evaluate_report import evaluation_report
-from .images import load_image, load_mask
+from .featurestore import image_id_for
+from .images import DEFAULT_MAX_PIXELS, load_image, load_mask
 from .metrics import compute_metrics
 from .model import DEFAULT_IMAGE_K, DEFAULT_KAPPA, DEFAULT_PIXEL_K, Spade, calibration_rows
-from .outputs import heatmap_rgb, join_url, output_key, write_bytes, write_jpeg, write_png
+from .outputs import heatmap_rgb, join_url, unique_output_stems, write_bytes, write_jpeg, write_png
 from .overlay import overlay_rgb
 from .progress import Progress, no_progress
 from .report import DEFAULT_REPORT_TOP, write_report
@@ -57,13 +58,15 @@ def evaluate(
     write_maps: bool = False,
     report_top: int = DEFAULT_REPORT_TOP,
     storage_options: dict[str, Any] | None = None,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
     progress: Progress = no_progress,
 ) -> dict[str, Any]:
     """Fit on the dataset's normal training images, score its test images, write metrics.json and report.html."""
     started = time.perf_counter()
     data = load_mvtec(dataset, storage_options)
     model = Spade(backbone, image_k=image_k, pixel_k=pixel_k, kappa=kappa, image_size=image_size,
-                  protocol=protocol, **(scoring or {}), weights=weights, batch_size=batch_size, storage_options=storage_options)
+                  protocol=protocol, **(scoring or {}), weights=weights, batch_size=batch_size,
+                  storage_options=storage_options, max_pixels=max_pixels)
 
     bar = progress(len(data.train), "fit (normal bank)")
     fit_start = time.perf_counter()
@@ -86,7 +89,7 @@ def evaluate(
     masks = None
     if data.has_masks:
         masks = [
-            model.preprocessor.mask_to_output(load_mask(s.mask_uri, storage_options)) if s.mask_uri else None
+            model.preprocessor.mask_to_output(load_mask(s.mask_uri, storage_options, max_pixels)) if s.mask_uri else None
             for s in data.test
         ]
     metrics = compute_metrics(prediction.image_scores, labels, prediction.maps if masks else None, masks)
@@ -126,14 +129,15 @@ def evaluate(
     if write_maps:
         write_start = time.perf_counter()
         bar = progress(len(data.test), "write maps")
+        stems = unique_output_stems((image_id_for(s.uri), s.relpath) for s in data.test)
         for sample, amap in zip(data.test, prediction.maps):
-            key = output_key(sample.relpath)
+            stem = stems[image_id_for(sample.uri)]
             mask = amap > pixel_threshold
-            write_png(join_url(output, f"masks/{key}"), (mask * 255).astype(np.uint8), storage_options)
-            write_png(join_url(output, f"heatmaps/{key}"), heatmap_rgb(amap, vmax=2.0 * pixel_threshold), storage_options)
-            image = model.preprocessor.image_to_output(load_image(sample.uri, storage_options))
-            write_jpeg(join_url(output, f"overlays/{output_key(sample.relpath, '.jpg')}"),
-                       overlay_rgb(image, amap, 2.0 * pixel_threshold, mask), storage_options)
+            write_png(join_url(output, f"masks/{stem}.png"), (mask * 255).astype(np.uint8), storage_options)
+            write_png(join_url(output, f"heatmaps/{stem}.png"), heatmap_rgb(amap, vmax=2.0 * pixel_threshold), storage_options)
+            image = model.preprocessor.image_to_output(load_image(sample.uri, storage_options, max_pixels=max_pixels))
+            write_jpeg(join_url(output, f"overlays/{stem}.jpg"), overlay_rgb(image, amap, 2.0 * pixel_threshold, mask),
+                       storage_options)
             bar.update(1)
         bar.close()
         write_seconds = time.perf_counter() - write_start

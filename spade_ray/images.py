@@ -23,6 +23,7 @@ No Ray here: this module is used by workers and by plain scripts alike.
 from __future__ import annotations
 
 import io
+import warnings
 from typing import Any
 
 import fsspec
@@ -37,6 +38,7 @@ __all__ = [
     "load_image",
     "load_mask",
     "read_bytes",
+    "set_pixel_limit",
 ]
 
 # 100 megapixels: line-scan cameras on web inspection lines produce very long
@@ -44,11 +46,15 @@ __all__ = [
 # anything bigger is far more likely a decompression bomb than a real frame.
 DEFAULT_MAX_PIXELS = 100_000_000
 
-# Set PIL's process-wide bomb guard explicitly instead of relying on its default.
-# It is only a backstop (PIL raises above twice this value, already in
-# Image.open); the limit that callers control is ``max_pixels`` below, checked
-# from the header before any pixel is decoded.
+# PIL's process-wide bomb guard is set explicitly and follows ``max_pixels``
+# (see :func:`set_pixel_limit`), never PIL's own default: PIL warns above the
+# limit and refuses above twice it inside ``Image.open``, before any pixel is
+# inflated.  The limit callers control is ``max_pixels``, checked from the
+# header right after opening; PIL's refusal is the backstop for headers so
+# large that even opening them is refused.  PIL's warning between 1x and 2x is
+# silenced because every such image is refused by the header check just after.
 Image.MAX_IMAGE_PIXELS = DEFAULT_MAX_PIXELS
+warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 # A truncated file must fail loudly rather than decode with a grey bottom half
 # that would look like a huge anomaly.
 ImageFile.LOAD_TRUNCATED_IMAGES = False
@@ -56,6 +62,18 @@ ImageFile.LOAD_TRUNCATED_IMAGES = False
 # Integer modes wider than 8 bits; their samples are treated as 16-bit unsigned
 # ('I' is how PIL has long represented 16-bit PNG/TIFF data).
 _WIDE_INT_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N", "I;16S", "I"})
+
+
+def set_pixel_limit(max_pixels: int) -> None:
+    """Tie PIL's process-wide decompression-bomb limit to ``max_pixels`` (``--max-pixels``).
+
+    Called on every decode, so a Ray worker process that decodes for a job with another limit
+    follows that job's limit rather than whatever the process last used.
+    """
+    if max_pixels < 1:
+        raise ValueError(f"max_pixels must be >= 1; got {max_pixels}")
+    if Image.MAX_IMAGE_PIXELS != max_pixels:
+        Image.MAX_IMAGE_PIXELS = int(max_pixels)
 
 
 class ImageDecodeError(ValueError):
@@ -72,6 +90,29 @@ class ImageDecodeError(ValueError):
         return f"cannot decode image {self.uri!r}: {self.reason}"
 
 
+# File signatures of the formats inspection cameras write; PIL's plugin name for each.
+_SIGNATURES = ((b"\x89PNG\r\n\x1a\n", "PNG"), (b"\xff\xd8\xff", "JPEG"), (b"II*\x00", "TIFF"),
+               (b"MM\x00*", "TIFF"), (b"BM", "BMP"))
+
+
+def _unidentified_reason(data: bytes) -> str:
+    """Why PIL identified no format: not an image at all, or a known format it cannot read.
+
+    PIL hides each plugin's reason behind "cannot identify image file"; for a file that has the
+    signature of a known format the plugin is asked again, so the reason says *what* is
+    unsupported (e.g. a TIFF's pixel layout) instead of claiming the file is no image.
+    """
+    for magic, fmt in _SIGNATURES:
+        if data.startswith(magic):
+            try:
+                Image.init()
+                Image.OPEN[fmt][0](io.BytesIO(data), "")
+            except Exception as exc:  # noqa: BLE001 - the plugin's own complaint, whatever its type
+                return f"unsupported or corrupt {fmt} ({type(exc).__name__}: {exc})"
+            return f"unsupported or corrupt {fmt}"
+    return "not a recognised image format"
+
+
 def _open_checked(data: bytes, uri: str, max_pixels: int, min_side: int) -> Image.Image:
     """Open, size-check, fully decode and orient an image, or raise ImageDecodeError.
 
@@ -80,12 +121,15 @@ def _open_checked(data: bytes, uri: str, max_pixels: int, min_side: int) -> Imag
     """
     if not data:
         raise ImageDecodeError(uri, "empty input (0 bytes)")
+    set_pixel_limit(max_pixels)
     try:
         img = Image.open(io.BytesIO(data))
     except Image.DecompressionBombError as exc:
-        raise ImageDecodeError(uri, f"too many pixels, refused as a decompression bomb ({exc})") from exc
+        raise ImageDecodeError(
+            uri, f"too many pixels (> max_pixels={max_pixels}), refused as a decompression bomb ({exc})"
+        ) from exc
     except UnidentifiedImageError as exc:
-        raise ImageDecodeError(uri, "not a recognised image format") from exc
+        raise ImageDecodeError(uri, _unidentified_reason(data)) from exc
     except Exception as exc:  # PIL plugins raise assorted types on malformed headers
         raise ImageDecodeError(uri, f"unreadable image header ({type(exc).__name__}: {exc})") from exc
 
@@ -101,7 +145,9 @@ def _open_checked(data: bytes, uri: str, max_pixels: int, min_side: int) -> Imag
         img.load()
         img = ImageOps.exif_transpose(img)
     except Image.DecompressionBombError as exc:
-        raise ImageDecodeError(uri, f"too many pixels, refused as a decompression bomb ({exc})") from exc
+        raise ImageDecodeError(
+            uri, f"too many pixels (> max_pixels={max_pixels}), refused as a decompression bomb ({exc})"
+        ) from exc
     except Exception as exc:  # OSError, SyntaxError, EOFError, zlib/struct errors...
         raise ImageDecodeError(
             uri, f"truncated or corrupt image data ({type(exc).__name__}: {exc})"
@@ -203,6 +249,6 @@ def load_image(uri: str, storage_options: dict[str, Any] | None = None, **kw: An
     return decode_image(read_bytes(uri, storage_options), uri=uri, **kw)
 
 
-def load_mask(uri: str, storage_options: dict[str, Any] | None = None) -> np.ndarray:
+def load_mask(uri: str, storage_options: dict[str, Any] | None = None, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
     """Read and decode a ground-truth mask (see :func:`decode_mask`)."""
-    return decode_mask(read_bytes(uri, storage_options), uri=uri)
+    return decode_mask(read_bytes(uri, storage_options), uri=uri, max_pixels=max_pixels)

@@ -180,16 +180,16 @@ def _batches(items: Sequence, size: int) -> Iterator[Sequence]:
         yield items[start : start + size]
 
 
-def _as_image(item: object, storage_options: dict | None = None) -> np.ndarray:
+def _as_image(item: object, storage_options: dict | None = None, max_pixels: int | None = None) -> np.ndarray:
     if isinstance(item, np.ndarray):
         if item.ndim == 2:
             item = np.repeat(item[:, :, None], 3, axis=2)
         if item.ndim != 3 or item.shape[2] != 3 or item.dtype != np.uint8:
             raise ValueError(f"image arrays must be HxWx3 (or HxW) uint8; got {item.shape} {item.dtype}")
         return item
-    from .images import load_image
+    from .images import DEFAULT_MAX_PIXELS, load_image
 
-    return load_image(os.fspath(item), storage_options)  # type: ignore[arg-type]
+    return load_image(os.fspath(item), storage_options, max_pixels=max_pixels or DEFAULT_MAX_PIXELS)  # type: ignore[arg-type]
 
 
 class Spade:
@@ -212,10 +212,12 @@ class Spade:
         device: str | None = None,
         batch_size: int = 16,
         storage_options: dict | None = None,
+        max_pixels: int | None = None,
     ) -> None:
         self.config = SpadeConfig(backbone, image_size, protocol, image_k, pixel_k, kappa, sigma, matching, coarse_k, margin)
         self.batch_size = batch_size
         self.storage_options = storage_options
+        self.max_pixels = max_pixels  # images above it are refused from the header (None: images.DEFAULT_MAX_PIXELS)
         self._weights = weights
         self._device = device
         self._backbone: Backbone | None = None
@@ -246,7 +248,7 @@ class Spade:
     def _decoded_batches(self, images: Sequence[object]) -> Iterator[list[np.ndarray]]:
         for batch in _batches(images, self.batch_size):
             with self.timer.stage("decode"):
-                decoded = [_as_image(item, self.storage_options) for item in batch]
+                decoded = [_as_image(item, self.storage_options, self.max_pixels) for item in batch]
             yield decoded
 
     def extract(self, images: Sequence[object], level_dtype: type = np.float32, progress: Callable[[int], None] | None = None) -> tuple[FeatureBatch, list[tuple[int, int]]]:

@@ -12,13 +12,15 @@ import os
 import posixpath
 import re
 import uuid
+from collections.abc import Iterable
 from typing import Any
 
 import fsspec
 import numpy as np
 from PIL import Image
 
-__all__ = ["encode_jpeg", "heatmap_rgb", "join_url", "output_key", "write_bytes", "write_jpeg", "write_npy", "write_png"]
+__all__ = ["encode_jpeg", "heatmap_rgb", "join_url", "output_key", "output_stem", "unique_output_stems", "write_bytes",
+           "write_jpeg", "write_npy", "write_png"]
 
 # Anchor colours of a perceptually ordered dark-to-bright map (black, purple, red, orange, yellow)
 _HEAT_ANCHORS = np.array(
@@ -27,8 +29,8 @@ _HEAT_ANCHORS = np.array(
 _SAFE = re.compile(r"[^A-Za-z0-9._\-]+")
 
 
-def output_key(relpath: str, suffix: str = ".png") -> str:
-    """A safe relative key for an input's relative path: ``test/crack/001.jpg`` -> ``test/crack/001.png``.
+def output_stem(relpath: str) -> str:
+    """A safe relative key without extension for an input's relative path: ``test/crack/001.jpg`` -> ``test/crack/001``.
 
     ``..``, empty and absolute components are dropped and odd characters replaced, so the key
     always stays below the output prefix.
@@ -36,8 +38,34 @@ def output_key(relpath: str, suffix: str = ".png") -> str:
     parts = [p for p in relpath.replace("\\", "/").split("/") if p not in ("", ".", "..")]
     parts = [_SAFE.sub("_", p) for p in parts] or ["image"]
     stem, _ = posixpath.splitext(parts[-1])
-    parts[-1] = (stem or "image") + suffix
+    parts[-1] = stem if stem and stem not in (".", "..") else "image"
     return "/".join(parts)
+
+
+def output_key(relpath: str, suffix: str = ".png") -> str:
+    """A safe relative key for an input's relative path: ``test/crack/001.jpg`` -> ``test/crack/001.png``."""
+    return output_stem(relpath) + suffix
+
+
+def unique_output_stems(inputs: Iterable[tuple[str, str]]) -> dict[str, str]:
+    """``{image_id: stem}`` for ``(image_id, relpath)`` pairs, no two stems equal (ignoring case).
+
+    :func:`output_stem` alone can map two inputs to one key: ``a/001.png`` and ``a/001.jpg`` (the
+    extension is replaced), ``a b.png`` and ``a_b.png`` (odd characters), the same path in two
+    buckets of one URI list.  Every member of such a group gets ``-<first 8 hex of its image
+    id>`` appended, so no output overwrites another's; everyone else keeps the plain key.  Case
+    is ignored so that keys stay distinct on case-insensitive filesystems too.
+    """
+    pairs = list(inputs)
+    stems = {image_id: output_stem(relpath) for image_id, relpath in pairs}
+    groups: dict[str, list[str]] = {}
+    for image_id, stem in stems.items():
+        groups.setdefault(stem.lower(), []).append(image_id)
+    for members in groups.values():
+        if len(members) > 1:
+            for image_id in members:
+                stems[image_id] = f"{stems[image_id]}-{image_id[:8]}"
+    return stems
 
 
 def join_url(base: str, key: str) -> str:

@@ -48,3 +48,27 @@ def evaluated(synthetic_dataset, tmp_path_factory):
     )
     assert proc.returncode == 0, proc.stderr
     return out, proc
+SMALL_IMAGE_SIZE = 64
+SMALL_SETTINGS = {"image_k": 2, "pixel_k": 3, "kappa": 1}
+
+
+@pytest.fixture(scope="session")
+def small_bank(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """A small normal bank built by the distributed jobs (64 px network input, 2 shards), and its dataset.
+
+    Shared by the reliability, fault and security tests, which need a real bank but not a good one.
+    Leaves no Ray running: modules that start their own (e.g. with S3 variables) are undisturbed.
+    """
+    import ray
+
+    from spade_ray.distributed.jobs import run_build_bank, run_extract
+    from spade_ray.synthetic import make_synthetic_dataset
+
+    work = tmp_path_factory.mktemp("small-bank")
+    dataset = make_synthetic_dataset(work / "ds", n_train=10, n_test_good=3, n_test_per_defect=1, size=64, seed=5)
+    was_running = ray.is_initialized()
+    run_extract(str(dataset / "train" / "good"), str(work / "features"), image_size=SMALL_IMAGE_SIZE, batch_size=5)
+    run_build_bank(str(work / "features"), str(work / "bank"), shards=2, calibration_samples=4, **SMALL_SETTINGS)
+    if not was_running:
+        ray.shutdown()
+    return {"dataset": dataset, "bank": work / "bank", "image_size": SMALL_IMAGE_SIZE}

@@ -151,11 +151,24 @@ def corrupt_middle(data: bytes) -> bytes:
     return data[:mid] + bytes(b ^ 0xFF for b in data[mid : mid + 64]) + data[mid + 64 :]
 
 
+def tiff_with_unsupported_layout() -> bytes:
+    """A valid TIFF whose pixel layout PIL cannot read: one sample per pixel tagged as CMYK."""
+    data = bytearray(encode(Image.new("L", (16, 16), 7), "TIFF"))
+    ifd = struct.unpack("<I", data[4:8])[0]
+    for i in range(struct.unpack("<H", data[ifd:ifd + 2])[0]):
+        entry = ifd + 2 + 12 * i
+        if struct.unpack("<H", data[entry:entry + 2])[0] == 262:  # PhotometricInterpretation
+            data[entry + 8:entry + 10] = struct.pack("<H", 5)  # "separated" (CMYK)
+    return bytes(data)
+
+
 @pytest.mark.parametrize(
     ("data", "kw", "reason"),
     [
         pytest.param(b"", {}, "empty", id="zero-bytes"),
         pytest.param(b"just some text, not an image", {}, "not a recognised image", id="not-an-image"),
+        pytest.param(tiff_with_unsupported_layout(), {}, "unsupported or corrupt TIFF (SyntaxError: unknown pixel mode)",
+                     id="unsupported-mode"),
         pytest.param(valid_png()[: len(valid_png()) // 2], {}, "truncated or corrupt", id="truncated-png"),
         pytest.param(valid_jpeg()[: len(valid_jpeg()) // 2], {}, "truncated or corrupt", id="truncated-jpeg"),
         pytest.param(corrupt_middle(valid_png()), {}, "truncated or corrupt", id="corrupt-png"),
@@ -165,8 +178,9 @@ def corrupt_middle(data: bytes) -> bytes:
         # the size is refused from the header: decoding the (missing) pixels first
         # would have reported a truncated file instead
         pytest.param(png_header_only(1_000, 1_000), {"max_pixels": 999_999}, "> max_pixels", id="big-header-only"),
-        # beyond PIL's own bomb guard, which fires inside Image.open
-        pytest.param(png_header_only(20_000, 20_000), {"max_pixels": 10**10}, "decompression bomb", id="pil-bomb"),
+        # PIL's own bomb guard follows max_pixels and fires inside Image.open above twice it
+        pytest.param(png_header_only(20_000, 20_000), {}, "max_pixels=100000000), refused as a decompression bomb", id="pil-bomb"),
+        pytest.param(png_header_only(300, 300), {"max_pixels": 40_000}, "decompression bomb", id="pil-bomb-follows-max-pixels"),
     ],
 )
 def test_bad_input_raises_decode_error_naming_the_uri(data, kw, reason):
@@ -233,3 +247,31 @@ def test_load_image_and_mask_from_local_path_and_memory_url(tmp_path):
 def test_missing_file_is_file_not_found(tmp_path):
     with pytest.raises(FileNotFoundError):
         load_image(str(tmp_path / "nope.png"))
+
+
+# --- limits and orientation, as a job sees them ---------------------------------
+
+
+def test_pil_bomb_limit_is_set_explicitly_and_follows_max_pixels():
+    from spade_ray.images import DEFAULT_MAX_PIXELS
+
+    decode_image(valid_png(), max_pixels=12_345)
+    assert Image.MAX_IMAGE_PIXELS == 12_345
+    decode_image(valid_png())
+    assert Image.MAX_IMAGE_PIXELS == DEFAULT_MAX_PIXELS
+
+
+def test_mask_aligns_with_an_exif_rotated_image_as_a_viewer_shows_it():
+    # the camera stored the frame sideways (40x20) and tagged it "rotate 90 clockwise";
+    # the annotator drew the mask on the upright view (20 wide, 40 tall), marking the top quarter
+    stored = Image.new("RGB", (40, 20), (0, 0, 0))
+    stored.paste((255, 255, 255), (0, 0, 10, 20))  # left band of the stored frame = top of the upright view
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    image = decode_image(encode(stored, "JPEG", exif=exif.tobytes(), quality=95), "cam/001.jpg")
+    drawn = np.zeros((40, 20), dtype=np.uint8)
+    drawn[:10] = 255
+    mask = decode_mask(encode(Image.fromarray(drawn)), "gt/001_mask.png")
+    assert mask.shape == image.shape[:2]
+    bright = image.mean(axis=2) > 128
+    assert (bright == mask).mean() > 0.95

@@ -8,6 +8,7 @@ the CLI and the ``jobs/`` entrypoints decide what to show.
 
 from __future__ import annotations
 
+import io
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -17,6 +18,7 @@ import pyarrow.parquet as pq
 import ray
 
 from ..bank import (
+    check_compatible,
     feature_meta_of,
     load_shard,
     make_manifest,
@@ -32,7 +34,8 @@ from ..featurestore import FeatureMeta, list_feature_shards, read_feature_meta
 from ..features import FeatureBatch
 from ..fusion import DEFAULT_SIGMA
 from ..model import DEFAULT_IMAGE_K, DEFAULT_KAPPA, DEFAULT_PIXEL_K, Calibration, SpadeConfig, calibration_rows
-from ..outputs import join_url
+from ..images import DEFAULT_MAX_PIXELS
+from ..outputs import join_url, output_stem, unique_output_stems, write_bytes
 from ..preprocess import Preprocessor
 from ..progress import Progress, no_progress, shows_ray_data_bars
 from ..report import DEFAULT_REPORT_TOP, score_report, write_report
@@ -51,6 +54,7 @@ class JobSummary:
     ok: int = 0
     error: int = 0
     skipped: int = 0
+    skipped_error: int = 0  # of ``skipped``: images whose row from an earlier run is an error row
     seconds: float = 0.0
     output: str = ""
     errors: list[tuple[str, str]] = field(default_factory=list)
@@ -59,6 +63,16 @@ class JobSummary:
     @property
     def images_per_second(self) -> float:
         return (self.ok + self.error) / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def error_rate(self) -> float:
+        """Share of the job's inputs that ended as error rows, rows kept from earlier runs included.
+
+        Counting the rows a rerun skipped keeps the rate of a crashed-and-resumed night the same
+        as that of an undisturbed one.
+        """
+        total = self.ok + self.error + self.skipped
+        return (self.error + self.skipped_error) / total if total else 0.0
 
     def line(self) -> str:
         flagged = f", {self.extra['anomalous']} anomalous" if "anomalous" in self.extra else ""
@@ -88,19 +102,36 @@ def _actor_pool(n_items: int, batch_size: int, max_actors: int | None, reserved_
 DECODE_CPUS = 0.25
 
 
+# Fault tolerance of the pipeline (Ray Data's ray_remote_args): a UDF actor that dies (node lost,
+# OOM-killed, preempted) is restarted as often as needed, since a pool lives for the whole night,
+# and each batch it had in flight is retried on a live actor up to TASK_RETRIES times.  A batch
+# that kills its worker every time fails the job after that many tries instead of looping
+# forever; the images already committed stay, and the rerun resumes.  Decode tasks get the same
+# number of retries.  Ray Data's own defaults are unbounded (-1) for both; they are passed
+# explicitly so the bound is ours.  (Ray 2.60 marks passing them through ``ray_remote_args`` as
+# deprecated for 2.64 without a named replacement yet; revisit on upgrade.)
+TASK_RETRIES = 3
+
+
 def _run_pipeline(items: list[InputImage], decode: DecodeImages, udf: type, udf_kwargs: dict[str, Any],
                   batch_size: int, max_actors: int | None, summary: JobSummary, progress: Progress, desc: str,
-                  reserved_cpus: float = 0.0) -> None:
-    """from_items -> decode (tasks) -> UDF (actor pool); counts results as they stream back."""
+                  reserved_cpus: float = 0.0, keys: dict[str, str] | None = None) -> None:
+    """from_items -> decode (tasks) -> UDF (actor pool); counts results as they stream back.
+
+    ``keys`` maps image ids to their output key stems (default: :func:`output_stem` of the relpath).
+    """
     # On a terminal Ray Data draws its own bars (one per operator); otherwise it stays silent and
     # so does the driver's bar.  Set before the dataset exists: a dataset keeps the context it was made with.
     ray_bars = shows_ray_data_bars(progress)
     ray_data_output(interactive=ray_bars)
-    ds = ray.data.from_items([{"uri": it.uri, "relpath": it.relpath, "image_id": it.image_id} for it in items],
+    keys = keys or {}
+    ds = ray.data.from_items([{"uri": it.uri, "relpath": it.relpath, "image_id": it.image_id,
+                               "key": keys.get(it.image_id) or output_stem(it.relpath)} for it in items],
                              override_num_blocks=max(1, -(-len(items) // batch_size)))
-    ds = ds.map_batches(decode, batch_size=batch_size, num_cpus=DECODE_CPUS)
+    ds = ds.map_batches(decode, batch_size=batch_size, num_cpus=DECODE_CPUS, max_retries=TASK_RETRIES)
     pool, per_actor = _actor_pool(len(items), batch_size, max_actors, reserved_cpus)
-    ds = ds.map_batches(udf, fn_constructor_kwargs=udf_kwargs, batch_size=batch_size, num_cpus=per_actor, compute=pool)
+    ds = ds.map_batches(udf, fn_constructor_kwargs=udf_kwargs, batch_size=batch_size, num_cpus=per_actor, compute=pool,
+                        max_restarts=-1, max_task_retries=TASK_RETRIES)
     bar = no_progress(len(items), desc) if ray_bars else progress(len(items), desc)
     try:
         for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
@@ -137,22 +168,24 @@ def _read_rows(prefix: str, storage_options: dict[str, Any] | None, columns: lis
 
 def run_extract(source: str, output: str, *, backbone: str = "lite0", weights: str | None = None, image_size: int = 224,
                 protocol: str = "full", batch_size: int = 16, max_actors: int | None = None,
-                storage_options: dict[str, Any] | None = None, address: str | None = None,
-                progress: Progress = no_progress) -> JobSummary:
+                max_pixels: int = DEFAULT_MAX_PIXELS, storage_options: dict[str, Any] | None = None,
+                address: str | None = None, progress: Progress = no_progress) -> JobSummary:
     """Images under ``source`` -> Parquet feature shards under ``output`` (one file per batch).
 
     Images that already have a row in ``output`` are skipped, so an interrupted extract resumes.
+    Images above ``max_pixels`` are error rows (refused from the header, never decoded).
     """
     start = time.perf_counter()
     items = resolve_inputs(source, storage_options)
-    done = {row["image_id"] for row in _read_rows(output, storage_options, ["image_id"])}
+    done = {row["image_id"]: row.get("status") for row in _read_rows(output, storage_options, ["image_id", "status"])}
     todo = [it for it in items if it.image_id not in done]
-    summary = JobSummary("extract", skipped=len(items) - len(todo), output=output)
+    summary = JobSummary("extract", skipped=len(items) - len(todo), output=output,
+                         skipped_error=sum(1 for it in items if done.get(it.image_id, "ok") != "ok"))
     if todo:
         init_ray(address)
         spec = BACKBONES[backbone]
         pre = Preprocessor(image_size, protocol, spec.mean, spec.std)  # type: ignore[arg-type]
-        _run_pipeline(todo, DecodeImages(pre, storage_options), ExtractFeatures,
+        _run_pipeline(todo, DecodeImages(pre, storage_options, max_pixels), ExtractFeatures,
                       {"backbone": backbone, "weights": weights, "preprocessor": pre, "output": output,
                        "run_id": new_run_id(), "storage_options": storage_options},
                       batch_size, max_actors, summary, progress, "extract")
@@ -351,17 +384,66 @@ def _remove_results(output: str, storage_options: dict[str, Any] | None) -> None
                 fs.rm_file(file)
 
 
+def _drop_error_rows(output: str, storage_options: dict[str, Any] | None) -> int:
+    """Rewrite each result file that holds error rows without them; returns how many rows went.
+
+    Done before scoring so the images are simply "not done" again: a crash at any point leaves
+    every image with one row or none (the next run scores it), never two.  Each file is
+    replaced whole (atomic write), and a file left with no rows is removed.
+    """
+    import fsspec
+    import pyarrow.compute as pc
+
+    fs, path = fsspec.core.url_to_fs(join_url(output, "results"), **(storage_options or {}))
+    if not fs.exists(path):
+        return 0
+    dropped = 0
+    for file in sorted(fs.find(path)):
+        if not file.endswith(".parquet") or "/." in file:
+            continue
+        with fs.open(file, "rb") as fh:
+            table = pq.read_table(fh)
+        kept = table.filter(pc.equal(table.column("status"), "ok"))
+        if kept.num_rows == table.num_rows:
+            continue
+        if kept.num_rows:
+            buf = io.BytesIO()
+            pq.write_table(kept, buf)
+            write_bytes(fs.unstrip_protocol(file), buf.getvalue(), storage_options)
+        else:
+            fs.rm_file(file)
+        dropped += table.num_rows - kept.num_rows
+    return dropped
+
+
+def _check_weights_on_driver(manifest: dict[str, Any], config: SpadeConfig, weights: str | None) -> None:
+    """Refuse a bank of another backbone or other weights before any worker starts.
+
+    The scorer actors check again (they are what really loads the weights); this check only makes
+    the common mistake one clear error.  A driver that cannot see the weights file leaves it to them.
+    """
+    from ..backbones import WeightsNotFoundError, file_sha256, weights_path
+
+    try:
+        sha = file_sha256(weights_path(config.backbone, weights))
+    except WeightsNotFoundError:
+        return
+    check_compatible(manifest, config.backbone, sha, config.image_size, config.protocol)
+
+
 def run_score(source: str, bank_url: str, output: str, *, weights: str | None = None, image_k: int | None = None,
               pixel_k: int | None = None, kappa: int | None = None, scoring: dict[str, Any] | None = None,
-              threshold: float | None = None, image_threshold: float | None = None, batch_size: int = 16, max_actors: int | None = None,
-              overwrite: bool = False, save_maps: bool = False, storage_options: dict[str, Any] | None = None, address: str | None = None,
-              progress: Progress = no_progress, report_top: int = DEFAULT_REPORT_TOP) -> JobSummary:
+              threshold: float | None = None, image_threshold: float | None = None, batch_size: int = 16,
+              max_actors: int | None = None, overwrite: bool = False, retry_errors: bool = False, save_maps: bool = False,
+              max_pixels: int = DEFAULT_MAX_PIXELS, storage_options: dict[str, Any] | None = None,
+              address: str | None = None, progress: Progress = no_progress,
+              report_top: int = DEFAULT_REPORT_TOP) -> JobSummary:
     """Score every image under ``source`` against a served bank; masks, heatmaps, overlays and result rows to ``output``.
 
     Images already scored into ``output`` against the same bank are skipped (``overwrite`` redoes
-    them); the mask threshold defaults to the bank's normal-only calibration.  Finally
-    ``output/report.html`` shows everything scored into ``output``, with the ``report_top`` most
-    anomalous images.
+    them all, ``retry_errors`` only those whose row is an error); the mask threshold defaults to
+    the bank's normal-only calibration.  Finally ``output/report.html`` shows everything scored
+    into ``output``, with the ``report_top`` most anomalous images.
     """
     start = time.perf_counter()
     bank_root, manifest = open_bank(bank_url, storage_options)
@@ -374,22 +456,27 @@ def run_score(source: str, bank_url: str, output: str, *, weights: str | None = 
     if pixel_threshold is None or image_thr is None:
         raise ValueError(f"bank {bank_url} has no calibration; pass --threshold (and --image-threshold)")
 
+    _check_weights_on_driver(manifest, config, weights)
     items = resolve_inputs(source, storage_options)
     from .serving import bank_id_of
 
     bank_id = bank_id_of(bank_root, manifest)
     if overwrite:
         _remove_results(output, storage_options)
-        done: set[str] = set()
+        done: dict[str, str] = {}
     else:
-        existing = _read_rows(join_url(output, "results"), storage_options, ["image_id", "bank_id"])
+        existing = _read_rows(join_url(output, "results"), storage_options, ["image_id", "bank_id", "status"])
         others = {r["bank_id"] for r in existing} - {bank_id}
         if others:
             raise ValueError(f"{output} holds results scored against another bank ({', '.join(sorted(others))}); "
                              f"use --overwrite to replace them or choose another --output")
-        done = {r["image_id"] for r in existing}
+        if retry_errors and any(r["status"] != "ok" for r in existing):
+            _drop_error_rows(output, storage_options)
+            existing = [r for r in existing if r["status"] == "ok"]
+        done = {r["image_id"]: r["status"] for r in existing}
     todo = [it for it in items if it.image_id not in done]
     summary = JobSummary("score", skipped=len(items) - len(todo), output=output,
+                         skipped_error=sum(1 for it in items if done.get(it.image_id, "ok") != "ok"),
                          extra={"bank_id": bank_id, "pixel_threshold": pixel_threshold, "image_threshold": image_thr})
     spec = BACKBONES[config.backbone]
     pre = Preprocessor(config.image_size, config.protocol, spec.mean, spec.std)  # type: ignore[arg-type]
@@ -398,11 +485,13 @@ def run_score(source: str, bank_url: str, output: str, *, weights: str | None = 
         shard_cpus = shard_actor_cpus(len(manifest["shards"]))
         served = start_shard_actors(bank_root, manifest, storage_options, num_cpus=shard_cpus)
         try:
-            _run_pipeline(todo, DecodeImages(pre, storage_options), ScoreImages,
+            keys = unique_output_stems((it.image_id, it.relpath) for it in items)  # all inputs: same keys on a rerun
+            _run_pipeline(todo, DecodeImages(pre, storage_options, max_pixels), ScoreImages,
                           {"bank": served, "config": config, "weights": weights, "output": output, "run_id": new_run_id(),
                            "pixel_threshold": float(pixel_threshold), "image_threshold": float(image_thr),
                            "storage_options": storage_options, "save_maps": save_maps},
-                          batch_size, max_actors, summary, progress, "score", reserved_cpus=shard_cpus * len(manifest["shards"]))
+                          batch_size, max_actors, summary, progress, "score", reserved_cpus=shard_cpus * len(manifest["shards"]),
+                          keys=keys)
         finally:
             served.shutdown()
     bar = progress(min(report_top, len(items)), "report")

@@ -3,6 +3,13 @@
 Workers do not inherit the driver's environment on a cluster, and variables set after
 ``ray.init()`` never reach them, so the variables that configure object storage and this
 package are forwarded explicitly through the job's ``runtime_env``.
+
+Credentials are never forwarded that way: Ray writes a job's ``runtime_env``, ``env_vars``
+included, in clear text into ``runtime_env_agent.log`` on every node and shows it in the
+dashboard.  Workers get credentials the way the driver did: a local Ray's workers inherit the
+driver's environment (its processes are started from it), and cluster pods have their own (the
+``spade-ray-s3`` Secret or the cloud identity, see ``infra/``) — or ``--storage-options``, which
+travels inside the job's task arguments and is never logged.
 """
 
 from __future__ import annotations
@@ -13,14 +20,20 @@ from typing import Any
 
 import ray
 
-__all__ = ["FORWARDED_ENV_PREFIXES", "cluster_cpus", "init_ray", "ray_data_output", "set_worker_threads"]
+__all__ = ["FORWARDED_ENV_PREFIXES", "SECRET_ENV_MARKERS", "cluster_cpus", "forwarded_env", "init_ray",
+           "ray_data_output", "set_worker_threads"]
 
-# AWS_* (s3fs/botocore: credentials, endpoint, region, profile), GOOGLE_* (gcsfs), SPADE_RAY_*
+# AWS_* (s3fs/botocore: endpoint, region, profile), GOOGLE_* (gcsfs), SPADE_RAY_*, FSSPEC_*
 FORWARDED_ENV_PREFIXES = ("AWS_", "GOOGLE_", "SPADE_RAY_", "FSSPEC_")
+# ... except variables whose name says they hold (or point at) a credential
+SECRET_ENV_MARKERS = ("SECRET", "TOKEN", "PASSWORD", "CREDENTIAL", "ACCESS_KEY", "PRIVATE", "SESSION")
 
 
-def _forwarded_env() -> dict[str, str]:
-    return {k: v for k, v in os.environ.items() if k.startswith(FORWARDED_ENV_PREFIXES)}
+def forwarded_env(environ: dict[str, str] | None = None) -> dict[str, str]:
+    """The variables a job forwards to its workers: storage settings, never credentials."""
+    environ = dict(os.environ if environ is None else environ)
+    return {k: v for k, v in environ.items()
+            if k.startswith(FORWARDED_ENV_PREFIXES) and not any(m in k.upper() for m in SECRET_ENV_MARKERS)}
 
 
 def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
@@ -29,7 +42,7 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
         return
     address = address or os.environ.get("RAY_ADDRESS") or None
     kwargs: dict[str, Any] = {
-        "runtime_env": {"env_vars": _forwarded_env()},
+        "runtime_env": {"env_vars": forwarded_env()},
         "logging_level": logging.WARNING,
         "log_to_driver": True,
     }

@@ -27,7 +27,7 @@ from ..retrieval import merge_topk
 from ..shard import ShardServer
 from .runtime import cluster_cpus, set_worker_threads
 
-__all__ = ["BankClient", "ServedBank", "bank_id_of", "serve_bank", "start_shard_actors"]
+__all__ = ["BankClient", "BankLoadError", "ServedBank", "bank_id_of", "creation_error_reason", "serve_bank", "start_shard_actors"]
 
 
 @ray.remote(max_restarts=3, max_task_retries=3)
@@ -92,8 +92,27 @@ def start_shard_actors(bank_root: str, manifest: dict[str, Any], storage_options
         offsets.append(offset)
         sizes.append(int(entry["n_images"]))
         offset += int(entry["n_images"])
-    ray.get([a.ping.remote() for a in actors])  # surfaces load/verification errors now
+    try:
+        ray.get([a.ping.remote() for a in actors])  # surfaces load/verification errors now
+    except ray.exceptions.RayActorError as exc:
+        for actor in actors:
+            ray.kill(actor, no_restart=True)
+        raise BankLoadError(f"a bank shard could not be served: {creation_error_reason(exc)}") from None
     return ServedBank(bank_root, manifest, actors, offsets, sizes)
+
+
+class BankLoadError(RuntimeError):
+    """A shard actor could not load its shard (missing or changed file, unreadable storage)."""
+
+
+def creation_error_reason(exc: BaseException) -> str:
+    """The original error of an actor whose constructor raised, without Ray's wrapping and traceback.
+
+    Ray reports such an actor as dead with a message that starts with where it ran and ends with
+    the constructor's own ``Type: message`` line; an operator needs only that last line.
+    """
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return lines[-1] if lines else type(exc).__name__
 
 
 def serve_bank(bank_url: str, storage_options: dict[str, Any] | None = None, num_cpus: float | None = None) -> ServedBank:

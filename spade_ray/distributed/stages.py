@@ -3,6 +3,12 @@
 Each stage takes and returns a batch as a dict of numpy arrays.  A bad image never fails a batch:
 it becomes a row with ``status="error"`` and a reason naming the input, and is carried through
 to the job's results, so every input ends with exactly one row.
+
+A failure of the *infrastructure* is different: a shard actor that died for good, a lost object,
+a worker that was killed.  Those are not facts about the image, so they are never written down
+as its result (a rerun skips images with a row and would never retry it); they fail the batch's
+task, Ray retries it on a restarted actor, and if that fails too the job stops and its rerun
+scores the batch.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+import ray
 
 from ..backbones import load_backbone
 from ..bank import check_compatible
@@ -23,7 +30,7 @@ from ..featurestore import FeatureMeta, features_to_table, write_feature_shard
 from ..features import features_from_tensor
 from ..images import DEFAULT_MAX_PIXELS, load_image
 from ..model import SpadeConfig
-from ..outputs import heatmap_rgb, join_url, output_key, write_bytes, write_jpeg, write_npy, write_png
+from ..outputs import heatmap_rgb, join_url, output_stem, write_bytes, write_jpeg, write_npy, write_png
 from ..overlay import overlay_rgb
 from ..preprocess import Preprocessor
 from .runtime import set_worker_threads
@@ -183,6 +190,8 @@ class ScoreImages:
         if ok.size:
             try:
                 self._score(batch, ok, rows)
+            except ray.exceptions.RayError:
+                raise  # infrastructure, not the images: let Ray retry the batch (see the module docstring)
             except Exception as exc:  # a failure of the batch is recorded on each of its images
                 for i in ok:
                     rows[i].update(status="error", error=_reason(exc), image_score=None, pixel_max=None,
@@ -206,11 +215,10 @@ class ScoreImages:
         for j, i in enumerate(ok):
             amap = self.preprocessor.map_to_output(maps[j], int(batch["height"][i]), int(batch["width"][i]))
             pixel_max = float(amap.max())
-            relpath = str(batch["relpath"][i])
-            key = output_key(relpath)
-            mask_uri = join_url(self.output, f"masks/{key}")
-            heatmap_uri = join_url(self.output, f"heatmaps/{key}")
-            overlay_uri = join_url(self.output, f"overlays/{output_key(relpath, '.jpg')}")
+            stem = str(batch["key"][i]) if "key" in batch else output_stem(str(batch["relpath"][i]))
+            mask_uri = join_url(self.output, f"masks/{stem}.png")
+            heatmap_uri = join_url(self.output, f"heatmaps/{stem}.png")
+            overlay_uri = join_url(self.output, f"overlays/{stem}.jpg")
             mask = amap > self.pixel_threshold
             vmax = 2.0 * self.pixel_threshold
             write_png(mask_uri, (mask * 255).astype(np.uint8), self.storage_options)
@@ -219,7 +227,7 @@ class ScoreImages:
                 load_image(str(batch["uri"][i]), self.storage_options, max_pixels=self.max_pixels))
             write_jpeg(overlay_uri, overlay_rgb(image, amap, vmax, mask), self.storage_options)
             if self.save_maps:
-                write_npy(join_url(self.output, f"maps/{output_key(str(batch['relpath'][i]), '.npy')}"), amap, self.storage_options)
+                write_npy(join_url(self.output, f"maps/{stem}.npy"), amap, self.storage_options)
             rows[i].update(
                 image_score=float(scores[j]), pixel_max=pixel_max,
                 is_anomalous=bool(scores[j] > self.image_threshold or pixel_max > self.pixel_threshold),
