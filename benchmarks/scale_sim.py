@@ -18,7 +18,7 @@ What it does, in order:
    scatter-gather is :class:`spade_ray.distributed.serving.BankClient.search` (``merge_topk``).
    Measured: build time, RSS of every actor (``/proc/<pid>/status`` VmRSS and VmHWM, before and
    after its build), index bytes, query latency (p50/p95 per query and per batch of 16) and the
-   bytes each query moves (pickle-5 size of the arguments and of each shard's answer).
+   bytes each query moves (size of the arguments and of each shard's answer as Ray serialises them, cloudpickle protocol 5).
 2. **One flat index.**  After the actors are gone the driver builds one flat index over all rows
    (the same generator, so the same vectors) and checks that the scatter-gather top-K equals its
    ``search_exact`` top-K: ids exactly, distances exactly.
@@ -46,7 +46,6 @@ import gc
 import json
 import logging
 import os
-import pickle
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -288,8 +287,8 @@ def run_sharded(spec: MixtureSpec, n: int, shards: int, queries: np.ndarray, k: 
         log(f"latency: 1 query p50 {np.median(single) * 1e3:.0f} ms, batch of {batch} p50 {np.median(batched) * 1e3:.0f} ms")
 
         answer = ray.get(actors[0].search.remote(queries[:1], k))
-        bytes_in = len(pickle.dumps((queries[:1], k, None), protocol=5))
-        bytes_out = len(pickle.dumps(answer, protocol=5))
+        bytes_in = len(ray.cloudpickle.dumps((queries[:1], k, None), protocol=5))
+        bytes_out = len(ray.cloudpickle.dumps(answer, protocol=5))
         stats = ray.get([a.stats.remote() for a in actors])  # peak RSS after all the queries
     finally:
         for a in actors:
