@@ -124,7 +124,8 @@ def run_bench(
     with ProcessPeaks() as peaks_extract:
         extract = run_extract(train_list, str(work / "features"), protocol=protocol, progress=progress)
     log(extract.line())
-    build = run_build_bank(str(work / "features"), str(work / "bank"), shards=shards, calibration_samples=0,
+    # a small calibration: the score job needs thresholds (their values do not change its speed)
+    build = run_build_bank(str(work / "features"), str(work / "bank"), shards=shards, calibration_samples=8,
                            scoring=scoring, progress=progress)
     log(build.line())
 
