@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import shutil
 import tempfile
 import time
 from dataclasses import replace
@@ -121,6 +122,7 @@ def run_bench(
     torch_threads = torch.get_num_threads()
     init_ray(address)
 
+    shutil.rmtree(work / "features", ignore_errors=True)  # (b) must extract, not resume a previous run
     with ProcessPeaks() as peaks_extract:
         extract = run_extract(train_list, str(work / "features"), protocol=protocol, progress=progress)
     log(extract.line())
