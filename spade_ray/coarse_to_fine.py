@@ -122,9 +122,9 @@ def _restricted_level_windows(
         norms = (windows * windows).sum(dim=2)
         for choice in range(cells.shape[2]):
             cell = cells[k, :, choice]
-            wy_idx = (torch.div(cell, wc, rounding_mode="floor") - margin).clamp(0, ny - 1)
-            wx_idx = (cell % wc - margin).clamp(0, nx - 1)
-            pick = wy_idx * nx + wx_idx  # (Pc,)
+            y0, _ = _span(torch.div(cell, wc, rounding_mode="floor"), hc, height, margin)  # the window rule of
+            x0, _ = _span(cell % wc, wc, width, margin)  # the gather kernel: windows start on multiples of fy/fx
+            pick = torch.div(y0, fy, rounding_mode="floor") * nx + torch.div(x0, fx, rounding_mode="floor")  # (Pc,)
             g = windows[pick]  # (Pc, wy*wx, C)
             d2 = torch.baddbmm(norms[pick][:, None, :], q, g.transpose(1, 2), beta=1.0, alpha=-2.0)
             values, idx = d2.min(dim=2)
