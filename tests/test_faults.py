@@ -132,20 +132,12 @@ def kill_mid_run(class_name: str, out: Path, job: Background) -> dict:
     return victim
 
 
-def test_a_killed_shard_actor_restarts_reloads_its_shard_and_the_run_completes(small_bank, many, undisturbed, tmp_path) -> None:
+@pytest.mark.parametrize("actor", ["ShardActor", "MapWorker"], ids=["shard-actor", "scorer-actor"])
+def test_a_killed_actor_restarts_and_the_run_completes_undisturbed(actor, small_bank, many, undisturbed, tmp_path) -> None:
+    """A shard actor reloads its shard; a scorer actor (Ray Data's MapWorker) is restarted and its batches retried."""
     out = tmp_path / "out"
     job = Background(lambda: score(many, small_bank["bank"], out))
-    victim = kill_mid_run("ShardActor", out, job)
-    summary = job.join(240)
-    assert (summary.ok, summary.error) == (N_IMAGES, 0)
-    assert restarts(victim["ActorID"]) >= 1
-    assert_complete_and_undisturbed(out, undisturbed)
-
-
-def test_a_killed_scorer_actor_is_restarted_and_its_batches_retried(small_bank, many, undisturbed, tmp_path) -> None:
-    out = tmp_path / "out"
-    job = Background(lambda: score(many, small_bank["bank"], out))
-    victim = kill_mid_run("MapWorker", out, job)
+    victim = kill_mid_run(actor, out, job)
     summary = job.join(240)
     assert (summary.ok, summary.error) == (N_IMAGES, 0)
     assert restarts(victim["ActorID"]) >= 1
