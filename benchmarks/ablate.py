@@ -1,11 +1,14 @@
 """Measure scoring options side by side on an MVTec-layout dataset, features extracted once.
 
-Each ``--variant NAME:key=value,key=value`` sets SpadeConfig scoring settings (image_k, pixel_k,
-kappa, sigma, matching, coarse_k, margin) on top of the defaults; every variant scores the same
-test features against the same bank, so the table isolates the option's effect.
+Each ``--variant NAME:key=value,...`` starts from a method preset (``method=spade`` for the
+published method, else ``spade-ray``, the default) and sets SpadeConfig scoring settings on top
+(image_k, pixel_k, kappa, sigma, matching, coarse_k, margin, aggregate, image_scoring); every
+variant scores the same test features against the same bank, with its own leave-one-out
+calibration, so the table isolates the option's effect.  ``levels=1+2`` (an experiment, not a
+package option) scores with a subset of the pyramid levels.
 
-    python benchmarks/ablate.py DATASET --protocol paper \\
-        --variant exact: --variant c2f:matching=coarse-to-fine --variant c2f-m1:matching=coarse-to-fine,margin=1
+    python benchmarks/ablate.py DATASET --protocol paper --cache runs/paper.npz \
+        --variant spade:method=spade --variant default: --variant c2f-m1:matching=coarse-to-fine,margin=1
 """
 
 from __future__ import annotations
@@ -20,10 +23,10 @@ import torch
 
 from spade_ray.datasets import load_mvtec
 from spade_ray.features import FeatureBatch
-from spade_ray.fusion import image_score
+from spade_ray.image_scoring import combine_image_scores
 from spade_ray.images import load_mask
 from spade_ray.metrics import compute_metrics
-from spade_ray.model import Spade, anomaly_maps
+from spade_ray.model import METHODS, Spade
 
 
 def parse_variant(text: str) -> tuple[str, dict[str, str]]:
@@ -38,6 +41,8 @@ def main() -> None:
     parser.add_argument("--protocol", default="paper", choices=["full", "paper"])
     parser.add_argument("--backbone", default="lite0")
     parser.add_argument("--variant", action="append", required=True, help="NAME:key=value,... (repeatable)")
+    parser.add_argument("--calibration-samples", type=int, default=64,
+                        help="leave-one-out bank images for the normal scales and thresholds (default 64, as evaluate)")
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's own)")
     parser.add_argument("--json", help="also write the table here")
     parser.add_argument("--cache", help="a .npz file keeping the extracted features between runs (same dataset/protocol)")
@@ -63,21 +68,29 @@ def main() -> None:
     labels = np.array([s.label for s in data.test])
     masks = [model.preprocessor.mask_to_output(load_mask(s.mask_uri)) if s.mask_uri else None for s in data.test]
     table = []
+    all_levels = model.bank_levels
     for name, settings in map(parse_variant, args.variant):
-        config = model.config.with_scoring(settings)
+        levels = [int(x) for x in settings.pop("levels").split("+")] if "levels" in settings else None
+        model.config = model.config.with_scoring({**METHODS[settings.pop("method", "spade-ray")], **settings})
+        config = model.config
+        if levels is not None:  # experiment: score with a subset of the pyramid levels, e.g. levels=1+2
+            model.set_bank(model.bank_ids, model.bank_global, [all_levels[i] for i in levels])
+            q = FeatureBatch(query.global_, [query.levels[i] for i in levels])
+        else:
+            model.set_bank(model.bank_ids, model.bank_global, all_levels)
+            q = query
+        model.gallery_levels(config.aggregate)  # aggregated once per bank, like a served shard, not timed per image
+        model.calibration = model.calibrate(args.calibration_samples) if args.calibration_samples else None
+        scales = model.calibration.scales if model.calibration else None
         start = time.perf_counter()
-        dists, rows = model.index.search(query.global_, max(config.image_k, config.pixel_k))
-        bank_levels, q = model.bank_levels, query
-        if "aggregate" in settings:  # experiment: each pixel feature averaged over its n x n neighbourhood
-            n = int(settings["aggregate"])
-            pool = lambda a: torch.nn.functional.avg_pool2d(torch.from_numpy(a).float(), n, 1, n // 2, count_include_pad=False).numpy()  # noqa: E731
-            bank_levels = [pool(level).astype(np.float16) for level in model.bank_levels]
-            q = FeatureBatch(query.global_, [pool(level) for level in query.levels])
-        maps = anomaly_maps(q, bank_levels, rows[:, : config.pixel_k], config)
+        knn, maps, _ = model._score_features(q)
+        scores = combine_image_scores(knn, np.array([m.max() for m in maps]), config.image_scoring, scales)
         seconds = (time.perf_counter() - start) / len(maps)
         maps = [model.preprocessor.map_to_output(m, h, w) for m, (h, w) in zip(maps, sizes)]
-        metrics = compute_metrics(image_score(dists, config.image_k), labels, maps, masks)
-        row = {"variant": name, **settings, **{k: round(v, 4) for k, v in metrics.items() if v is not None},
+        metrics = compute_metrics(scores, labels, maps, masks)
+        metrics["image_auroc_knn_only"] = compute_metrics(knn, labels)["image_auroc"]
+        row = {"variant": name, **{k: v for k, v in config.scoring().items()}, **({"levels": levels} if levels else {}),
+               **{k: round(v, 4) for k, v in metrics.items() if v is not None},
                "seconds_per_image_retrieval_correspondence_fusion": round(seconds, 4)}
         table.append(row)
         print(json.dumps(row), flush=True)

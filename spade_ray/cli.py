@@ -25,7 +25,8 @@ from .backbones import BACKBONES
 from .images import DEFAULT_MAX_PIXELS
 from .logs import LOG_FORMATS, configure_logging, fields, get_logger
 from .matching import MATCHING
-from .model import DEFAULT_IMAGE_K, DEFAULT_KAPPA, DEFAULT_PIXEL_K, SpadeConfig
+from .image_scoring import IMAGE_SCORINGS
+from .model import DEFAULT_IMAGE_K, DEFAULT_KAPPA, DEFAULT_PIXEL_K, METHODS, SpadeConfig
 from .preprocess import PROTOCOLS
 from .progress import Progress, terminal_progress
 from .report import DEFAULT_REPORT_TOP
@@ -101,20 +102,37 @@ def _add_k_options(group: argparse._ArgumentGroup) -> None:
 
 
 def _add_matching_options(group: argparse._ArgumentGroup, defaults: SpadeConfig | None) -> None:
-    """How pixels are matched; ``defaults`` None means "override the bank's setting" (score)."""
+    """How features are compared; ``defaults`` None means "override the bank's setting" (score).
+
+    Every option defaults to None here, so that ``--method`` presets fill only what was not given.
+    """
     show = (lambda name: f" (default {getattr(defaults, name)})") if defaults else (lambda name: " (default: the bank's)")
-    group.add_argument("--matching", choices=list(MATCHING), default=defaults.matching if defaults else None,
+    presets = "; ".join(f"{name}: " + ", ".join(f"{k}={v}" for k, v in preset.items()) for name, preset in METHODS.items())
+    group.add_argument("--method", choices=list(METHODS),
+                       help="a preset of the settings below (options given explicitly win): spade = the published "
+                       "method; spade-ray = this project's default. " + presets +
+                       ("" if defaults else ". Default: the bank's settings"))
+    group.add_argument("--aggregate", type=int, default=None,
+                       help="average each pixel feature over its N x N neighbourhood before matching, bank and "
+                       "queries alike (1 = raw features, the paper)" + show("aggregate"))
+    group.add_argument("--image-scoring", choices=list(IMAGE_SCORINGS), default=None,
+                       help="knn: the image score is the mean kNN distance of the pooled vector (the paper); knn+map: "
+                       "plus the anomaly map's maximum, each divided by its median over normal images" + show("image_scoring"))
+    group.add_argument("--matching", choices=list(MATCHING), default=None,
                        help="exact: every pixel against every gallery pixel (the paper); coarse-to-fine: the "
                        "coarsest level's matches choose where finer levels look" + show("matching"))
-    group.add_argument("--coarse-k", type=int, default=defaults.coarse_k if defaults else None,
+    group.add_argument("--coarse-k", type=int, default=None,
                        help="coarse-to-fine: best coarse cells kept per gallery image" + show("coarse_k"))
-    group.add_argument("--margin", type=int, default=defaults.margin if defaults else None,
+    group.add_argument("--margin", type=int, default=None,
                        help="coarse-to-fine: extra coarse cells searched around each kept one" + show("margin"))
 
 
 def _scoring(args: argparse.Namespace) -> dict[str, Any]:
-    """Scoring settings beyond image_k/pixel_k/kappa given on the command line (None = not given)."""
-    return {name: getattr(args, name) for name in ("matching", "coarse_k", "margin") if getattr(args, name, None) is not None}
+    """Scoring settings beyond image_k/pixel_k/kappa from the command line: the --method preset, then explicit options."""
+    settings = dict(METHODS[args.method]) if getattr(args, "method", None) else {}
+    settings.update({name: getattr(args, name) for name in ("matching", "coarse_k", "margin", "aggregate", "image_scoring")
+                     if getattr(args, name, None) is not None})
+    return settings
 
 
 def _add_model_options(parser: argparse.ArgumentParser, only_backbone: bool = False, scoring_only: bool = False) -> None:

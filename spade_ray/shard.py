@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .aggregation import aggregate_levels
 from .bank import BankShard, load_shard
 from .coarse_to_fine import DEFAULT_COARSE_K, DEFAULT_MARGIN
 from .correspondence import DEFAULT_CHUNK_ELEMENTS
@@ -41,12 +42,24 @@ class ShardServer:
             faiss.omp_set_num_threads(threads)
         self.shard: BankShard = load_shard(bank_root, entry, verify=verify, storage_options=storage_options)
         self.offset = int(offset)
+        self._aggregated: dict[int, list[np.ndarray]] = {1: self.shard.levels}
 
     @classmethod
     def from_shard(cls, shard: BankShard, offset: int) -> "ShardServer":
         server = cls.__new__(cls)
         server.shard, server.offset = shard, int(offset)
+        server._aggregated = {1: shard.levels}
         return server
+
+    def levels(self, aggregate: int = 1) -> list[np.ndarray]:
+        """This shard's pyramids in the feature space of ``aggregate``: computed on first use, then kept.
+
+        A shard usually serves one setting, so the cost is one pass over the shard and, for a
+        setting other than raw, a second copy of the pyramids in memory.
+        """
+        if aggregate not in self._aggregated:
+            self._aggregated[aggregate] = aggregate_levels(self.shard.levels, aggregate)
+        return self._aggregated[aggregate]
 
     def info(self) -> dict[str, Any]:
         return {"name": self.shard.name, "n_images": len(self.shard), "offset": self.offset,
@@ -76,11 +89,13 @@ class ShardServer:
         matching: str = "exact",
         coarse_k: int = DEFAULT_COARSE_K,
         margin: int = DEFAULT_MARGIN,
+        aggregate: int = 1,
         chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
     ) -> dict[int, list[np.ndarray]]:
         """For query b in ``wanted``: per level, (H, W, kappa) distances to this shard's part of its gallery.
 
-        ``query_levels[l]`` is (B, C, H, W) for the whole batch (shared via the object store);
+        ``query_levels[l]`` is (B, C, H, W) for the whole batch (shared via the object store), already
+        aggregated with ``aggregate`` (the gallery is aggregated here, once per shard);
         ``wanted[b]`` lists bank-wide rows of b's gallery, only those this shard owns are used.
         """
         out: dict[int, list[np.ndarray]] = {}
@@ -90,7 +105,7 @@ class ShardServer:
             if local.size == 0:
                 continue
             queries = [torch.from_numpy(np.array(level[b], dtype=np.float32)) for level in query_levels]  # writable copies
-            galleries = [torch.from_numpy(bank_level[local]) for bank_level in self.shard.levels]
+            galleries = [torch.from_numpy(bank_level[local]) for bank_level in self.levels(aggregate)]
             distances = pyramid_distances(queries, galleries, kappa, matching, coarse_k, margin, chunk_elements)
             out[int(b)] = [d.numpy() for d in distances]
         return out

@@ -24,7 +24,7 @@ def test_spade_detects_and_localises_real_defects(magnetic_tile, protocol: str) 
     good = [s for s in data.test if s.label == 0][::6]
     bad = [s for s in data.test if s.label == 1][::10]
     test = good + bad
-    model = Spade("lite0", image_k=5, pixel_k=5, protocol=protocol).fit([s.uri for s in train], calibration_samples=0)
+    model = Spade("lite0", image_k=5, pixel_k=5, protocol=protocol).fit([s.uri for s in train], calibration_samples=16)
     pred = model.predict([s.uri for s in test])
     labels = np.array([s.label for s in test])
     masks = [model.preprocessor.mask_to_output(load_mask(s.mask_uri)) if s.mask_uri else None for s in test]

@@ -91,7 +91,7 @@ def test_a_folder_without_spade_json_is_not_a_model(tmp_path) -> None:
 
 def test_paper_protocol_maps_are_in_the_224_crop_frame(synthetic_dataset, tmp_path) -> None:
     data = load_mvtec(str(synthetic_dataset))
-    model = Spade(protocol="paper", image_k=1, pixel_k=2).fit([s.uri for s in data.train[:4]], calibration_samples=0)
+    model = Spade(protocol="paper", image_k=1, pixel_k=2, image_scoring="knn").fit([s.uri for s in data.train[:4]], calibration_samples=0)
     img = np.asarray(Image.open(data.test[0].uri).convert("RGB").resize((300, 200)))
     assert model.predict([img]).maps[0].shape == (224, 224)
 
@@ -115,8 +115,8 @@ def test_cuda_scores_equal_cpu_scores(synthetic_dataset, matching: str) -> None:
 
     data = load_mvtec(str(synthetic_dataset))
     train, test = [s.uri for s in data.train], [s.uri for s in data.test[:6]]
-    cpu = Spade("lite0", matching=matching, device="cpu").fit(train, calibration_samples=0).predict(test)
-    gpu = Spade("lite0", matching=matching, device="cuda").fit(train, calibration_samples=0).predict(test)
+    cpu = Spade("lite0", matching=matching, image_scoring="knn", device="cpu").fit(train, calibration_samples=0).predict(test)
+    gpu = Spade("lite0", matching=matching, image_scoring="knn", device="cuda").fit(train, calibration_samples=0).predict(test)
     np.testing.assert_allclose(gpu.image_scores, cpu.image_scores, rtol=1e-3)
     for a, b in zip(gpu.maps, cpu.maps):
         assert np.abs(a - b).max() <= 1e-2 * np.abs(b).max()

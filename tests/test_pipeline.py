@@ -22,6 +22,7 @@ import ray
 from PIL import Image
 
 from spade_ray import Spade
+from spade_ray.model import Calibration
 from spade_ray.datasets import load_mvtec
 from spade_ray.distributed.jobs import run_build_bank, run_extract, run_score
 from spade_ray.sources import resolve_inputs
@@ -143,11 +144,14 @@ def test_distributed_scores_and_maps_equal_in_process_spade(local_run, dataset) 
     out, *_ = local_run
     data = load_mvtec(str(dataset))
     model = Spade("lite0", image_size=IMAGE_SIZE, **SETTINGS).fit([s.uri for s in data.train], calibration_samples=0)
+    # the image score combines the kNN score and the map maximum with the bank's normal scales
+    model.calibration = Calibration(**json.loads((out / "bank" / "v0001" / "manifest.json").read_text())["calibration"])
     test = [s for s in data.test if not s.uri.endswith("broken.png")]
     pred = model.predict([s.uri for s in test])
     rows = {r["uri"]: r for r in read_results(str(out / "scored" / "results"))}
-    for sample, score, amap in zip(test, pred.image_scores, pred.maps):
+    for sample, knn, score, amap in zip(test, pred.knn_scores, pred.image_scores, pred.maps):
         row = rows[sample.uri]
+        assert row["knn_score"] == pytest.approx(float(knn), rel=1e-3)
         assert row["image_score"] == pytest.approx(float(score), rel=1e-3)
         distributed_map = np.load(out / "scored" / "maps" / sample.relpath.replace("test/", "", 1).replace(".png", ".npy"))
         assert distributed_map.shape == amap.shape
@@ -205,3 +209,15 @@ def test_the_whole_pipeline_on_s3(ray_with_s3_env, dataset) -> None:
     assert report.count('<figure class="nb"><img src="data:') == 9 * SETTINGS["image_k"]  # normals read from S3
     assert fs.exists(f"{bucket}/bank/v0001/manifest.json")
 
+
+
+def test_scoring_with_other_settings_recalibrates_against_the_served_bank(local_run, dataset, tmp_path) -> None:
+    out, _, bb, sc = local_run
+    assert sc.extra["recalibrated"] is False and sc.extra["image_threshold"] == bb.extra["image_threshold"]
+    paper = run_score(str(dataset / "test" / "good"), str(out / "bank"), str(tmp_path / "paper"), batch_size=4,
+                      scoring={"aggregate": 1, "image_scoring": "knn", "matching": "exact"})
+    assert paper.extra["recalibrated"] is True and paper.ok > 0
+    # raw features are farther apart than aggregated ones: the normal thresholds follow the settings
+    assert paper.extra["pixel_threshold"] > sc.extra["pixel_threshold"]
+    rows = read_results(str(tmp_path / "paper" / "results"))
+    assert all(r["image_score"] == pytest.approx(r["knn_score"]) for r in rows)  # knn: the image score is the kNN score

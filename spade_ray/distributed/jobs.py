@@ -33,7 +33,8 @@ from ..backbones import BACKBONES
 from ..featurestore import FeatureMeta, list_feature_shards, read_feature_meta
 from ..features import FeatureBatch
 from ..fusion import DEFAULT_SIGMA
-from ..model import DEFAULT_IMAGE_K, DEFAULT_KAPPA, DEFAULT_PIXEL_K, Calibration, SpadeConfig, calibration_rows
+from ..model import (CALIBRATION_SETTINGS, DEFAULT_IMAGE_K, DEFAULT_KAPPA, DEFAULT_PIXEL_K, LEGACY_SCORING, Calibration,
+                     SpadeConfig, calibration_rows)
 from ..images import DEFAULT_MAX_PIXELS
 from ..outputs import join_url, output_stem, unique_output_stems, write_bytes
 from ..preprocess import Preprocessor
@@ -285,7 +286,8 @@ def _calibrate(bank: ServedBank, config: SpadeConfig, samples: int, target_fpr: 
         maxima.extend(float(m.max()) for m in maps)
         bar.update(len(batch_rows))
     bar.close()
-    return Calibration.from_scores(scores, maxima, target_fpr)
+    return Calibration.from_scores(scores, maxima, target_fpr, config.image_scoring,
+                                   {name: getattr(config, name) for name in CALIBRATION_SETTINGS})
 
 
 def run_build_bank(features: str, output: str | None, *, shards: int = 1, add_to: str | None = None,
@@ -416,6 +418,23 @@ def _drop_error_rows(output: str, storage_options: dict[str, Any] | None) -> int
     return dropped
 
 
+def _bank_config(manifest: dict[str, Any]) -> SpadeConfig:
+    """The scoring settings a bank was built (and calibrated) with; keys a bank predates take their old behaviour."""
+    build = {**LEGACY_SCORING, **(manifest.get("build") or {})}
+    return SpadeConfig(manifest["backbone"], int(manifest["image_size"]), manifest["protocol"]).with_scoring(build)
+
+
+def _bank_calibration(manifest: dict[str, Any]) -> Calibration | None:
+    """The bank's calibration, with the settings it was made with (older manifests: the build's)."""
+    saved = manifest.get("calibration")
+    if not saved:
+        return None
+    if saved.get("settings") is None:
+        bank = _bank_config(manifest)
+        saved = {**saved, "settings": {name: getattr(bank, name) for name in CALIBRATION_SETTINGS}}
+    return Calibration(**saved)
+
+
 def _check_weights_on_driver(manifest: dict[str, Any], config: SpadeConfig, weights: str | None) -> None:
     """Refuse a bank of another backbone or other weights before any worker starts.
 
@@ -447,14 +466,12 @@ def run_score(source: str, bank_url: str, output: str, *, weights: str | None = 
     """
     start = time.perf_counter()
     bank_root, manifest = open_bank(bank_url, storage_options)
-    build = manifest.get("build") or {}
-    config = (SpadeConfig(manifest["backbone"], int(manifest["image_size"]), manifest["protocol"])
-              .with_scoring(build).with_scoring({"image_k": image_k, "pixel_k": pixel_k, "kappa": kappa, **(scoring or {})}))
-    calibration = manifest.get("calibration") or {}
-    pixel_threshold = threshold if threshold is not None else calibration.get("pixel_threshold")
-    image_thr = image_threshold if image_threshold is not None else calibration.get("image_threshold")
-    if pixel_threshold is None or image_thr is None:
-        raise ValueError(f"bank {bank_url} has no calibration; pass --threshold (and --image-threshold)")
+    config = _bank_config(manifest).with_scoring({"image_k": image_k, "pixel_k": pixel_k, "kappa": kappa, **(scoring or {})})
+    calibration = _bank_calibration(manifest)
+    needs_recalibration = calibration is not None and not calibration.matches(config)
+    if calibration is None and (threshold is None or image_threshold is None or config.image_scoring != "knn"):
+        raise ValueError(f"bank {bank_url} has no calibration; pass --threshold and --image-threshold "
+                         "(and --image-scoring knn: the knn+map score needs the normal scales)")
 
     _check_weights_on_driver(manifest, config, weights)
     items = resolve_inputs(source, storage_options)
@@ -477,23 +494,39 @@ def run_score(source: str, bank_url: str, output: str, *, weights: str | None = 
     todo = [it for it in items if it.image_id not in done]
     summary = JobSummary("score", skipped=len(items) - len(todo), output=output,
                          skipped_error=sum(1 for it in items if done.get(it.image_id, "ok") != "ok"),
-                         extra={"bank_id": bank_id, "pixel_threshold": pixel_threshold, "image_threshold": image_thr})
+                         extra={"bank_id": bank_id})
     spec = BACKBONES[config.backbone]
     pre = Preprocessor(config.image_size, config.protocol, spec.mean, spec.std)  # type: ignore[arg-type]
-    if todo:
+    served = None
+    if needs_recalibration:  # scoring settings differ from the bank's: thresholds and scales must follow them
+        assert calibration is not None
         init_ray(address)
         shard_cpus = shard_actor_cpus(len(manifest["shards"]))
         served = start_shard_actors(bank_root, manifest, storage_options, num_cpus=shard_cpus)
+        calibration = _calibrate(served, config, max(calibration.n_images, 2), calibration.target_fpr, batch_size, progress)
+    if calibration is not None:
+        calibration = calibration.for_image_scoring(config.image_scoring)
+    pixel_threshold = threshold if threshold is not None else calibration.pixel_threshold  # type: ignore[union-attr]
+    image_thr = image_threshold if image_threshold is not None else calibration.image_threshold  # type: ignore[union-attr]
+    summary.extra.update(pixel_threshold=pixel_threshold, image_threshold=image_thr, recalibrated=needs_recalibration)
+    if todo:
+        init_ray(address)
+        shard_cpus = shard_actor_cpus(len(manifest["shards"]))
+        if served is None:
+            served = start_shard_actors(bank_root, manifest, storage_options, num_cpus=shard_cpus)
         try:
             keys = unique_output_stems((it.image_id, it.relpath) for it in items)  # all inputs: same keys on a rerun
             _run_pipeline(todo, DecodeImages(pre, storage_options, max_pixels), ScoreImages,
                           {"bank": served, "config": config, "weights": weights, "output": output, "run_id": new_run_id(),
                            "pixel_threshold": float(pixel_threshold), "image_threshold": float(image_thr),
+                           "scales": calibration.scales if calibration else None,
                            "storage_options": storage_options, "save_maps": save_maps},
                           batch_size, max_actors, summary, progress, "score", reserved_cpus=shard_cpus * len(manifest["shards"]),
                           keys=keys)
         finally:
             served.shutdown()
+    elif served is not None:
+        served.shutdown()
     bar = progress(min(report_top, len(items)), "report")
     try:
         report = score_report(output, source=source, bank_id=bank_id, image_threshold=float(image_thr),

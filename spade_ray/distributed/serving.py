@@ -18,6 +18,7 @@ import numpy as np
 import ray
 import torch
 
+from ..aggregation import aggregate_levels
 from ..bank import open_bank, version_name
 from ..correspondence import merge_smallest
 from ..features import FeatureBatch
@@ -146,13 +147,14 @@ class BankClient:
         return [[found[int(r)] for r in row if r >= 0] for row in np.asarray(rows)]
 
     def score(self, query: FeatureBatch, exclude: np.ndarray | None = None) -> tuple[np.ndarray, list[np.ndarray], np.ndarray]:
-        """Image scores, fused maps at input size, and neighbour rows for a batch of query features."""
+        """kNN image scores, fused maps at input size, and neighbour rows for a batch of raw query features."""
         cfg = self.config
         k = max(cfg.image_k, cfg.pixel_k)
         dists, rows = self.search(query.global_, k, exclude)
         scores = image_score(dists, cfg.image_k)
         gallery = rows[:, : cfg.pixel_k]
-        levels_ref = ray.put([np.ascontiguousarray(level, dtype=np.float32) for level in query.levels])
+        levels_ref = ray.put([np.ascontiguousarray(level, dtype=np.float32)
+                              for level in aggregate_levels(query.levels, cfg.aggregate)])
         calls = []
         for actor, offset, size in zip(self.bank.actors, self.bank.offsets, self.bank.sizes):
             wanted = {}
@@ -161,7 +163,8 @@ class BankClient:
                 if owned.size:
                     wanted[b] = owned
             if wanted:
-                calls.append(actor.correspond.remote(levels_ref, wanted, cfg.kappa, cfg.matching, cfg.coarse_k, cfg.margin))
+                calls.append(actor.correspond.remote(levels_ref, wanted, cfg.kappa, cfg.matching, cfg.coarse_k, cfg.margin,
+                                                     cfg.aggregate))
         answers = ray.get(calls)
         maps = []
         for b in range(len(query)):

@@ -28,6 +28,7 @@ from ..backbones import load_backbone
 from ..bank import check_compatible
 from ..featurestore import FeatureMeta, features_to_table, write_feature_shard
 from ..features import features_from_tensor
+from ..image_scoring import combine_image_scores
 from ..images import DEFAULT_MAX_PIXELS, load_image
 from ..model import SpadeConfig
 from ..outputs import heatmap_rgb, join_url, output_stem, write_bytes, write_jpeg, write_npy, write_png
@@ -134,6 +135,7 @@ RESULT_SCHEMA = pa.schema([
     ("relpath", pa.string()),
     ("image_id", pa.string()),
     ("image_score", pa.float32()),
+    ("knn_score", pa.float32()),
     ("pixel_max", pa.float32()),
     ("is_anomalous", pa.bool_()),
     ("mask_uri", pa.string()),
@@ -159,7 +161,8 @@ class ScoreImages:
 
     def __init__(self, bank: ServedBank, config: SpadeConfig, weights: str | None, output: str, run_id: str,
                  pixel_threshold: float, image_threshold: float, storage_options: dict[str, Any] | None = None,
-                 save_maps: bool = False, max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
+                 save_maps: bool = False, max_pixels: int = DEFAULT_MAX_PIXELS,
+                 scales: tuple[float, float] | None = None) -> None:
         set_worker_threads()
         self.max_pixels = max_pixels
         self.save_maps = save_maps
@@ -174,6 +177,7 @@ class ScoreImages:
         self.run_id = run_id
         self.pixel_threshold = pixel_threshold
         self.image_threshold = image_threshold
+        self.scales = scales
         self.storage_options = storage_options
 
     def __call__(self, batch: Batch) -> Batch:
@@ -194,7 +198,7 @@ class ScoreImages:
                 raise  # infrastructure, not the images: let Ray retry the batch (see the module docstring)
             except Exception as exc:  # a failure of the batch is recorded on each of its images
                 for i in ok:
-                    rows[i].update(status="error", error=_reason(exc), image_score=None, pixel_max=None,
+                    rows[i].update(status="error", error=_reason(exc), image_score=None, knn_score=None, pixel_max=None,
                                    is_anomalous=None, mask_uri=None, heatmap_uri=None, overlay_uri=None,
                                    neighbours=None)
         seconds = (time.perf_counter() - start) / max(n, 1)
@@ -210,7 +214,8 @@ class ScoreImages:
 
     def _score(self, batch: Batch, ok: np.ndarray, rows: list[dict[str, Any]]) -> None:
         query = features_from_tensor(self.backbone, self.preprocessor.normalize(batch["pixels"][ok]))
-        scores, maps, neighbour_rows = self.client.score(query)
+        knn, maps, neighbour_rows = self.client.score(query)
+        scores = combine_image_scores(knn, np.array([m.max() for m in maps]), self.config.image_scoring, self.scales)
         neighbours = self.client.neighbour_ids(neighbour_rows[:, : self.config.image_k])
         for j, i in enumerate(ok):
             amap = self.preprocessor.map_to_output(maps[j], int(batch["height"][i]), int(batch["width"][i]))
@@ -229,7 +234,7 @@ class ScoreImages:
             if self.save_maps:
                 write_npy(join_url(self.output, f"maps/{stem}.npy"), amap, self.storage_options)
             rows[i].update(
-                image_score=float(scores[j]), pixel_max=pixel_max,
+                image_score=float(scores[j]), knn_score=float(knn[j]), pixel_max=pixel_max,
                 is_anomalous=bool(scores[j] > self.image_threshold or pixel_max > self.pixel_threshold),
                 mask_uri=mask_uri, heatmap_uri=heatmap_uri, overlay_uri=overlay_uri, neighbours=[uri for _, uri in neighbours[j]],
             )
