@@ -17,9 +17,7 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
 
 def test_demo_runs_the_distributed_pipeline_and_writes_every_output(tmp_path) -> None:
     out = tmp_path / "demo"
-    # the published method: at 128 px its raw features find these thin synthetic scratches best (the default's
-    # 3x3 aggregation costs pixel AUROC on this synthetic data; README, "Detection quality")
-    proc = run_cli("demo", "--output", str(out), "--pixel-k", "5", "--image-size", "128", "--quiet", "--method", "spade")
+    proc = run_cli("demo", "--output", str(out), "--pixel-k", "5", "--image-size", "128", "--quiet")
     assert proc.returncode == 0, proc.stderr
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["n_test"] == 34 and metrics["image_auroc"] > 0.8 and metrics["pixel_auroc"] > 0.85
