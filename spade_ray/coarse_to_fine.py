@@ -26,7 +26,7 @@ from .correspondence import DEFAULT_CHUNK_ELEMENTS
 __all__ = ["DEFAULT_COARSE_K", "DEFAULT_MARGIN", "coarse_to_fine_distances"]
 
 DEFAULT_COARSE_K = 1
-DEFAULT_MARGIN = 0
+DEFAULT_MARGIN = 1  # margin 0 loses 0.8 point of AUPRO on magnetic_tile (paper protocol); 1 stays within 0.25 (README)
 
 
 def coarse_to_fine_distances(

@@ -64,10 +64,12 @@ DEFAULT_KAPPA = 1
 # Chosen by measurement (README, "Detection quality"): the combined image score raises image AUROC
 # on magnetic_tile and costs nothing on the synthetic set; 3x3 aggregation raises pixel AUROC on
 # magnetic_tile but loses AUPRO there (full protocol) and loses heavily on the synthetic set's thin
-# defects, so it is an option, not the default.
+# defects, so it is an option, not the default.  Coarse-to-fine matching (margin 1) is within 0.25
+# point of exact on pixel AUROC and AUPRO on magnetic_tile (both protocols), better than exact on
+# the synthetic set, and 3.5 times cheaper: the approximate default issue 5's rule allows.
 DEFAULT_AGGREGATE = 1
 DEFAULT_IMAGE_SCORING = "knn+map"
-DEFAULT_MATCHING = "exact"
+DEFAULT_MATCHING = "coarse-to-fine"
 MODEL_FORMAT_VERSION = 1
 
 @dataclass(frozen=True)

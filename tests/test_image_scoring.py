@@ -52,4 +52,4 @@ def test_a_calibration_knows_which_settings_it_was_made_with() -> None:
                                   ("image_k", "pixel_k", "kappa", "sigma", "matching", "coarse_k", "margin", "aggregate")})
     assert cal.matches(config)
     assert cal.matches(SpadeConfig(image_scoring="knn"))  # only combines the same normal scores
-    assert not cal.matches(SpadeConfig(aggregate=1)) and not cal.matches(SpadeConfig(pixel_k=5))
+    assert not cal.matches(SpadeConfig(aggregate=3)) and not cal.matches(SpadeConfig(pixel_k=5))
