@@ -108,6 +108,10 @@ class SpadeConfig:
         """The settings a scorer may override per run (stored in a bank's manifest as its defaults)."""
         return {name: getattr(self, name) for name in SCORING_SETTINGS}
 
+    def calibration_settings(self) -> dict[str, Any]:
+        """The settings a leave-one-out calibration depends on (stored with it, compared by :meth:`Calibration.matches`)."""
+        return {name: getattr(self, name) for name in CALIBRATION_SETTINGS}
+
     def with_scoring(self, settings: dict[str, Any]) -> "SpadeConfig":
         """This config with the scoring settings found in ``settings`` (None values and other keys ignored)."""
         return replace(self, **{k: type(getattr(self, k))(v) for k, v in settings.items() if k in SCORING_SETTINGS and v is not None})
@@ -187,8 +191,8 @@ class Calibration:
         """Whether these normal scores were made with ``config``'s calibration settings."""
         if self.settings is None:
             return False
-        ours = {name: getattr(config, name) for name in CALIBRATION_SETTINGS}
-        return all(self.settings.get(name, LEGACY_SCORING.get(name)) == value for name, value in ours.items())
+        return all(self.settings.get(name, LEGACY_SCORING.get(name)) == value
+                   for name, value in config.calibration_settings().items())
 
 
 def calibration_rows(n_images: int, samples: int) -> np.ndarray:
@@ -396,7 +400,7 @@ class Spade:
                 if progress:
                     progress(len(batch_rows))
         return Calibration.from_scores(scores, maxima, target_fpr, self.config.image_scoring,
-                                       {name: getattr(self.config, name) for name in CALIBRATION_SETTINGS})
+                                       self.config.calibration_settings())
 
     # ------------------------------------------------------------------ predict
 

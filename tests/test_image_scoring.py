@@ -48,8 +48,7 @@ def test_calibration_thresholds_follow_the_image_scoring() -> None:
 
 def test_a_calibration_knows_which_settings_it_was_made_with() -> None:
     config = SpadeConfig()
-    cal = Calibration.from_scores([1.0, 2.0], [1.0, 2.0], 0.01, settings={n: getattr(config, n) for n in
-                                  ("image_k", "pixel_k", "kappa", "sigma", "matching", "coarse_k", "margin", "aggregate")})
+    cal = Calibration.from_scores([1.0, 2.0], [1.0, 2.0], 0.01, settings=config.calibration_settings())
     assert cal.matches(config)
     assert cal.matches(SpadeConfig(image_scoring="knn"))  # only combines the same normal scores
     assert not cal.matches(SpadeConfig(aggregate=3)) and not cal.matches(SpadeConfig(pixel_k=5))

@@ -33,8 +33,8 @@ from ..backbones import BACKBONES
 from ..featurestore import FeatureMeta, list_feature_shards, read_feature_meta
 from ..features import FeatureBatch
 from ..fusion import DEFAULT_SIGMA
-from ..model import (CALIBRATION_SETTINGS, DEFAULT_IMAGE_K, DEFAULT_KAPPA, DEFAULT_PIXEL_K, LEGACY_SCORING, Calibration,
-                     SpadeConfig, calibration_rows)
+from ..model import (DEFAULT_IMAGE_K, DEFAULT_KAPPA, DEFAULT_PIXEL_K, LEGACY_SCORING, Calibration, SpadeConfig,
+                     calibration_rows)
 from ..images import DEFAULT_MAX_PIXELS
 from ..outputs import join_url, output_stem, unique_output_stems, write_bytes
 from ..preprocess import Preprocessor
@@ -286,8 +286,7 @@ def _calibrate(bank: ServedBank, config: SpadeConfig, samples: int, target_fpr: 
         maxima.extend(float(m.max()) for m in maps)
         bar.update(len(batch_rows))
     bar.close()
-    return Calibration.from_scores(scores, maxima, target_fpr, config.image_scoring,
-                                   {name: getattr(config, name) for name in CALIBRATION_SETTINGS})
+    return Calibration.from_scores(scores, maxima, target_fpr, config.image_scoring, config.calibration_settings())
 
 
 def run_build_bank(features: str, output: str | None, *, shards: int = 1, add_to: str | None = None,
@@ -430,8 +429,7 @@ def _bank_calibration(manifest: dict[str, Any]) -> Calibration | None:
     if not saved:
         return None
     if saved.get("settings") is None:
-        bank = _bank_config(manifest)
-        saved = {**saved, "settings": {name: getattr(bank, name) for name in CALIBRATION_SETTINGS}}
+        saved = {**saved, "settings": _bank_config(manifest).calibration_settings()}
     return Calibration(**saved)
 
 
