@@ -30,7 +30,7 @@ from typing import Any, Callable, Iterator, Sequence
 import numpy as np
 import torch
 
-from .aggregation import aggregate_levels
+from .aggregation import AggregatedPyramids, aggregate_levels
 from .backbones import BACKBONES, Backbone, load_backbone
 from .coarse_to_fine import DEFAULT_COARSE_K, DEFAULT_MARGIN
 from .correspondence import DEFAULT_CHUNK_ELEMENTS
@@ -303,7 +303,7 @@ class Spade:
         self.bank_ids: list[str] = []
         self.bank_global: np.ndarray | None = None
         self.bank_levels: list[np.ndarray] = []
-        self._aggregated: dict[int, list[np.ndarray]] = {}
+        self._aggregated = AggregatedPyramids([])
         self.index: GlobalIndex | None = None
         self.calibration: Calibration | None = None
         self.weights_sha256: str | None = None
@@ -373,16 +373,16 @@ class Spade:
         self.bank_ids = list(ids)
         self.bank_global = np.ascontiguousarray(global_, dtype=np.float32)
         self.bank_levels = [np.ascontiguousarray(level, dtype=np.float16) for level in levels]
-        self._aggregated = {1: self.bank_levels}
+        self._aggregated = AggregatedPyramids(self.bank_levels)
         with self.timer.stage("index"):
             self.index = GlobalIndex(self.bank_global)
 
     def gallery_levels(self, aggregate: int) -> list[np.ndarray]:
         """The bank's pyramids in the feature space of ``aggregate`` (computed once, then kept)."""
-        if aggregate not in self._aggregated:
-            with self.timer.stage("aggregate bank"):
-                self._aggregated[aggregate] = aggregate_levels(self.bank_levels, aggregate)
-        return self._aggregated[aggregate]
+        if aggregate in self._aggregated:
+            return self._aggregated(aggregate)
+        with self.timer.stage("aggregate bank"):
+            return self._aggregated(aggregate)
 
     def calibrate(self, samples: int = 64, target_fpr: float = 0.01, progress: Callable[[int], None] | None = None) -> Calibration:
         """Leave-one-out scores of up to ``samples`` bank images (evenly spaced) -> scales and thresholds."""

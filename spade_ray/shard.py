@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .aggregation import aggregate_levels
+from .aggregation import AggregatedPyramids
 from .bank import BankShard, load_shard
 from .coarse_to_fine import DEFAULT_COARSE_K, DEFAULT_MARGIN
 from .correspondence import DEFAULT_CHUNK_ELEMENTS
@@ -42,24 +42,14 @@ class ShardServer:
             faiss.omp_set_num_threads(threads)
         self.shard: BankShard = load_shard(bank_root, entry, verify=verify, storage_options=storage_options)
         self.offset = int(offset)
-        self._aggregated: dict[int, list[np.ndarray]] = {1: self.shard.levels}
+        self.levels = AggregatedPyramids(self.shard.levels)  # levels(aggregate): this shard's pyramids in that feature space
 
     @classmethod
     def from_shard(cls, shard: BankShard, offset: int) -> "ShardServer":
         server = cls.__new__(cls)
         server.shard, server.offset = shard, int(offset)
-        server._aggregated = {1: shard.levels}
+        server.levels = AggregatedPyramids(shard.levels)
         return server
-
-    def levels(self, aggregate: int = 1) -> list[np.ndarray]:
-        """This shard's pyramids in the feature space of ``aggregate``: computed on first use, then kept.
-
-        A shard usually serves one setting, so the cost is one pass over the shard and, for a
-        setting other than raw, a second copy of the pyramids in memory.
-        """
-        if aggregate not in self._aggregated:
-            self._aggregated[aggregate] = aggregate_levels(self.shard.levels, aggregate)
-        return self._aggregated[aggregate]
 
     def info(self) -> dict[str, Any]:
         return {"name": self.shard.name, "n_images": len(self.shard), "offset": self.offset,
