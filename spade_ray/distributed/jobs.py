@@ -495,24 +495,22 @@ def run_score(source: str, bank_url: str, output: str, *, weights: str | None = 
                          extra={"bank_id": bank_id})
     spec = BACKBONES[config.backbone]
     pre = Preprocessor(config.image_size, config.protocol, spec.mean, spec.std)  # type: ignore[arg-type]
-    served = None
-    if needs_recalibration:  # scoring settings differ from the bank's: thresholds and scales must follow them
-        assert calibration is not None
+    served, shard_cpus = None, 0.0
+    if needs_recalibration or todo:
         init_ray(address)
         shard_cpus = shard_actor_cpus(len(manifest["shards"]))
         served = start_shard_actors(bank_root, manifest, storage_options, num_cpus=shard_cpus)
-        calibration = _calibrate(served, config, max(calibration.n_images, 2), calibration.target_fpr, batch_size, progress)
-    if calibration is not None:
-        calibration = calibration.for_image_scoring(config.image_scoring)
-    pixel_threshold = threshold if threshold is not None else calibration.pixel_threshold  # type: ignore[union-attr]
-    image_thr = image_threshold if image_threshold is not None else calibration.image_threshold  # type: ignore[union-attr]
-    summary.extra.update(pixel_threshold=pixel_threshold, image_threshold=image_thr, recalibrated=needs_recalibration)
-    if todo:
-        init_ray(address)
-        shard_cpus = shard_actor_cpus(len(manifest["shards"]))
-        if served is None:
-            served = start_shard_actors(bank_root, manifest, storage_options, num_cpus=shard_cpus)
-        try:
+    try:
+        if needs_recalibration:  # scoring settings differ from the bank's: thresholds and scales must follow them
+            assert calibration is not None and served is not None
+            calibration = _calibrate(served, config, max(calibration.n_images, 2), calibration.target_fpr, batch_size,
+                                     progress)
+        if calibration is not None:
+            calibration = calibration.for_image_scoring(config.image_scoring)
+        pixel_threshold = threshold if threshold is not None else calibration.pixel_threshold  # type: ignore[union-attr]
+        image_thr = image_threshold if image_threshold is not None else calibration.image_threshold  # type: ignore[union-attr]
+        summary.extra.update(pixel_threshold=pixel_threshold, image_threshold=image_thr, recalibrated=needs_recalibration)
+        if todo:
             keys = unique_output_stems((it.image_id, it.relpath) for it in items)  # all inputs: same keys on a rerun
             _run_pipeline(todo, DecodeImages(pre, storage_options, max_pixels), ScoreImages,
                           {"bank": served, "config": config, "weights": weights, "output": output, "run_id": new_run_id(),
@@ -521,10 +519,9 @@ def run_score(source: str, bank_url: str, output: str, *, weights: str | None = 
                            "storage_options": storage_options, "save_maps": save_maps},
                           batch_size, max_actors, summary, progress, "score", reserved_cpus=shard_cpus * len(manifest["shards"]),
                           keys=keys)
-        finally:
+    finally:
+        if served is not None:
             served.shutdown()
-    elif served is not None:
-        served.shutdown()
     bar = progress(min(report_top, len(items)), "report")
     try:
         report = score_report(output, source=source, bank_id=bank_id, image_threshold=float(image_thr),
