@@ -21,6 +21,7 @@ import time
 import numpy as np
 import torch
 
+from spade_ray.aggregation import aggregate_level
 from spade_ray.datasets import load_mvtec
 from spade_ray.features import FeatureBatch
 from spade_ray.image_scoring import combine_image_scores
@@ -71,11 +72,15 @@ def main() -> None:
     all_levels = model.bank_levels
     for name, settings in map(parse_variant, args.variant):
         levels = [int(x) for x in settings.pop("levels").split("+")] if "levels" in settings else None
+        per_level = [int(x) for x in settings.pop("agg").split("+")] if "agg" in settings else None
         model.config = model.config.with_scoring({**METHODS[settings.pop("method", "spade-ray")], **settings})
         config = model.config
         if levels is not None:  # experiment: score with a subset of the pyramid levels, e.g. levels=1+2
             model.set_bank(model.bank_ids, model.bank_global, [all_levels[i] for i in levels])
             q = FeatureBatch(query.global_, [query.levels[i] for i in levels])
+        elif per_level is not None:  # experiment: a window size per level, e.g. agg=1+3+3
+            model.set_bank(model.bank_ids, model.bank_global, [aggregate_level(l, n) for l, n in zip(all_levels, per_level)])
+            q = FeatureBatch(query.global_, [aggregate_level(l, n) for l, n in zip(query.levels, per_level)])
         else:
             model.set_bank(model.bank_ids, model.bank_global, all_levels)
             q = query
@@ -90,6 +95,7 @@ def main() -> None:
         metrics = compute_metrics(scores, labels, maps, masks)
         metrics["image_auroc_knn_only"] = compute_metrics(knn, labels)["image_auroc"]
         row = {"variant": name, **{k: v for k, v in config.scoring().items()}, **({"levels": levels} if levels else {}),
+               **({"agg": per_level} if per_level else {}),
                **{k: round(v, 4) for k, v in metrics.items() if v is not None},
                "seconds_per_image_retrieval_correspondence_fusion": round(seconds, 4)}
         table.append(row)

@@ -1,10 +1,11 @@
 """Check that the distributed job gives the in-process model's numbers on an MVTec-layout dataset.
 
-    python benchmarks/compare_distributed.py DATASET --work runs/compare --shards 3 [--protocol full]
+    python benchmarks/compare_distributed.py DATASET --work runs/compare --shards 3 [--protocol full] [--method spade]
 
 Runs `Spade.fit/predict` in process, and extract -> build-bank (N shards) -> score on a local Ray
-with the same settings; prints the largest relative differences of image scores and maps and the
-metrics of both, and writes them to WORK/compare.json.
+with the same settings (a method preset, default the default one, and the same normal-only
+calibration); prints the largest relative differences of image scores and maps, the calibrated
+thresholds and the metrics of both, and writes them to WORK/compare.json.
 """
 
 from __future__ import annotations
@@ -20,12 +21,19 @@ import torch
 
 from spade_ray import Spade
 from spade_ray.datasets import load_mvtec
+from spade_ray.bank import open_bank
 from spade_ray.distributed.jobs import run_build_bank, run_extract, run_score
 from spade_ray.images import load_mask
 from spade_ray.metrics import compute_metrics
-from spade_ray.model import DEFAULT_IMAGE_K, DEFAULT_KAPPA, DEFAULT_PIXEL_K
+from spade_ray.model import DEFAULT_IMAGE_K, DEFAULT_KAPPA, DEFAULT_PIXEL_K, METHODS
 from spade_ray.outputs import output_key
 from spade_ray.sources import resolve_inputs
+
+
+def _thresholds(calibration: dict | None) -> dict | None:
+    if not calibration:
+        return None
+    return {k: calibration[k] for k in ("image_threshold", "pixel_threshold", "knn_scale", "map_scale") if k in calibration}
 
 
 def main() -> None:
@@ -37,24 +45,29 @@ def main() -> None:
     parser.add_argument("--image-k", type=int, default=DEFAULT_IMAGE_K)
     parser.add_argument("--pixel-k", type=int, default=DEFAULT_PIXEL_K)
     parser.add_argument("--kappa", type=int, default=DEFAULT_KAPPA)
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch threads of the in-process run (default 1: what a scoring actor gets on a 2-CPU "
-                             "machine). oneDNN's 1x1 convolutions sum in a thread-count-dependent order (~2e-6), and "
-                             "a near-tie at the pixel_k-th neighbour turns that into a different gallery")
+    parser.add_argument("--method", default="spade-ray", choices=sorted(METHODS))
+    parser.add_argument("--calibration-samples", type=int, default=64)
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads of the in-process run (default: torch's). The backbone's features do not "
+                             "depend on it (spade_ray.batch_invariance), so neither should the comparison")
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     work = Path(args.work)
     settings = {"image_k": args.image_k, "pixel_k": args.pixel_k, "kappa": args.kappa}
+    scoring = METHODS[args.method]
 
     data = load_mvtec(args.dataset)
     t0 = time.perf_counter()
-    model = Spade("lite0", protocol=args.protocol, **settings).fit([s.uri for s in data.train], calibration_samples=0)
+    model = Spade("lite0", protocol=args.protocol, **settings, **scoring).fit(
+        [s.uri for s in data.train], calibration_samples=args.calibration_samples)
     pred = model.predict([s.uri for s in data.test])
     t_local = time.perf_counter() - t0
 
     t0 = time.perf_counter()
     run_extract(str(Path(args.dataset) / "train" / "good"), str(work / "features"), protocol=args.protocol)
-    run_build_bank(str(work / "features"), str(work / "bank"), shards=args.shards, calibration_samples=0, **settings)
+    run_build_bank(str(work / "features"), str(work / "bank"), shards=args.shards, scoring=scoring,
+                   calibration_samples=args.calibration_samples, **settings)
     summary = run_score(str(Path(args.dataset) / "test"), str(work / "bank"), str(work / "scored"), save_maps=True,
                         threshold=1e9, image_threshold=1e9, overwrite=True)
     t_dist = time.perf_counter() - t0
@@ -77,11 +90,16 @@ def main() -> None:
     dist_metrics = compute_metrics(np.array(d_scores), labels, d_maps, masks)
     report = {
         "dataset": args.dataset, "protocol": args.protocol, "shards": args.shards, **settings,
-        "in_process_torch_threads": args.threads,
+        "method": args.method, "calibration_samples": args.calibration_samples,
+        "in_process_torch_threads": torch.get_num_threads(),
         "bank_dtype": "float16 pyramids, float32 global vectors (both paths)",
         "max_relative_image_score_difference": score_diff,
         "max_relative_map_difference": map_diff,
         "max_relative_map_difference_image": worst,
+        "calibrated_thresholds": {
+            "in_process": _thresholds(model.calibration.__dict__ if model.calibration else None),
+            "distributed": _thresholds(open_bank(str(work / "bank"))[1].get("calibration")),
+        },
         "in_process": {k: round(v, 3) if v is not None else None for k, v in local_metrics.items()},
         "distributed": {k: round(v, 3) if v is not None else None for k, v in dist_metrics.items()},
         "seconds": {"in_process_fit_predict": round(t_local, 1), "distributed_extract_build_score": round(t_dist, 1)},

@@ -26,6 +26,8 @@ from typing import Callable
 import torch
 from torch import nn
 
+from .batch_invariance import pin_onednn_convolutions
+
 __all__ = [
     "BACKBONES",
     "Backbone",
@@ -132,6 +134,7 @@ class Backbone(nn.Module):
         self.weights_sha256 = weights_sha256
         for param in self.trunk.parameters():
             param.requires_grad_(False)
+        pin_onednn_convolutions(self.trunk)  # features independent of batch and threads
 
     @property
     def name(self) -> str:

@@ -18,7 +18,7 @@ from .evaluate_report import evaluation_report
 from .featurestore import image_id_for
 from .images import DEFAULT_MAX_PIXELS, load_image, load_mask
 from .metrics import compute_metrics
-from .model import DEFAULT_IMAGE_K, DEFAULT_KAPPA, DEFAULT_PIXEL_K, Spade, calibration_rows
+from .model import DEFAULT_IMAGE_K, DEFAULT_KAPPA, DEFAULT_PIXEL_K, Spade
 from .outputs import heatmap_rgb, join_url, unique_output_stems, write_bytes, write_jpeg, write_png
 from .overlay import overlay_rgb
 from .progress import Progress, no_progress
@@ -73,7 +73,7 @@ def evaluate(
     model.fit([s.uri for s in data.train], ids=[s.relpath for s in data.train], calibration_samples=0, progress=bar.update)
     bar.close()
     if calibration_samples > 0 and len(data.train) > 1:
-        bar = progress(len(calibration_rows(len(data.train), calibration_samples)), "calibrate (leave-one-out)")
+        bar = progress(min(len(data.train), calibration_samples), "calibrate (leave-one-out)")
         model.calibration = model.calibrate(calibration_samples, target_fpr, progress=bar.update)
         bar.close()
     fit_seconds = time.perf_counter() - fit_start

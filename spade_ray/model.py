@@ -21,6 +21,7 @@ normal variation at the pixel level (see the README for the measurements behind 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from dataclasses import asdict, dataclass, field, replace
@@ -195,9 +196,18 @@ class Calibration:
                    for name, value in config.calibration_settings().items())
 
 
-def calibration_rows(n_images: int, samples: int) -> np.ndarray:
-    """Up to ``samples`` evenly spaced bank rows to score leave-one-out."""
-    return np.unique(np.linspace(0, n_images - 1, num=min(samples, n_images)).round().astype(np.int64))
+def calibration_rows(keys: Sequence[str], samples: int) -> np.ndarray:
+    """Rows (ascending) of the up to ``samples`` bank images to score leave-one-out: those whose
+    ``sha256(key)`` is smallest, ``key`` being the image's URI.
+
+    A hash order is a uniform sample that depends on nothing but the images themselves: the same
+    bank fitted in process or built into any number of shards, in any order, calibrates on the
+    same images and so gets the same thresholds and score scales.  Choosing among the candidates
+    each shard proposes (its own smallest ``samples``) gives the bank-wide choice.
+    """
+    digests = [hashlib.sha256(str(key).encode("utf-8")).digest() for key in keys]
+    order = sorted(range(len(digests)), key=digests.__getitem__)
+    return np.sort(np.asarray(order[: max(0, samples)], dtype=np.int64))
 
 
 @dataclass
@@ -385,11 +395,11 @@ class Spade:
             return self._aggregated(aggregate)
 
     def calibrate(self, samples: int = 64, target_fpr: float = 0.01, progress: Callable[[int], None] | None = None) -> Calibration:
-        """Leave-one-out scores of up to ``samples`` bank images (evenly spaced) -> scales and thresholds."""
+        """Leave-one-out scores of up to ``samples`` bank images (:func:`calibration_rows`) -> scales and thresholds."""
         self._require_fitted()
         assert self.bank_global is not None
         n = len(self.bank_ids)
-        rows = calibration_rows(n, samples)
+        rows = calibration_rows(self.bank_ids, samples)
         scores, maxima = [], []
         with self.timer.stage("calibration"):
             for batch_rows in _batches(rows, self.batch_size):

@@ -19,6 +19,7 @@ from .bank import BankShard, load_shard
 from .coarse_to_fine import DEFAULT_COARSE_K, DEFAULT_MARGIN
 from .correspondence import DEFAULT_CHUNK_ELEMENTS
 from .matching import pyramid_distances
+from .model import calibration_rows
 
 __all__ = ["ShardServer"]
 
@@ -106,6 +107,11 @@ class ShardServer:
         if not self.owns(np.asarray(rows)).all():
             raise ValueError(f"shard {self.shard.name} does not own all of rows {rows}")
         return self.shard.global_[local].copy(), [level[local].astype(np.float32) for level in self.shard.levels]
+
+    def calibration_candidates(self, samples: int) -> tuple[list[str], np.ndarray]:
+        """URIs and bank-wide rows of this shard's share of a calibration sample (see ``calibration_rows``)."""
+        local = calibration_rows(self.shard.uris, samples)
+        return [self.shard.uris[r] for r in local.tolist()], local + self.offset
 
     def ids(self, rows: np.ndarray) -> list[tuple[str, str]]:
         """(image id, uri) of owned bank-wide rows."""

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from spade_ray.image_scoring import combine_image_scores, normal_scales
-from spade_ray.model import Calibration, SpadeConfig
+from spade_ray.model import Calibration, SpadeConfig, calibration_rows
 
 
 def test_knn_is_the_retrieval_distance_alone() -> None:
@@ -52,3 +52,17 @@ def test_a_calibration_knows_which_settings_it_was_made_with() -> None:
     assert cal.matches(config)
     assert cal.matches(SpadeConfig(image_scoring="knn"))  # only combines the same normal scores
     assert not cal.matches(SpadeConfig(aggregate=3)) and not cal.matches(SpadeConfig(pixel_k=5))
+
+
+def test_calibration_sample_depends_on_the_images_not_on_bank_order_or_shards() -> None:
+    uris = [f"s3://line-3/good/{i:04d}.png" for i in range(500)]
+    rows = calibration_rows(uris, 16)
+    chosen = {uris[r] for r in rows}
+    assert len(rows) == 16 and list(rows) == sorted(rows)
+    shuffled = list(np.random.default_rng(0).permutation(uris))
+    assert {shuffled[r] for r in calibration_rows(shuffled, 16)} == chosen
+    # three shards each propose their own 16; choosing among the proposals gives the same 16
+    shards = [uris[0::3], uris[1::3], uris[2::3]]
+    proposals = [shard[r] for shard in shards for r in calibration_rows(shard, 16)]
+    assert {proposals[r] for r in calibration_rows(proposals, 16)} == chosen
+    assert len(calibration_rows(uris[:5], 16)) == 5

@@ -143,9 +143,12 @@ def test_score_writes_a_self_contained_report_of_the_output(local_run, tmp_path)
 def test_distributed_scores_and_maps_equal_in_process_spade(local_run, dataset) -> None:
     out, *_ = local_run
     data = load_mvtec(str(dataset))
-    model = Spade("lite0", image_size=IMAGE_SIZE, **SETTINGS).fit([s.uri for s in data.train], calibration_samples=0)
-    # the image score combines the kNN score and the map maximum with the bank's normal scales
-    model.calibration = Calibration(**json.loads((out / "bank" / "v0001" / "manifest.json").read_text())["calibration"])
+    model = Spade("lite0", image_size=IMAGE_SIZE, **SETTINGS).fit([s.uri for s in data.train], calibration_samples=6)
+    # the same normal images calibrate both (chosen by URI hash, not by bank order or shard), so the
+    # scales the image score combines with, and the thresholds, agree as well
+    bank = Calibration(**json.loads((out / "bank" / "v0001" / "manifest.json").read_text())["calibration"])
+    for name in ("knn_scale", "map_scale", "image_threshold", "pixel_threshold"):
+        assert getattr(model.calibration, name) == pytest.approx(getattr(bank, name), rel=1e-5), name
     test = [s for s in data.test if not s.uri.endswith("broken.png")]
     pred = model.predict([s.uri for s in test])
     rows = {r["uri"]: r for r in read_results(str(out / "scored" / "results"))}

@@ -260,11 +260,14 @@ def _select_rows(files: list[str], storage_options: dict[str, Any] | None, exclu
 
 def _calibrate(bank: ServedBank, config: SpadeConfig, samples: int, target_fpr: float, batch_size: int,
                progress: Progress = no_progress) -> Calibration | None:
-    """Leave-one-out scores of up to ``samples`` bank images (evenly spaced rows) -> thresholds."""
+    """Leave-one-out scores of up to ``samples`` bank images (``calibration_rows`` of their URIs) -> thresholds."""
     n = bank.n_images
     if samples <= 0 or n < 2:
         return None
-    rows = calibration_rows(n, samples)
+    candidates = ray.get([actor.calibration_candidates.remote(samples) for actor in bank.actors])
+    uris = [uri for shard_uris, _ in candidates for uri in shard_uris]
+    shard_rows = np.concatenate([rows for _, rows in candidates])
+    rows = np.sort(shard_rows[calibration_rows(uris, samples)])
     bar = progress(len(rows), "calibrate (leave-one-out)")
     client = BankClient(bank, config)
     starts = np.asarray(bank.offsets)
