@@ -30,6 +30,25 @@ from spade_ray.metrics import compute_metrics
 from spade_ray.model import METHODS, Spade
 
 
+def _smooth(level: np.ndarray, how: str) -> np.ndarray:
+    """Experiment: "3" box 3x3 (aggregate_level), "b3" binomial 3x3, "h3" half raw + half box."""
+    if how.isdigit():
+        return aggregate_level(level, int(how))
+    x = torch.from_numpy(np.asarray(level, np.float32))
+    if how == "h3":
+        return (0.5 * x.numpy() + 0.5 * aggregate_level(level.astype(np.float32), 3)).astype(level.dtype)
+    if how == "b3":
+        k = torch.tensor([1.0, 2.0, 1.0])
+        k2 = (k[:, None] * k[None, :])[None, None].repeat(x.shape[1], 1, 1, 1)
+        ones = torch.ones(1, 1, *x.shape[2:])
+        norm = torch.nn.functional.conv2d(ones, k2[:1], padding=1)
+        out = []
+        for i in range(0, x.shape[0], 64):
+            out.append(torch.nn.functional.conv2d(x[i:i + 64], k2, padding=1, groups=x.shape[1]) / norm)
+        return torch.cat(out).numpy().astype(level.dtype)
+    raise ValueError(how)
+
+
 def parse_variant(text: str) -> tuple[str, dict[str, str]]:
     name, _, spec = text.partition(":")
     settings = dict(item.split("=", 1) for item in spec.split(",") if item)
@@ -72,15 +91,15 @@ def main() -> None:
     all_levels = model.bank_levels
     for name, settings in map(parse_variant, args.variant):
         levels = [int(x) for x in settings.pop("levels").split("+")] if "levels" in settings else None
-        per_level = [int(x) for x in settings.pop("agg").split("+")] if "agg" in settings else None
+        per_level = settings.pop("agg").split("+") if "agg" in settings else None
         model.config = model.config.with_scoring({**METHODS[settings.pop("method", "spade-ray")], **settings})
         config = model.config
         if levels is not None:  # experiment: score with a subset of the pyramid levels, e.g. levels=1+2
             model.set_bank(model.bank_ids, model.bank_global, [all_levels[i] for i in levels])
             q = FeatureBatch(query.global_, [query.levels[i] for i in levels])
         elif per_level is not None:  # experiment: a window size per level, e.g. agg=1+3+3
-            model.set_bank(model.bank_ids, model.bank_global, [aggregate_level(l, n) for l, n in zip(all_levels, per_level)])
-            q = FeatureBatch(query.global_, [aggregate_level(l, n) for l, n in zip(query.levels, per_level)])
+            model.set_bank(model.bank_ids, model.bank_global, [_smooth(l, n) for l, n in zip(all_levels, per_level)])
+            q = FeatureBatch(query.global_, [_smooth(l, n) for l, n in zip(query.levels, per_level)])
         else:
             model.set_bank(model.bank_ids, model.bank_global, all_levels)
             q = query

@@ -31,15 +31,20 @@ def search_exact(index: faiss.Index, vectors: np.ndarray, queries: np.ndarray, k
                  exclude: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """The ``k`` nearest rows of ``vectors`` (indexed by ``index``) for each query, deterministically.
 
-    Returns (distances float32, rows int64), both (B, k), ascending by exact float64 Euclidean
-    distance, ties broken by row; -1/inf where there are fewer than k rows.  ``exclude`` (B,)
+    Returns (distances float64, rows int64), both (B, k), ascending by exact float64 Euclidean
+    distance, ties broken by row; -1/inf where there are fewer than k rows.  The distances stay
+    float64 so that :func:`merge_topk` orders shards' answers as this function ordered them:
+    rounded to float32, distinct neighbours can tie, and a tie broken by row depends on the
+    order in which a bank's images were added (a real case on magnetic_tile: the 50th and 51st
+    neighbours of a test image 1e-7 apart, and the in-process and the sharded bank differ in
+    row order).  ``exclude`` (B,)
     names one row per query to leave out (-1: none), for leave-one-out scoring.
     """
     queries = np.ascontiguousarray(queries, dtype=np.float32)
     if queries.ndim != 2:
         raise ValueError(f"queries must be (B, D); got {queries.shape}")
     n_query, n_rows = len(queries), int(index.ntotal)
-    dist = np.full((n_query, k), np.inf, dtype=np.float32)
+    dist = np.full((n_query, k), np.inf, dtype=np.float64)
     rows = np.full((n_query, k), -1, dtype=np.int64)
     kk = min(k + RERANK_MARGIN + (0 if exclude is None else 1), n_rows)
     if kk == 0 or n_query == 0:

@@ -52,6 +52,17 @@ def test_near_ties_are_ordered_by_exact_distance_then_row() -> None:
     assert ids[0].tolist() == [0, 1, 2] and np.allclose(dist, 1.0)
 
 
+def test_shards_merge_by_the_exact_distance_not_a_float32_rounding_of_it() -> None:
+    query = np.zeros((1, 2), np.float32)
+    bank = np.array([[1, 1e-4], [1, 0]], np.float32)  # distances 1 + 5e-9 and 1: equal in float32
+    whole = GlobalIndex(bank).search(query, 1)
+    assert whole[1].tolist() == [[1]]
+    parts = [GlobalIndex(bank[:1]).search(query, 1), GlobalIndex(bank[1:]).search(query, 1)]
+    parts[1] = (parts[1][0], parts[1][1] + 1)
+    merged = merge_topk(parts, 1)
+    assert merged[1].tolist() == [[1]]  # rounded to float32 the tie would go to row 0
+
+
 def test_a_sharded_bank_serves_the_same_neighbours_as_one_index() -> None:
     from spade_ray.bank import BankShard
     from spade_ray.shard import ShardServer

@@ -53,7 +53,7 @@ def test_scatter_gather_equals_one_flat_index(scale_sim, local_ray) -> None:
     shards = report["sharded"]["shards"]
     assert [s["rows"] for s in shards] == [5000] * 4 and len({s["pid"] for s in shards}) == 4
     assert all(s["index_bytes"] == 5000 * 64 * 4 for s in shards)
-    assert report["sharded"]["bytes_per_query"]["raw"] == {"query": 64 * 4, "answer": 50 * (4 + 8)}
+    assert report["sharded"]["bytes_per_query"]["raw"] == {"query": 64 * 4, "answer": 50 * (8 + 8)}
 
 
 def test_flat_ivf_hnsw_comparison_runs_and_flat_is_exact(scale_sim) -> None:
