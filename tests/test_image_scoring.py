@@ -51,7 +51,7 @@ def test_a_calibration_knows_which_settings_it_was_made_with() -> None:
     cal = Calibration.from_scores([1.0, 2.0], [1.0, 2.0], 0.01, settings=config.calibration_settings())
     assert cal.matches(config)
     assert cal.matches(SpadeConfig(image_scoring="knn"))  # only combines the same normal scores
-    assert not cal.matches(SpadeConfig(aggregate=3)) and not cal.matches(SpadeConfig(pixel_k=5))
+    assert not cal.matches(SpadeConfig(aggregate=1)) and not cal.matches(SpadeConfig(pixel_k=5))
 
 
 def test_calibration_sample_depends_on_the_images_not_on_bank_order_or_shards() -> None:

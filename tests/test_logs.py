@@ -7,6 +7,7 @@ import io
 import json
 import os
 import pty
+import select
 import struct
 import termios
 
@@ -24,13 +25,21 @@ def _run_bar(stream) -> None:
     stream.flush()
 
 
+def _read_all(fd: int) -> str:
+    """Everything written to the terminal so far: one read may return only the first redraw."""
+    chunks = []
+    while select.select([fd], [], [], 0.5)[0]:
+        chunks.append(os.read(fd, 65536))
+    return b"".join(chunks).decode()
+
+
 def test_progress_bars_show_on_a_terminal_only() -> None:
     master, slave = pty.openpty()  # a real terminal, 100 columns wide
     fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 100, 0, 0))
     with os.fdopen(slave, "w") as terminal:
         assert shows_ray_data_bars(terminal_progress(stream=terminal))
         _run_bar(terminal)
-        drawn = os.read(master, 65536).decode()
+        drawn = _read_all(master)
     os.close(master)
     assert "score: 100%" in drawn and "5/5" in drawn
 

@@ -218,9 +218,9 @@ def test_scoring_with_other_settings_recalibrates_against_the_served_bank(local_
     out, _, bb, sc = local_run
     assert sc.extra["recalibrated"] is False and sc.extra["image_threshold"] == bb.extra["image_threshold"]
     other = run_score(str(dataset / "test" / "good"), str(out / "bank"), str(tmp_path / "other"), batch_size=4,
-                      scoring={"aggregate": 3, "image_scoring": "knn"})
+                      scoring={"aggregate": 1, "image_scoring": "knn"})
     assert other.extra["recalibrated"] is True and other.ok > 0
-    # aggregated features are closer together than raw ones: the normal thresholds follow the settings
-    assert other.extra["pixel_threshold"] < sc.extra["pixel_threshold"]
+    # raw features are farther apart than the default aggregated ones: the normal thresholds follow the settings
+    assert other.extra["pixel_threshold"] > sc.extra["pixel_threshold"]
     rows = read_results(str(tmp_path / "other" / "results"))
     assert all(r["image_score"] == pytest.approx(r["knn_score"]) for r in rows)  # knn: the image score is the kNN score
