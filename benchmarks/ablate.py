@@ -34,10 +34,11 @@ def _smooth(level: np.ndarray, how: str) -> np.ndarray:
     """Experiment: "3" box 3x3 (aggregate_level), "b3" binomial 3x3, "h3" half raw + half box."""
     if how.isdigit():
         return aggregate_level(level, int(how))
-    x = torch.from_numpy(np.asarray(level, np.float32))
+    x = np.asarray(level, np.float32)
     if how == "h3":
-        return (0.5 * x.numpy() + 0.5 * aggregate_level(level.astype(np.float32), 3)).astype(level.dtype)
+        return (0.5 * x + 0.5 * aggregate_level(x, 3)).astype(level.dtype)
     if how == "b3":
+        x = torch.from_numpy(x)
         k = torch.tensor([1.0, 2.0, 1.0])
         k2 = (k[:, None] * k[None, :])[None, None].repeat(x.shape[1], 1, 1, 1)
         ones = torch.ones(1, 1, *x.shape[2:])

@@ -5,8 +5,8 @@ shifted by a pixel, changes it abruptly.  Averaging each feature with its neighb
 "locally aware patch features", 3x3 there) gives every pixel some context at no cost in feature
 size, so the nearest-match distance measures "does this neighbourhood look normal" rather than
 "does this exact receptive field exist in the gallery".  The price: a defect thinner than the
-window is averaged with normal surroundings, so thin scratches fade (measured in the README; that
-is why it is an option and not the default).  The bank and the queries must be
+window is averaged with normal surroundings, so thin scratches fade (measured in the README, which
+says when to prefer ``--aggregate 1``).  The bank and the queries must be
 aggregated the same way; that is why the setting travels with the scoring settings and the bank
 keeps raw features (one bank serves every setting).
 """

@@ -400,7 +400,6 @@ class Spade:
         """Leave-one-out scores of up to ``samples`` bank images (:func:`calibration_rows`) -> scales and thresholds."""
         self._require_fitted()
         assert self.bank_global is not None
-        n = len(self.bank_ids)
         rows = calibration_rows(self.bank_ids, samples)
         scores, maxima = [], []
         with self.timer.stage("calibration"):
