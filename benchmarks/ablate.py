@@ -104,7 +104,7 @@ def main() -> None:
         else:
             model.set_bank(model.bank_ids, model.bank_global, all_levels)
             q = query
-        model.gallery_levels(config.aggregate)  # aggregated once per bank, like a served shard, not timed per image
+        model.pyramid_bank(config.aggregate)  # aggregated and laid out once per bank, like a served shard, not timed per image
         model.calibration = model.calibrate(args.calibration_samples) if args.calibration_samples else None
         scales = model.calibration.scales if model.calibration else None
         start = time.perf_counter()

@@ -49,7 +49,7 @@ def main() -> None:
         print(json.dumps(rows_out[-1]), flush=True)
     for k in args.pixel_k:
         start = time.perf_counter()
-        maps = anomaly_maps(query, model.bank_levels, rows[:, :k], replace(model.config, pixel_k=k))
+        maps = anomaly_maps(query, model.pyramid_bank(1), rows[:, :k], replace(model.config, pixel_k=k))
         seconds = (time.perf_counter() - start) / len(maps)
         maps = [model.preprocessor.map_to_output(m, h, w) for m, (h, w) in zip(maps, sizes)]
         m = compute_metrics(image_score(dists, 1), labels, maps, masks)

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-__all__ = ["AggregatedPyramids", "aggregate_level", "aggregate_levels"]
+__all__ = ["aggregate_level", "aggregate_levels"]
 
 _CHUNK_IMAGES = 64  # bounds the float32 temporary when a whole bank is aggregated
 
@@ -46,22 +46,3 @@ def aggregate_level(level: np.ndarray | torch.Tensor, size: int) -> np.ndarray:
 def aggregate_levels(levels: Sequence[np.ndarray], size: int) -> list[np.ndarray]:
     """:func:`aggregate_level` applied to every level of a pyramid."""
     return [aggregate_level(level, size) for level in levels]
-
-
-class AggregatedPyramids:
-    """A bank's raw pyramids and, per window size asked for, their aggregated copy (made once, then kept).
-
-    A bank (in-process or one served shard) usually serves one setting, so the cost is one pass
-    over its pyramids and, for a setting other than raw, a second copy of them in memory.
-    """
-
-    def __init__(self, raw: list[np.ndarray]) -> None:
-        self._by_size: dict[int, list[np.ndarray]] = {1: raw}
-
-    def __contains__(self, size: int) -> bool:
-        return size in self._by_size
-
-    def __call__(self, size: int) -> list[np.ndarray]:
-        if size not in self._by_size:
-            self._by_size[size] = aggregate_levels(self._by_size[1], size)
-        return self._by_size[size]

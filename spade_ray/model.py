@@ -31,15 +31,16 @@ from typing import Any, Callable, Iterator, Sequence
 import numpy as np
 import torch
 
-from .aggregation import AggregatedPyramids, aggregate_levels
+from .aggregation import aggregate_levels
 from .backbones import BACKBONES, Backbone, load_backbone
 from .coarse_to_fine import DEFAULT_COARSE_K, DEFAULT_MARGIN
 from .correspondence import DEFAULT_CHUNK_ELEMENTS
 from .features import FeatureBatch, extract_features
 from .fusion import DEFAULT_SIGMA, fuse_levels, image_score
 from .image_scoring import IMAGE_SCORINGS, combine_image_scores, normal_scales
-from .matching import MATCHING, pyramid_distances
+from .matching import MATCHING
 from .preprocess import Preprocessor
+from .pyramid_bank import PyramidBank, PyramidBanks
 from .retrieval import GlobalIndex
 from .timing import StageTimer
 
@@ -234,7 +235,7 @@ class Prediction:
 
 def anomaly_maps(
     query: FeatureBatch,
-    bank_levels: Sequence[np.ndarray],
+    bank: PyramidBank,
     neighbour_rows: np.ndarray,
     config: SpadeConfig,
     timer: StageTimer | None = None,
@@ -243,9 +244,10 @@ def anomaly_maps(
 ) -> list[np.ndarray]:
     """SPADE's pixel-level step for a batch: fused, smoothed maps at the network's input size.
 
+    ``bank`` holds the normal pyramids in the query's feature space (same aggregation);
     ``neighbour_rows[b]`` are the bank rows forming image b's gallery (negative ids are ignored).
     The matching runs on ``device`` (the backbone's, so a GPU does both); the bank stays in host
-    memory and only each image's gallery is copied over.
+    memory and only the gallery data each query compares with is copied over.
     """
     timer = timer or StageTimer()
     maps = []
@@ -253,10 +255,9 @@ def anomaly_maps(
         rows = neighbour_rows[b]
         rows = np.sort(rows[rows >= 0])
         with timer.stage("correspondence"):
-            galleries = [torch.from_numpy(bank_level[rows]).to(device) for bank_level in bank_levels]
             queries = [torch.from_numpy(np.ascontiguousarray(level[b])).to(device, torch.float32) for level in query.levels]
-            distances = pyramid_distances(queries, galleries, config.kappa, config.matching, config.coarse_k,
-                                          config.margin, chunk_elements)
+            distances = bank.distances(queries, rows, config.kappa, config.matching, config.coarse_k, config.margin,
+                                       chunk_elements)
         with timer.stage("fusion"):
             maps.append(fuse_levels([d.mean(dim=-1) for d in distances], config.image_size, config.sigma))
     return maps
@@ -315,7 +316,7 @@ class Spade:
         self.bank_ids: list[str] = []
         self.bank_global: np.ndarray | None = None
         self.bank_levels: list[np.ndarray] = []
-        self._aggregated = AggregatedPyramids([])
+        self._pyramids = PyramidBanks([])
         self.index: GlobalIndex | None = None
         self.calibration: Calibration | None = None
         self.weights_sha256: str | None = None
@@ -385,16 +386,16 @@ class Spade:
         self.bank_ids = list(ids)
         self.bank_global = np.ascontiguousarray(global_, dtype=np.float32)
         self.bank_levels = [np.ascontiguousarray(level, dtype=np.float16) for level in levels]
-        self._aggregated = AggregatedPyramids(self.bank_levels)
+        self._pyramids = PyramidBanks(self.bank_levels)
         with self.timer.stage("index"):
             self.index = GlobalIndex(self.bank_global)
 
-    def gallery_levels(self, aggregate: int) -> list[np.ndarray]:
-        """The bank's pyramids in the feature space of ``aggregate`` (computed once, then kept)."""
-        if aggregate in self._aggregated:
-            return self._aggregated(aggregate)
-        with self.timer.stage("aggregate bank"):
-            return self._aggregated(aggregate)
+    def pyramid_bank(self, aggregate: int) -> PyramidBank:
+        """The bank's pyramids in the feature space of ``aggregate``, laid out for matching (made once, then kept)."""
+        if aggregate in self._pyramids:
+            return self._pyramids(aggregate)
+        with self.timer.stage("prepare bank"):
+            return self._pyramids(aggregate)
 
     def calibrate(self, samples: int = 64, target_fpr: float = 0.01, progress: Callable[[int], None] | None = None) -> Calibration:
         """Leave-one-out scores of up to ``samples`` bank images (:func:`calibration_rows`) -> scales and thresholds."""
@@ -428,7 +429,7 @@ class Spade:
             scores = image_score(dists, cfg.image_k)
         with self.timer.stage("aggregate"):
             query = FeatureBatch(query.global_, aggregate_levels(query.levels, cfg.aggregate))
-        maps = anomaly_maps(query, self.gallery_levels(cfg.aggregate), rows[:, : cfg.pixel_k], cfg, self.timer,
+        maps = anomaly_maps(query, self.pyramid_bank(cfg.aggregate), rows[:, : cfg.pixel_k], cfg, self.timer,
                             device=self.backbone.device)
         return scores, maps, rows
 

@@ -14,12 +14,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from .aggregation import AggregatedPyramids
 from .bank import BankShard, load_shard
 from .coarse_to_fine import DEFAULT_COARSE_K, DEFAULT_MARGIN
 from .correspondence import DEFAULT_CHUNK_ELEMENTS
-from .matching import pyramid_distances
 from .model import calibration_rows
+from .pyramid_bank import PyramidBanks
 
 __all__ = ["ShardServer"]
 
@@ -43,13 +42,13 @@ class ShardServer:
             faiss.omp_set_num_threads(threads)
         self.shard: BankShard = load_shard(bank_root, entry, verify=verify, storage_options=storage_options)
         self.offset = int(offset)
-        self.levels = AggregatedPyramids(self.shard.levels)  # levels(aggregate): this shard's pyramids in that feature space
+        self.pyramids = PyramidBanks(self.shard.levels)  # pyramids(aggregate): this shard's pyramids in that feature space
 
     @classmethod
     def from_shard(cls, shard: BankShard, offset: int) -> "ShardServer":
         server = cls.__new__(cls)
         server.shard, server.offset = shard, int(offset)
-        server.levels = AggregatedPyramids(shard.levels)
+        server.pyramids = PyramidBanks(shard.levels)
         return server
 
     def info(self) -> dict[str, Any]:
@@ -86,18 +85,18 @@ class ShardServer:
         """For query b in ``wanted``: per level, (H, W, kappa) distances to this shard's part of its gallery.
 
         ``query_levels[l]`` is (B, C, H, W) for the whole batch (shared via the object store), already
-        aggregated with ``aggregate`` (the gallery is aggregated here, once per shard);
+        aggregated with ``aggregate`` (the gallery is aggregated and laid out here, once per shard);
         ``wanted[b]`` lists bank-wide rows of b's gallery, only those this shard owns are used.
         """
         out: dict[int, list[np.ndarray]] = {}
+        bank = self.pyramids(aggregate)
         for b, rows in wanted.items():
             rows = np.asarray(rows)
             local = np.sort(rows[self.owns(rows)] - self.offset)
             if local.size == 0:
                 continue
             queries = [torch.from_numpy(np.array(level[b], dtype=np.float32)) for level in query_levels]  # writable copies
-            galleries = [torch.from_numpy(bank_level[local]) for bank_level in self.levels(aggregate)]
-            distances = pyramid_distances(queries, galleries, kappa, matching, coarse_k, margin, chunk_elements)
+            distances = bank.distances(queries, local, kappa, matching, coarse_k, margin, chunk_elements)
             out[int(b)] = [d.numpy() for d in distances]
         return out
 

@@ -40,14 +40,3 @@ def test_a_whole_bank_is_aggregated_in_chunks_with_the_same_result() -> None:
 def test_even_or_non_positive_windows_are_refused(size: int) -> None:
     with pytest.raises(ValueError, match="odd window"):
         aggregate_level(np.zeros((1, 1, 3, 3), np.float32), size)
-
-
-def test_a_banks_aggregated_copy_is_made_once_and_kept() -> None:
-    from spade_ray.aggregation import AggregatedPyramids
-
-    raw = [np.random.default_rng(2).normal(size=(3, 2, 5, 5)).astype(np.float16)]
-    pyramids = AggregatedPyramids(raw)
-    assert pyramids(1) is raw and 3 not in pyramids
-    first = pyramids(3)
-    assert 3 in pyramids and pyramids(3) is first
-    np.testing.assert_array_equal(first[0], aggregate_level(raw[0], 3))
