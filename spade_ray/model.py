@@ -418,15 +418,20 @@ class Spade:
             return self._pyramids(aggregate)
 
     def calibrate(self, samples: int = 64, target_fpr: float = 0.01, progress: Callable[[int], None] | None = None) -> Calibration:
-        """Leave-one-out scores of up to ``samples`` bank images (:func:`calibration_rows`) -> scales and thresholds."""
+        """Leave-one-out scores of up to ``samples`` bank images (:func:`calibration_rows`) -> scales and thresholds.
+
+        Each sampled image is scored as the bank holds it (its pyramids in the configured feature
+        space), exactly as a served shard hands it out, so both paths calibrate alike.
+        """
         self._require_fitted()
         assert self.bank_global is not None
         rows = calibration_rows(self.bank_ids, samples)
         scores, maxima = [], []
         with self.timer.stage("calibration"):
+            bank = self.pyramid_bank(self.config.aggregate)
             for batch_rows in _batches(rows, self.batch_size):
-                query = FeatureBatch(self.bank_global[batch_rows], [lvl[batch_rows].astype(np.float32) for lvl in self.bank_levels])
-                s, maps, _ = self._score_features(query, exclude=np.asarray(batch_rows))
+                query = FeatureBatch(self.bank_global[batch_rows], [lvl.float().numpy() for lvl in bank.images(batch_rows)])
+                s, maps, _ = self._score_features(query, exclude=np.asarray(batch_rows), aggregated=True)
                 scores.extend(float(v) for v in s)
                 maxima.extend(float(m.max()) for m in maps)
                 if progress:
@@ -440,15 +445,18 @@ class Spade:
         if self.index is None:
             raise RuntimeError("this Spade has no normal bank yet: call fit(normal_images) or Spade.load(dir)")
 
-    def _score_features(self, query: FeatureBatch, exclude: np.ndarray | None = None) -> tuple[np.ndarray, list[np.ndarray], np.ndarray]:
-        """kNN image scores, maps at input size, and neighbour rows for a batch of raw query features."""
+    def _score_features(self, query: FeatureBatch, exclude: np.ndarray | None = None,
+                        aggregated: bool = False) -> tuple[np.ndarray, list[np.ndarray], np.ndarray]:
+        """kNN image scores, maps at input size, and neighbour rows for a batch of query features
+        (raw, or ``aggregated`` already into the configured feature space)."""
         assert self.index is not None
         cfg = self.config
         with self.timer.stage("retrieval"):
             dists, rows = self.index.search(query.global_, max(cfg.image_k, cfg.pixel_k), exclude)
             scores = image_score(dists, cfg.image_k)
-        with self.timer.stage("aggregate"):
-            query = FeatureBatch(query.global_, aggregate_levels(query.levels, cfg.aggregate))
+        if not aggregated:
+            with self.timer.stage("aggregate"):
+                query = FeatureBatch(query.global_, aggregate_levels(query.levels, cfg.aggregate))
         maps = anomaly_maps(query, self.pyramid_bank(cfg.aggregate), rows[:, : cfg.pixel_k], cfg, self.timer,
                             device=self.backbone.device)
         return scores, maps, rows

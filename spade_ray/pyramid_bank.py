@@ -39,21 +39,36 @@ class PyramidBank:
     layout is kept and every query uses the general kernels.
     """
 
-    def __init__(self, levels: Sequence[np.ndarray]) -> None:
+    def __init__(self, levels: Sequence[np.ndarray], aggregate: int = 1, *, consume: bool = False) -> None:
+        """``levels`` as stored (raw pyramids), brought into the feature space of ``aggregate`` here.
+
+        With ``consume`` (``levels`` must be a list) each raw level is dropped from the list as
+        soon as its laid-out copy exists, so a caller that keeps no other reference (a shard actor)
+        never holds two copies of its pyramids at once, only one level's worth more.
+        """
         if not levels:
             raise ValueError("a pyramid bank needs at least one level")
         self.n_images = int(levels[0].shape[0])
         self.shapes = [tuple(int(s) for s in level.shape[1:]) for level in levels]
         self.dtype = levels[0].dtype
+        self.aggregate = aggregate
         self.coarse = min(range(len(levels)), key=lambda l: self.shapes[l][1] * self.shapes[l][2])
         _, hc, wc = self.shapes[self.coarse]
         self.grid = (hc, wc)
         self.cell_major = all(h % hc == 0 and w % wc == 0 for _, h, w in self.shapes)
-        if self.cell_major:
-            self._blocks = [_to_cells(level, self.grid) for level in levels]  # (N*Pc, fy*fx, C)
-            self._norms = [_squared_norms(blocks) for blocks in self._blocks]  # (N*Pc, fy*fx) float32
-        else:
-            self._images = [torch.from_numpy(np.ascontiguousarray(level)) for level in levels]
+        self._blocks: list[torch.Tensor] = []  # cell-major: (N*Pc, fy*fx, C) per level
+        self._norms: list[torch.Tensor] = []  # cell-major: (N*Pc, fy*fx) float32 per level
+        self._images: list[torch.Tensor] = []  # otherwise: (N, C, H, W) per level
+        for i in range(len(levels)):
+            level = aggregate_level(levels[i], aggregate)
+            if consume:
+                levels[i] = None  # type: ignore[index]
+            if self.cell_major:
+                self._blocks.append(_to_cells(level, self.grid))
+                self._norms.append(_squared_norms(self._blocks[-1]))
+            else:
+                self._images.append(torch.from_numpy(np.ascontiguousarray(level)))
+            del level
 
     def __len__(self) -> int:
         return self.n_images
@@ -176,7 +191,7 @@ class PyramidBanks:
 
     def __call__(self, aggregate: int) -> PyramidBank:
         if aggregate not in self._banks:
-            self._banks[aggregate] = PyramidBank([aggregate_level(level, aggregate) for level in self.raw])
+            self._banks[aggregate] = PyramidBank(self.raw, aggregate)
         return self._banks[aggregate]
 
 

@@ -18,13 +18,21 @@ from .bank import BankShard, load_shard
 from .coarse_to_fine import DEFAULT_COARSE_K, DEFAULT_MARGIN
 from .correspondence import DEFAULT_CHUNK_ELEMENTS
 from .model import calibration_rows
-from .pyramid_bank import PyramidBanks
+from .pyramid_bank import PyramidBank
 
 __all__ = ["ShardServer"]
 
 
 class ShardServer:
-    """Holds one bank shard in memory and answers retrieval and correspondence queries."""
+    """Holds one bank shard in memory and answers retrieval and correspondence queries.
+
+    Its pyramids are held once, in the feature space and layout of the setting it serves
+    (:class:`~spade_ray.pyramid_bank.PyramidBank`): the raw pyramids read from storage are
+    dropped level by level as the served copy is made, so a shard costs one copy of its
+    pyramids whatever the ``aggregate`` setting.  A query in another feature space (a rare
+    thing: jobs start their shard actors with the setting they score with) reloads the shard
+    from storage and serves that one instead.
+    """
 
     def __init__(
         self,
@@ -34,26 +42,46 @@ class ShardServer:
         storage_options: dict[str, Any] | None = None,
         verify: bool = True,
         threads: int | None = None,
+        aggregate: int | None = None,
     ) -> None:
         if threads:
             torch.set_num_threads(threads)
             import faiss
 
             faiss.omp_set_num_threads(threads)
-        self.shard: BankShard = load_shard(bank_root, entry, verify=verify, storage_options=storage_options)
+        self._load = lambda: load_shard(bank_root, entry, verify=verify, storage_options=storage_options)
+        self.shard: BankShard = self._load()
         self.offset = int(offset)
-        self.pyramids = PyramidBanks(self.shard.levels)  # pyramids(aggregate): this shard's pyramids in that feature space
+        self._served: PyramidBank | None = None
+        if aggregate is not None:
+            self.pyramids(aggregate)
 
     @classmethod
     def from_shard(cls, shard: BankShard, offset: int) -> "ShardServer":
+        """A server over a shard already in memory (it serves the first setting asked for, and only that one)."""
         server = cls.__new__(cls)
-        server.shard, server.offset = shard, int(offset)
-        server.pyramids = PyramidBanks(shard.levels)
+        server.shard, server.offset, server._served = shard, int(offset), None
+
+        def cannot_reload() -> BankShard:
+            raise RuntimeError(f"shard {shard.name} was given in memory and already serves another setting; "
+                               "it cannot be reloaded from storage")
+
+        server._load = cannot_reload
         return server
 
+    def pyramids(self, aggregate: int) -> PyramidBank:
+        """This shard's pyramids in the feature space of ``aggregate`` (made on first use; the raw ones are dropped)."""
+        if self._served is None or self._served.aggregate != aggregate:
+            levels = self.shard.levels if self.shard.levels else self._load().levels
+            self.shard.levels = []  # the served copy replaces them
+            self._served = None  # the previous setting's copy goes before the next is made
+            self._served = PyramidBank(levels, aggregate, consume=True)
+        return self._served
+
     def info(self) -> dict[str, Any]:
+        pyramids = self._served.nbytes if self._served is not None else sum(level.nbytes for level in self.shard.levels)
         return {"name": self.shard.name, "n_images": len(self.shard), "offset": self.offset,
-                "bytes": int(self.shard.global_.nbytes + sum(level.nbytes for level in self.shard.levels))}
+                "bytes": int(self.shard.global_.nbytes + pyramids)}
 
     def owns(self, rows: np.ndarray) -> np.ndarray:
         """Mask of the bank-wide rows that live in this shard."""
@@ -100,12 +128,17 @@ class ShardServer:
             out[int(b)] = [d.numpy() for d in distances]
         return out
 
-    def features(self, rows: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]:
-        """Global vectors and float32 pyramids of a few owned rows (calibration only)."""
+    def features(self, rows: np.ndarray, aggregate: int) -> tuple[np.ndarray, list[np.ndarray]]:
+        """Global vectors and float32 pyramids, in the feature space of ``aggregate``, of a few owned rows.
+
+        For leave-one-out calibration: a bank image is scored as a query just as the served bank
+        holds it (already aggregated, so the client must not aggregate it again).
+        """
         local = np.asarray(rows) - self.offset
         if not self.owns(np.asarray(rows)).all():
             raise ValueError(f"shard {self.shard.name} does not own all of rows {rows}")
-        return self.shard.global_[local].copy(), [level[local].astype(np.float32) for level in self.shard.levels]
+        levels = self.pyramids(aggregate).images(local)
+        return self.shard.global_[local].copy(), [level.float().numpy() for level in levels]
 
     def calibration_candidates(self, samples: int) -> tuple[list[str], np.ndarray]:
         """URIs and bank-wide rows of this shard's share of a calibration sample (see ``calibration_rows``)."""

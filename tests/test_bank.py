@@ -236,3 +236,36 @@ def test_add_to_references_parent_shards(bank_url):
 
     with pytest.raises(ValueError, match="unique"):
         make_manifest(3, META, parent["shards"] + parent["shards"][:1])
+
+
+def test_a_served_shard_keeps_one_copy_of_its_pyramids_in_the_setting_it_serves(bank_url):
+    from spade_ray.aggregation import aggregate_level
+    from spade_ray.pyramid_bank import PyramidBank
+    from spade_ray.shard import ShardServer
+
+    _, manifest, (ids, _, _, levels) = _build(bank_url, n_shards=1, n=6)
+    entry = manifest["shards"][0]
+    server = ShardServer(bank_url, entry, offset=0, aggregate=3)
+    shard_ids = server.shard.ids
+    order = [ids.index(i) for i in shard_ids]
+    raw_bytes = sum(level.nbytes for level in levels)
+    assert server.shard.levels == []  # the raw pyramids went as the served copy was made
+    served = server.pyramids(3)
+    assert server.info()["bytes"] == server.shard.global_.nbytes + served.nbytes < server.shard.global_.nbytes + 2 * raw_bytes
+
+    # calibration reads bank images as the served bank holds them: aggregated, float32
+    _, got = server.features(np.array([1, 4]), 3)
+    for level, want in zip(got, levels):
+        assert level.dtype == np.float32
+        np.testing.assert_array_equal(level, aggregate_level(want[order], 3)[[1, 4]].astype(np.float32))
+
+    # another feature space reloads the shard from storage and then serves that one only
+    query = [np.random.default_rng(1).standard_normal(level.shape[1:]).astype(np.float32) for level in levels]
+    answer = server.correspond([q[None] for q in query], {0: np.arange(6)}, 1, "coarse-to-fine", aggregate=1)[0]
+    assert server.pyramids(1) is not served and server.pyramids(1).aggregate == 1
+    import torch
+
+    want = PyramidBank([level[order] for level in levels]).distances([torch.from_numpy(q) for q in query], np.arange(6), 1,
+                                                                       "coarse-to-fine")
+    for a, w in zip(answer, want):
+        np.testing.assert_array_equal(a, w.numpy())

@@ -278,13 +278,13 @@ def _calibrate(bank: ServedBank, config: SpadeConfig, samples: int, target_fpr: 
         owners = np.searchsorted(starts, batch_rows, side="right") - 1
         globals_, levels = [], []
         for s in np.unique(owners):
-            g, lv = ray.get(bank.actors[s].features.remote(batch_rows[owners == s]))
+            g, lv = ray.get(bank.actors[s].features.remote(batch_rows[owners == s], config.aggregate))
             globals_.append(g)
             levels.append(lv)
         order = np.concatenate([np.flatnonzero(owners == s) for s in np.unique(owners)])
         query_rows = batch_rows[order]
         query = FeatureBatch(np.concatenate(globals_), [np.concatenate([lv[i] for lv in levels]) for i in range(len(levels[0]))])
-        s, maps, _ = client.score(query, exclude=query_rows)
+        s, maps, _ = client.score(query, exclude=query_rows, aggregated=True)
         scores.extend(float(v) for v in s)
         maxima.extend(float(m.max()) for m in maps)
         bar.update(len(batch_rows))
@@ -350,7 +350,8 @@ def run_build_bank(features: str, output: str | None, *, shards: int = 1, add_to
     entries = (list(parent_manifest["shards"]) if parent_manifest else []) + new_entries
     config = SpadeConfig(meta.backbone, meta.image_size, meta.protocol, image_k, pixel_k, kappa, sigma).with_scoring(scoring or {})
     draft = make_manifest(version, meta, entries, parent=version_name(parent_manifest["version"]) if parent_manifest else None)
-    served = start_shard_actors(bank_root, draft, storage_options, num_cpus=shard_actor_cpus(len(entries)))
+    served = start_shard_actors(bank_root, draft, storage_options, num_cpus=shard_actor_cpus(len(entries)),
+                                aggregate=config.aggregate)
     try:
         calibration = _calibrate(served, config, calibration_samples, target_fpr, batch_size, progress)
     finally:
@@ -502,7 +503,7 @@ def run_score(source: str, bank_url: str, output: str, *, weights: str | None = 
     if needs_recalibration or todo:
         init_ray(address)
         shard_cpus = shard_actor_cpus(len(manifest["shards"]))
-        served = start_shard_actors(bank_root, manifest, storage_options, num_cpus=shard_cpus)
+        served = start_shard_actors(bank_root, manifest, storage_options, num_cpus=shard_cpus, aggregate=config.aggregate)
     try:
         if needs_recalibration:  # scoring settings differ from the bank's: thresholds and scales must follow them
             assert calibration is not None and served is not None

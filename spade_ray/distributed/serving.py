@@ -35,9 +35,10 @@ __all__ = ["BankClient", "BankLoadError", "ServedBank", "bank_id_of", "creation_
 class ShardActor(ShardServer):
     """A bank shard in a Ray actor; restarts reload and re-verify the shard from storage."""
 
-    def __init__(self, bank_root: str, entry: dict[str, Any], offset: int, storage_options: dict[str, Any] | None = None) -> None:
+    def __init__(self, bank_root: str, entry: dict[str, Any], offset: int, storage_options: dict[str, Any] | None = None,
+                 aggregate: int | None = None) -> None:
         threads = set_worker_threads()
-        super().__init__(bank_root, entry, offset, storage_options, verify=True, threads=threads)
+        super().__init__(bank_root, entry, offset, storage_options, verify=True, threads=threads, aggregate=aggregate)
 
     def ping(self) -> bool:
         return True
@@ -83,13 +84,17 @@ def shard_actor_cpus(n_shards: int) -> float:
 
 
 def start_shard_actors(bank_root: str, manifest: dict[str, Any], storage_options: dict[str, Any] | None = None,
-                       num_cpus: float | None = None) -> ServedBank:
-    """One shard actor per manifest entry; returns once every shard is loaded and verified."""
+                       num_cpus: float | None = None, aggregate: int | None = None) -> ServedBank:
+    """One shard actor per manifest entry; returns once every shard is loaded and verified.
+
+    ``aggregate``: the feature space the job will query (the actors prepare it while loading, and
+    keep only that copy of their pyramids).
+    """
     if num_cpus is None:
         num_cpus = shard_actor_cpus(len(manifest["shards"]))
     actors, offsets, sizes, offset = [], [], [], 0
     for entry in manifest["shards"]:
-        actors.append(ShardActor.options(num_cpus=num_cpus).remote(bank_root, entry, offset, storage_options))
+        actors.append(ShardActor.options(num_cpus=num_cpus).remote(bank_root, entry, offset, storage_options, aggregate))
         offsets.append(offset)
         sizes.append(int(entry["n_images"]))
         offset += int(entry["n_images"])
@@ -116,10 +121,11 @@ def creation_error_reason(exc: BaseException) -> str:
     return lines[-1] if lines else type(exc).__name__
 
 
-def serve_bank(bank_url: str, storage_options: dict[str, Any] | None = None, num_cpus: float | None = None) -> ServedBank:
+def serve_bank(bank_url: str, storage_options: dict[str, Any] | None = None, num_cpus: float | None = None,
+               aggregate: int | None = None) -> ServedBank:
     """Serve the bank's latest complete version (or the version folder given)."""
     bank_root, manifest = open_bank(bank_url, storage_options)
-    return start_shard_actors(bank_root, manifest, storage_options, num_cpus)
+    return start_shard_actors(bank_root, manifest, storage_options, num_cpus, aggregate)
 
 
 class BankClient:
@@ -146,15 +152,20 @@ class BankClient:
             found.update(zip(by_shard[s], ray.get(ref)))
         return [[found[int(r)] for r in row if r >= 0] for row in np.asarray(rows)]
 
-    def score(self, query: FeatureBatch, exclude: np.ndarray | None = None) -> tuple[np.ndarray, list[np.ndarray], np.ndarray]:
-        """kNN image scores, fused maps at input size, and neighbour rows for a batch of raw query features."""
+    def score(self, query: FeatureBatch, exclude: np.ndarray | None = None,
+              aggregated: bool = False) -> tuple[np.ndarray, list[np.ndarray], np.ndarray]:
+        """kNN image scores, fused maps at input size, and neighbour rows for a batch of query features.
+
+        ``aggregated``: the query pyramids are already in the configured feature space (bank images
+        scored leave-one-out, see ``ShardServer.features``); otherwise they are raw and aggregated here.
+        """
         cfg = self.config
         k = max(cfg.image_k, cfg.pixel_k)
         dists, rows = self.search(query.global_, k, exclude)
         scores = image_score(dists, cfg.image_k)
         gallery = rows[:, : cfg.pixel_k]
-        levels_ref = ray.put([np.ascontiguousarray(level, dtype=np.float32)
-                              for level in aggregate_levels(query.levels, cfg.aggregate)])
+        levels = query.levels if aggregated else aggregate_levels(query.levels, cfg.aggregate)
+        levels_ref = ray.put([np.ascontiguousarray(level, dtype=np.float32) for level in levels])
         calls = []
         for actor, offset, size in zip(self.bank.actors, self.bank.offsets, self.bank.sizes):
             wanted = {}
