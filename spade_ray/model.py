@@ -344,8 +344,9 @@ class Spade:
 
         The next batch is decoded and resized in a background thread while the caller runs the
         network and the matching on this one, as a data loader's worker would: PIL releases the
-        GIL, and decoding plus the paper protocol's Lanczos resize cost about 5 ms per image on
-        one core, a quarter of the forward pass.  The ``decode`` stage is that thread's time.
+        GIL, and decoding plus the paper protocol's Lanczos resize cost about 4 ms per
+        magnetic_tile image on one core, a fifth of the forward pass.  The ``decode`` stage is
+        that thread's time.
         """
         def prepare(batch: Sequence[object]) -> tuple[list[tuple[int, int]], np.ndarray]:
             with self.timer.stage("decode"):
