@@ -58,6 +58,7 @@ def test_bench_json_reports_every_stage_and_the_ratios(synthetic_dataset: Path, 
     for stage in ("a_forward", "b_extract_job", "c_in_process", "c_in_process_exact", "d_distributed", "e_reference"):
         assert seconds[stage] > 0, stage
     assert result["R1_scoring_vs_forward_throughput"] == pytest.approx(seconds["a_forward"] / seconds["c_in_process"], rel=0.01)
+    assert len(result["R1_rounds"]) == 3 and sorted(result["R1_rounds"])[1] == result["R1_scoring_vs_forward_throughput"]
     assert result["R2_reference_vs_scoring_time"] == pytest.approx(seconds["e_reference"] / seconds["c_in_process"], rel=0.05)
     assert result["settings"]["matching"] == "coarse-to-fine"
     assert 0 < result["bank_bytes_per_image"] < 300_000
