@@ -1,6 +1,7 @@
-"""Feature extraction: decoded images -> (global vectors, feature pyramid) as numpy arrays.
+"""Feature extraction: normalised network input -> (global vectors, feature pyramid) as numpy arrays.
 
-One function serves the in-process model and the Ray extractor actors, so a bank built by the
+One function serves the in-process model and the Ray extractor and scorer actors (each resizes
+and normalises with the same :class:`~spade_ray.preprocess.Preprocessor`), so a bank built by the
 distributed job holds exactly the features :class:`spade_ray.Spade` would compute.
 """
 
@@ -12,9 +13,8 @@ import numpy as np
 import torch
 
 from .backbones import Backbone
-from .preprocess import Preprocessor
 
-__all__ = ["FeatureBatch", "extract_features", "features_from_tensor"]
+__all__ = ["FeatureBatch", "features_from_tensor"]
 
 
 @dataclass
@@ -38,19 +38,6 @@ class FeatureBatch:
             np.concatenate([b.global_ for b in batches]),
             [np.concatenate([b.levels[i] for b in batches]) for i in range(len(batches[0].levels))],
         )
-
-
-def extract_features(
-    backbone: Backbone,
-    preprocessor: Preprocessor,
-    images: list[np.ndarray],
-    level_dtype: np.dtype | type = np.float32,
-) -> FeatureBatch:
-    """Run the backbone on a batch of HxWx3 uint8 images (any sizes).
-
-    ``level_dtype=np.float16`` halves the memory of stored banks; queries stay float32.
-    """
-    return features_from_tensor(backbone, preprocessor.to_tensor(images), level_dtype)
 
 
 def features_from_tensor(backbone: Backbone, tensor: torch.Tensor, level_dtype: np.dtype | type = np.float32) -> FeatureBatch:

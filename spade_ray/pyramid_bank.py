@@ -50,7 +50,6 @@ class PyramidBank:
             raise ValueError("a pyramid bank needs at least one level")
         self.n_images = int(levels[0].shape[0])
         self.shapes = [tuple(int(s) for s in level.shape[1:]) for level in levels]
-        self.dtype = levels[0].dtype
         self.aggregate = aggregate
         self.coarse = min(range(len(levels)), key=lambda l: self.shapes[l][1] * self.shapes[l][2])
         _, hc, wc = self.shapes[self.coarse]
@@ -140,7 +139,7 @@ class PyramidBank:
         out: list[torch.Tensor] = []
         # finer levels: each query cell's pixels against the pixels under its matched cells
         blocks = (index.to(device)[None, :, None] * n_cells + cells).reshape(n_cells, n_images * m).cpu()
-        for level, (q, shape) in enumerate(zip(query_levels, self.shapes)):
+        for level, q in enumerate(query_levels):
             if level == self.coarse:
                 out.append(coarse.reshape(hc, wc, kappa))
                 continue
