@@ -21,12 +21,12 @@ import time
 import numpy as np
 import torch
 
-from spade_ray.aggregation import aggregate_level
-from spade_ray.datasets import load_mvtec
-from spade_ray.features import FeatureBatch
-from spade_ray.image_scoring import combine_image_scores
-from spade_ray.images import load_mask
-from spade_ray.metrics import compute_metrics
+from spade_ray.method.aggregation import aggregate_level
+from spade_ray.storage.datasets import load_mvtec
+from spade_ray.method.features import FeatureBatch
+from spade_ray.method.image_scoring import combine_image_scores
+from spade_ray.storage.images import load_mask
+from spade_ray.method.metrics import compute_metrics
 from spade_ray.model import METHODS, Spade
 
 

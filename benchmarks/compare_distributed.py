@@ -20,14 +20,14 @@ import pyarrow.parquet as pq
 import torch
 
 from spade_ray import Spade
-from spade_ray.datasets import load_mvtec
-from spade_ray.bank import open_bank
+from spade_ray.storage.datasets import load_mvtec
+from spade_ray.bank.store import open_bank
 from spade_ray.distributed.jobs import run_build_bank, run_extract, run_score
-from spade_ray.images import load_mask
-from spade_ray.metrics import compute_metrics
+from spade_ray.storage.images import load_mask
+from spade_ray.method.metrics import compute_metrics
 from spade_ray.model import DEFAULT_IMAGE_K, DEFAULT_KAPPA, DEFAULT_PIXEL_K, METHODS
-from spade_ray.outputs import output_key
-from spade_ray.sources import resolve_inputs
+from spade_ray.storage.outputs import output_key
+from spade_ray.storage.sources import resolve_inputs
 
 
 def _thresholds(calibration: dict | None) -> dict | None:
@@ -49,7 +49,7 @@ def main() -> None:
     parser.add_argument("--calibration-samples", type=int, default=64)
     parser.add_argument("--threads", type=int, default=None,
                         help="torch threads of the in-process run (default: torch's). The backbone's features do not "
-                             "depend on it (spade_ray.batch_invariance), so neither should the comparison")
+                             "depend on it (spade_ray.method.batch_invariance), so neither should the comparison")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)

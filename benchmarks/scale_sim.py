@@ -12,8 +12,8 @@ What it does, in order:
 1. **Sharded bank.**  ``--shards`` Ray actors (fractional CPUs, so they fit a 2-CPU machine) each
    generate their own contiguous rows of the bank deterministically from the seed (nothing big goes
    through the driver) straight into a FAISS flat index, and serve them with the project's own
-   retrieval code: each actor is a :class:`spade_ray.shard.ShardServer` over a
-   :class:`spade_ray.bank.BankShard` (global vectors only, no pyramids), so ``search`` is
+   retrieval code: each actor is a :class:`spade_ray.bank.shard_server.ShardServer` over a
+   :class:`spade_ray.bank.store.BankShard` (global vectors only, no pyramids), so ``search`` is
    ``search_exact`` (FAISS proposes k+8, exact float64 rerank, ties by row) and the driver's
    scatter-gather is :class:`spade_ray.distributed.serving.BankClient.search` (``merge_topk``).
    Measured: build time, RSS of every actor (``/proc/<pid>/status`` VmRSS and VmHWM, before and
@@ -55,9 +55,9 @@ from typing import Any
 import faiss
 import numpy as np
 
-from spade_ray.bank import BankShard
-from spade_ray.retrieval import RERANK_MARGIN, search_exact
-from spade_ray.shard import ShardServer
+from spade_ray.bank.store import BankShard
+from spade_ray.method.retrieval import RERANK_MARGIN, search_exact
+from spade_ray.bank.shard_server import ShardServer
 
 CHUNK_ROWS = 8192  # the generator's unit: row r of the bank comes from chunk r // CHUNK_ROWS, whoever makes it
 

@@ -14,10 +14,10 @@ import time
 
 import numpy as np
 
-from spade_ray.datasets import load_mvtec
-from spade_ray.fusion import image_score
-from spade_ray.images import load_mask
-from spade_ray.metrics import compute_metrics
+from spade_ray.storage.datasets import load_mvtec
+from spade_ray.method.fusion import image_score
+from spade_ray.storage.images import load_mask
+from spade_ray.method.metrics import compute_metrics
 from dataclasses import replace
 
 from spade_ray.model import Spade, anomaly_maps

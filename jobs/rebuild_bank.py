@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from spade_ray.cli import main
+from spade_ray.apps.cli import main
 
 
 def parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import sys
 
-from spade_ray.cli import main
+from spade_ray.apps.cli import main
 
 if __name__ == "__main__":
     sys.exit(main(["score", *sys.argv[1:]]))

@@ -5,7 +5,7 @@
 >>> prediction = model.predict(images_to_inspect)          # doctest: +SKIP
 """
 
-from .model import Calibration, Prediction, Spade, SpadeConfig
+from spade_ray.model import Calibration, Prediction, Spade, SpadeConfig
 
 __all__ = ["Calibration", "Prediction", "Spade", "SpadeConfig", "__version__"]
 __version__ = "0.1.0"

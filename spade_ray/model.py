@@ -33,18 +33,18 @@ from typing import Any, Callable, Iterator, Sequence
 import numpy as np
 import torch
 
-from .aggregation import aggregate_levels
-from .backbones import BACKBONES, Backbone, load_backbone
-from .coarse_to_fine import DEFAULT_COARSE_K, DEFAULT_MARGIN
-from .correspondence import DEFAULT_CHUNK_ELEMENTS
-from .features import FeatureBatch, features_from_tensor
-from .fusion import DEFAULT_SIGMA, fuse_levels, image_score
-from .image_scoring import IMAGE_SCORINGS, combine_image_scores, normal_scales
-from .matching import MATCHING
-from .preprocess import Preprocessor
-from .pyramid_bank import PyramidBank, PyramidBanks
-from .retrieval import GlobalIndex
-from .timing import StageTimer
+from spade_ray.method.aggregation import aggregate_levels
+from spade_ray.method.backbones import BACKBONES, Backbone, load_backbone
+from spade_ray.method.coarse_to_fine import DEFAULT_COARSE_K, DEFAULT_MARGIN
+from spade_ray.method.correspondence import DEFAULT_CHUNK_ELEMENTS
+from spade_ray.method.features import FeatureBatch, features_from_tensor
+from spade_ray.method.fusion import DEFAULT_SIGMA, fuse_levels, image_score
+from spade_ray.method.image_scoring import IMAGE_SCORINGS, combine_image_scores, normal_scales
+from spade_ray.method.matching import MATCHING
+from spade_ray.method.preprocess import Preprocessor
+from spade_ray.method.pyramid_bank import PyramidBank, PyramidBanks
+from spade_ray.method.retrieval import GlobalIndex
+from spade_ray.method.timing import StageTimer
 
 __all__ = [
     "DEFAULT_IMAGE_K",
@@ -277,7 +277,7 @@ def _as_image(item: object, storage_options: dict | None = None, max_pixels: int
         if item.ndim != 3 or item.shape[2] != 3 or item.dtype != np.uint8:
             raise ValueError(f"image arrays must be HxWx3 (or HxW) uint8; got {item.shape} {item.dtype}")
         return item
-    from .images import DEFAULT_MAX_PIXELS, load_image
+    from spade_ray.storage.images import DEFAULT_MAX_PIXELS, load_image
 
     return load_image(os.fspath(item), storage_options, max_pixels=max_pixels or DEFAULT_MAX_PIXELS)  # type: ignore[arg-type]
 

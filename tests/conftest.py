@@ -19,14 +19,14 @@ def magnetic_tile() -> Path:
 
 @pytest.fixture(scope="session")
 def synthetic_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from spade_ray.synthetic import make_synthetic_dataset
+    from spade_ray.apps.synthetic import make_synthetic_dataset
 
     return make_synthetic_dataset(tmp_path_factory.mktemp("synthetic") / "ds", n_train=16, n_test_good=4, n_test_per_defect=3, size=128, seed=1)
 
 
 @pytest.fixture(scope="session")
 def lite0():
-    from spade_ray.backbones import load_backbone
+    from spade_ray.method.backbones import load_backbone
 
     return load_backbone("lite0", device="cpu")
 pytest_plugins = ["s3server"]
@@ -41,7 +41,7 @@ def evaluated(synthetic_dataset, tmp_path_factory):
 
     out = tmp_path_factory.mktemp("evaluated") / "ev"
     proc = subprocess.run(
-        [sys.executable, "-m", "spade_ray.cli", "evaluate", str(synthetic_dataset), "--output", str(out),
+        [sys.executable, "-m", "spade_ray.apps.cli", "evaluate", str(synthetic_dataset), "--output", str(out),
          "--protocol", "paper", "--image-k", "2", "--pixel-k", "3", "--calibration-samples", "4",
          "--save-maps", "--report-top", "6", "--log-format", "json"],
         capture_output=True, text=True, timeout=600,
@@ -62,7 +62,7 @@ def small_bank(tmp_path_factory: pytest.TempPathFactory) -> dict:
     import ray
 
     from spade_ray.distributed.jobs import run_build_bank, run_extract
-    from spade_ray.synthetic import make_synthetic_dataset
+    from spade_ray.apps.synthetic import make_synthetic_dataset
 
     work = tmp_path_factory.mktemp("small-bank")
     dataset = make_synthetic_dataset(work / "ds", n_train=10, n_test_good=3, n_test_per_defect=1, size=64, seed=5)

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from spade_ray.aggregation import aggregate_level, aggregate_levels
+from spade_ray.method.aggregation import aggregate_level, aggregate_levels
 
 
 def test_interior_pixels_average_their_3x3_neighbourhood() -> None:

@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from spade_ray.backbones import BACKBONES, WeightsNotFoundError, load_backbone
+from spade_ray.method.backbones import BACKBONES, WeightsNotFoundError, load_backbone
 
 skimage_data = pytest.importorskip("skimage.data")
 

@@ -11,7 +11,7 @@ import fsspec
 import numpy as np
 import pytest
 
-from spade_ray.bank import (
+from spade_ray.bank.store import (
     BANK_FORMAT_VERSION,
     check_compatible,
     feature_meta_of,
@@ -24,7 +24,7 @@ from spade_ray.bank import (
     write_manifest,
     write_shard,
 )
-from spade_ray.featurestore import FeatureMeta, image_id_for
+from spade_ray.storage.featurestore import FeatureMeta, image_id_for
 
 META = FeatureMeta("lite0", "ab" * 32, 64, "full", [(3, 8, 8), (5, 4, 4)], 6)
 
@@ -239,9 +239,9 @@ def test_add_to_references_parent_shards(bank_url):
 
 
 def test_a_served_shard_keeps_one_copy_of_its_pyramids_in_the_setting_it_serves(bank_url):
-    from spade_ray.aggregation import aggregate_level
-    from spade_ray.pyramid_bank import PyramidBank
-    from spade_ray.shard import ShardServer
+    from spade_ray.method.aggregation import aggregate_level
+    from spade_ray.method.pyramid_bank import PyramidBank
+    from spade_ray.bank.shard_server import ShardServer
 
     _, manifest, (ids, _, _, levels) = _build(bank_url, n_shards=1, n=6)
     entry = manifest["shards"][0]

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from spade_ray.procwatch import ProcessPeaks, classify
+from spade_ray.apps.procwatch import ProcessPeaks, classify
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -47,7 +47,7 @@ def test_process_peaks_sees_a_named_ray_actor() -> None:
 def test_bench_json_reports_every_stage_and_the_ratios(synthetic_dataset: Path, tmp_path: Path) -> None:
     out = tmp_path / "bench.json"
     proc = subprocess.run(
-        [sys.executable, "-m", "spade_ray.cli", "bench", "--dataset", str(synthetic_dataset), "--test-images", "6",
+        [sys.executable, "-m", "spade_ray.apps.cli", "bench", "--dataset", str(synthetic_dataset), "--test-images", "6",
          "--reference-images", "1", "--shards", "2", "--workdir", str(tmp_path / "work"), "--json", str(out),
          "--matching", "coarse-to-fine", "--quiet"],
         capture_output=True, text=True, timeout=540,

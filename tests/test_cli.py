@@ -12,7 +12,7 @@ from PIL import Image
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "spade_ray.cli", *args], capture_output=True, text=True, timeout=600)
+    return subprocess.run([sys.executable, "-m", "spade_ray.apps.cli", *args], capture_output=True, text=True, timeout=600)
 
 
 def test_demo_runs_the_distributed_pipeline_and_writes_every_output(tmp_path) -> None:
@@ -131,7 +131,7 @@ def test_every_command_documents_its_options() -> None:
 
 
 def test_method_presets_fill_only_the_settings_not_given_explicitly() -> None:
-    from spade_ray.cli import _scoring, build_parser
+    from spade_ray.apps.cli import _scoring, build_parser
     from spade_ray.model import METHODS, SpadeConfig
 
     parse = build_parser().parse_args

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from spade_ray.coarse_to_fine import coarse_to_fine_distances
-from spade_ray.correspondence import level_nearest_distances, merge_smallest
-from spade_ray.matching import pyramid_distances
+from spade_ray.method.coarse_to_fine import coarse_to_fine_distances
+from spade_ray.method.correspondence import level_nearest_distances, merge_smallest
+from spade_ray.method.matching import pyramid_distances
 
 
 def pyramid(gen: torch.Generator, images: int | None, shapes: list[tuple[int, int, int]]) -> list[torch.Tensor]:
@@ -79,7 +79,7 @@ def test_unknown_matching_is_refused() -> None:
 
 
 def test_exact_matching_equals_the_published_reference_loop() -> None:
-    from spade_ray.reference import reference_level_distances
+    from spade_ray.method.reference import reference_level_distances
 
     gen = torch.Generator().manual_seed(5)
     query, gallery = pyramid(gen, None, SHAPES), pyramid(gen, 3, SHAPES)
@@ -88,7 +88,7 @@ def test_exact_matching_equals_the_published_reference_loop() -> None:
 
 
 def test_the_per_image_window_kernel_equals_the_general_gather_kernel() -> None:
-    from spade_ray.coarse_to_fine import _restricted_level_gather, _restricted_level_windows
+    from spade_ray.method.coarse_to_fine import _restricted_level_gather, _restricted_level_windows
 
     gen = torch.Generator().manual_seed(6)
     query, gallery = pyramid(gen, None, SHAPES), pyramid(gen, 5, SHAPES)

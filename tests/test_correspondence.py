@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from spade_ray.correspondence import level_nearest_distances, merge_smallest, nearest_distances
-from spade_ray.fusion import fuse_levels, image_score
+from spade_ray.method.correspondence import level_nearest_distances, merge_smallest, nearest_distances
+from spade_ray.method.fusion import fuse_levels, image_score
 
 
 def brute_force(query: torch.Tensor, gallery: torch.Tensor, kappa: int) -> torch.Tensor:

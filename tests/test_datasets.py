@@ -8,7 +8,7 @@ from pathlib import Path
 import fsspec
 import pytest
 
-from spade_ray.datasets import MVTecDataset, Sample, list_images, load_mvtec
+from spade_ray.storage.datasets import MVTecDataset, Sample, list_images, load_mvtec
 
 MAGNETIC_TILE = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "magnetic_tile"
 

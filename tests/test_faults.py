@@ -147,7 +147,7 @@ def test_a_killed_actor_restarts_and_the_run_completes_undisturbed(actor, small_
 def test_a_rerun_after_the_driver_is_killed_completes_the_rest_without_duplicates(small_bank, many, undisturbed, tmp_path) -> None:
     out = tmp_path / "out"  # the killed driver starts its own local Ray, next to this idle one
     proc = subprocess.Popen(
-        [sys.executable, "-m", "spade_ray.cli", "score", str(many), "--bank", str(small_bank["bank"]),
+        [sys.executable, "-m", "spade_ray.apps.cli", "score", str(many), "--bank", str(small_bank["bank"]),
          "--output", str(out), "--batch-size", str(BATCH), "--max-actors", "1", "--quiet"],
         start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         env={k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"},

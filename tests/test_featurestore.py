@@ -11,8 +11,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from spade_ray.features import FeatureBatch
-from spade_ray.featurestore import (
+from spade_ray.method.features import FeatureBatch
+from spade_ray.storage.featurestore import (
     FEATURE_FORMAT_VERSION,
     META_KEY,
     FeatureMeta,

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from spade_ray.image_scoring import combine_image_scores, normal_scales
+from spade_ray.method.image_scoring import combine_image_scores, normal_scales
 from spade_ray.model import Calibration, SpadeConfig, calibration_rows
 
 

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from spade_ray.images import (
+from spade_ray.storage.images import (
     ImageDecodeError,
     decode_image,
     decode_mask,
@@ -253,7 +253,7 @@ def test_missing_file_is_file_not_found(tmp_path):
 
 
 def test_pil_bomb_limit_is_set_explicitly_and_follows_max_pixels():
-    from spade_ray.images import DEFAULT_MAX_PIXELS
+    from spade_ray.storage.images import DEFAULT_MAX_PIXELS
 
     decode_image(valid_png(), max_pixels=12_345)
     assert Image.MAX_IMAGE_PIXELS == 12_345

@@ -617,8 +617,8 @@ def help_text(*argv: str) -> str:
     saved_argv = sys.argv
     try:
         with contextlib.redirect_stdout(out), pytest.raises(SystemExit) as exited:
-            if argv[0] == "spade-ray":  # the console script: spade_ray.cli:main
-                from spade_ray.cli import main
+            if argv[0] == "spade-ray":  # the console script: spade_ray.apps.cli:main
+                from spade_ray.apps.cli import main
 
                 main([*argv[1:], "--help"])
             else:
@@ -665,7 +665,7 @@ def test_entrypoints_expand_the_configmap_into_arguments_that_parse() -> None:
     for key, value in values.items():
         if key.endswith(("_PREFIX", "BANK", "INPUT")):
             assert value and not value.endswith("/"), f"{key}={value!r}: set it, without a trailing slash"
-    from spade_ray.cli import build_parser
+    from spade_ray.apps.cli import build_parser
 
     # scoring: the archive of ARCHIVE_DATE into OUTPUT_PREFIX/ARCHIVE_DATE
     argv = expand(eps["jobs/score_archive.py"], {**values, "ARCHIVE_DATE": "2026-11-28"})
@@ -989,7 +989,7 @@ def test_rayjob_entrypoints_run_end_to_end_on_a_token_auth_head(tmp_path) -> Non
     """Bank rebuild, then nightly scoring, through `ray job submit` exactly as the RayJobs submit them."""
     import pyarrow.parquet as pq
 
-    from spade_ray.synthetic import make_synthetic_dataset
+    from spade_ray.apps.synthetic import make_synthetic_dataset
 
     docs = render_overlay(K8S / "overlays" / "cpu")
     rebuild_job = named(docs, "RayJob", "spade-ray-rebuild-bank-template")["spec"]

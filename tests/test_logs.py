@@ -11,9 +11,9 @@ import select
 import struct
 import termios
 
-from spade_ray.cli import _finish
+from spade_ray.apps.cli import _finish
 from spade_ray.distributed.jobs import JobSummary
-from spade_ray.logs import configure_logging, fields, get_logger
+from spade_ray.apps.logs import configure_logging, fields, get_logger
 from spade_ray.progress import no_progress, shows_ray_data_bars, terminal_progress
 
 

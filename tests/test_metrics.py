@@ -1,4 +1,4 @@
-"""Tests for spade_ray.metrics: hand-worked cases, sklearn agreement, AUPRO vs brute force."""
+"""Tests for spade_ray.method.metrics: hand-worked cases, sklearn agreement, AUPRO vs brute force."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 from scipy import ndimage
 from sklearn.metrics import precision_recall_curve, roc_auc_score
 
-from spade_ray.metrics import (
+from spade_ray.method.metrics import (
     aupro,
     compute_metrics,
     f1_max,

@@ -10,9 +10,9 @@ import torch
 from PIL import Image
 
 from spade_ray import Spade
-from spade_ray.datasets import load_mvtec
-from spade_ray.images import load_mask
-from spade_ray.metrics import compute_metrics
+from spade_ray.storage.datasets import load_mvtec
+from spade_ray.storage.images import load_mask
+from spade_ray.method.metrics import compute_metrics
 
 
 @pytest.fixture(scope="module")
@@ -111,7 +111,7 @@ def test_bad_settings_are_refused() -> None:
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("matching", ["exact", "coarse-to-fine"])
 def test_cuda_scores_equal_cpu_scores(synthetic_dataset, matching: str) -> None:
-    from spade_ray.datasets import load_mvtec
+    from spade_ray.storage.datasets import load_mvtec
 
     data = load_mvtec(str(synthetic_dataset))
     train, test = [s.uri for s in data.train], [s.uri for s in data.test[:6]]

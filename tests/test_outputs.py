@@ -7,8 +7,8 @@ import posixpath
 
 import pytest
 
-from spade_ray.featurestore import image_id_for
-from spade_ray.outputs import join_url, output_key, unique_output_stems, write_bytes
+from spade_ray.storage.featurestore import image_id_for
+from spade_ray.storage.outputs import join_url, output_key, unique_output_stems, write_bytes
 
 
 @pytest.mark.parametrize(

@@ -6,15 +6,15 @@ import numpy as np
 import pytest
 from skimage import data as skdata
 
-from spade_ray.outputs import heatmap_rgb, output_key
-from spade_ray.overlay import (
+from spade_ray.storage.outputs import heatmap_rgb, output_key
+from spade_ray.storage.overlay import (
     OUTLINE_RGB,
     draw_outline,
     mask_outline,
     overlay_rgb,
     thumbnail,
 )
-from spade_ray.preprocess import Preprocessor
+from spade_ray.method.preprocess import Preprocessor
 
 
 @pytest.fixture

@@ -23,9 +23,9 @@ from PIL import Image
 
 from spade_ray import Spade
 from spade_ray.model import Calibration
-from spade_ray.datasets import load_mvtec
+from spade_ray.storage.datasets import load_mvtec
 from spade_ray.distributed.jobs import run_build_bank, run_extract, run_score
-from spade_ray.sources import resolve_inputs
+from spade_ray.storage.sources import resolve_inputs
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -52,7 +52,7 @@ def ray_with_s3_env(s3_server):
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory) -> Path:
-    from spade_ray.synthetic import make_synthetic_dataset
+    from spade_ray.apps.synthetic import make_synthetic_dataset
 
     root = make_synthetic_dataset(tmp_path_factory.mktemp("pipe") / "ds", n_train=18, n_test_good=3,
                                   n_test_per_defect=2, size=IMAGE_SIZE, seed=3)
@@ -185,7 +185,7 @@ def test_add_to_makes_a_new_version_and_keeps_the_old_one(local_run, dataset, tm
     v2 = json.loads((bank / "v0002" / "manifest.json").read_text())
     assert v2["parent"] == "v0001" and len(v2["shards"]) == 4
     # the old version stays complete and readable, and the latest version is the new one
-    from spade_ray.bank import load_shard, open_bank
+    from spade_ray.bank.store import load_shard, open_bank
 
     root, v1 = open_bank(str(bank / "v0001"))
     assert v1["n_images"] == 18 and sum(len(load_shard(root, e)) for e in v1["shards"]) == 18

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from spade_ray.preprocess import Preprocessor
+from spade_ray.method.preprocess import Preprocessor
 
 
 @pytest.mark.parametrize("protocol", ["full", "paper"])

@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from spade_ray.aggregation import aggregate_level
-from spade_ray.correspondence import merge_smallest
-from spade_ray.matching import pyramid_distances
-from spade_ray.pyramid_bank import PyramidBank, PyramidBanks
+from spade_ray.method.aggregation import aggregate_level
+from spade_ray.method.correspondence import merge_smallest
+from spade_ray.method.matching import pyramid_distances
+from spade_ray.method.pyramid_bank import PyramidBank, PyramidBanks
 
 SHAPES = [(8, 16, 16), (12, 8, 8), (20, 4, 4)]  # strides 4/8/16 of a 64 px input: cell-major
 ODD_SHAPES = [(8, 13, 17), (12, 7, 9), (20, 4, 5)]  # not multiples of the coarse grid: image layout

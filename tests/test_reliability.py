@@ -18,10 +18,10 @@ import pytest
 import ray
 from PIL import Image
 
-from spade_ray.cli import main
+from spade_ray.apps.cli import main
 from spade_ray.distributed.jobs import run_score
 from spade_ray.distributed.serving import BankLoadError
-from spade_ray.sources import resolve_inputs
+from spade_ray.storage.sources import resolve_inputs
 
 pytestmark = pytest.mark.timeout(300)
 

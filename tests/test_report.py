@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 from skimage import data as skdata
 
-from spade_ray.metrics import (
+from spade_ray.method.metrics import (
     aupro,
     image_auroc,
     pixel_auroc,
@@ -17,7 +17,7 @@ from spade_ray.metrics import (
     pro_curve,
     roc_curve,
 )
-from spade_ray.report import (
+from spade_ray.report.report import (
     Report,
     ReportItem,
     item_panels,
@@ -25,7 +25,7 @@ from spade_ray.report import (
     neighbour_pictures,
     render_report,
 )
-from spade_ray.svgplot import Series, curves_svg, histogram_svg, thin_curve
+from spade_ray.report.svgplot import Series, curves_svg, histogram_svg, thin_curve
 
 
 def test_flagged_images_rank_first_whichever_rule_flagged_them() -> None:
@@ -97,8 +97,8 @@ def test_a_score_report_reads_every_run_in_the_output_and_says_why_pictures_are_
     import pyarrow.parquet as pq
 
     from spade_ray.distributed.stages import RESULT_SCHEMA
-    from spade_ray.preprocess import Preprocessor
-    from spade_ray.report import score_report
+    from spade_ray.method.preprocess import Preprocessor
+    from spade_ray.report.report import score_report
 
     def row(name: str, score: float | None, status: str = "ok") -> dict:
         return {"uri": str(tmp_path / "in" / name), "relpath": name, "image_id": name, "bank_id": "v0001-x",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from spade_ray.retrieval import GlobalIndex, merge_topk
+from spade_ray.method.retrieval import GlobalIndex, merge_topk
 
 
 def test_search_returns_euclidean_distances_in_order() -> None:
@@ -64,9 +64,9 @@ def test_shards_merge_by_the_exact_distance_not_a_float32_rounding_of_it() -> No
 
 
 def test_a_sharded_bank_serves_the_same_neighbours_as_one_index() -> None:
-    from spade_ray.bank import BankShard
-    from spade_ray.shard import ShardServer
-    from spade_ray.retrieval import merge_topk
+    from spade_ray.bank.store import BankShard
+    from spade_ray.bank.shard_server import ShardServer
+    from spade_ray.method.retrieval import merge_topk
     import faiss
 
     rng = np.random.default_rng(5)

@@ -115,7 +115,7 @@ def test_credentials_never_appear_in_outputs_logs_or_errors(s3_server, small_ban
     def score(secret_key: str, output: str) -> subprocess.CompletedProcess:
         options = {"endpoint_url": s3_server.endpoint_url, "key": s3_server.access_key, "secret": secret_key}
         return subprocess.run(
-            [sys.executable, "-m", "spade_ray.cli", "score", f"s3://{bucket}/in/list.txt", "--bank",
+            [sys.executable, "-m", "spade_ray.apps.cli", "score", f"s3://{bucket}/in/list.txt", "--bank",
              str(small_bank["bank"]), "--output", output, "--storage-options", json.dumps(options), "--quiet"],
             env={**env, "AWS_SECRET_ACCESS_KEY": secret_key}, capture_output=True, timeout=240, cwd=REPO, check=False,
         )

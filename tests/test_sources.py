@@ -7,8 +7,8 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from spade_ray.featurestore import image_id_for
-from spade_ray.sources import resolve_inputs
+from spade_ray.storage.featurestore import image_id_for
+from spade_ray.storage.sources import resolve_inputs
 
 
 @pytest.fixture()

@@ -17,7 +17,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import ray
 
-from ..bank import (
+from spade_ray.bank.store import (
     check_compatible,
     feature_meta_of,
     load_shard,
@@ -29,21 +29,21 @@ from ..bank import (
     write_manifest,
     write_shard,
 )
-from ..backbones import BACKBONES
-from ..featurestore import FeatureMeta, list_feature_shards, read_feature_meta
-from ..features import FeatureBatch
-from ..fusion import DEFAULT_SIGMA
-from ..model import (DEFAULT_IMAGE_K, DEFAULT_KAPPA, DEFAULT_PIXEL_K, LEGACY_SCORING, Calibration, SpadeConfig,
+from spade_ray.method.backbones import BACKBONES
+from spade_ray.storage.featurestore import FeatureMeta, list_feature_shards, read_feature_meta
+from spade_ray.method.features import FeatureBatch
+from spade_ray.method.fusion import DEFAULT_SIGMA
+from spade_ray.model import (DEFAULT_IMAGE_K, DEFAULT_KAPPA, DEFAULT_PIXEL_K, LEGACY_SCORING, Calibration, SpadeConfig,
                      calibration_rows)
-from ..images import DEFAULT_MAX_PIXELS
-from ..outputs import join_url, output_stem, unique_output_stems, write_bytes
-from ..preprocess import Preprocessor
-from ..progress import Progress, no_progress, shows_ray_data_bars
-from ..report import DEFAULT_REPORT_TOP, score_report, write_report
-from ..sources import InputImage, resolve_inputs
-from .runtime import cluster_cpus, init_ray, ray_data_output
-from .serving import BankClient, ServedBank, shard_actor_cpus, start_shard_actors
-from .stages import DecodeImages, ExtractFeatures, ScoreImages, new_run_id
+from spade_ray.storage.images import DEFAULT_MAX_PIXELS
+from spade_ray.storage.outputs import join_url, output_stem, unique_output_stems, write_bytes
+from spade_ray.method.preprocess import Preprocessor
+from spade_ray.progress import Progress, no_progress, shows_ray_data_bars
+from spade_ray.report.report import DEFAULT_REPORT_TOP, score_report, write_report
+from spade_ray.storage.sources import InputImage, resolve_inputs
+from spade_ray.distributed.runtime import cluster_cpus, init_ray, ray_data_output
+from spade_ray.distributed.serving import BankClient, ServedBank, shard_actor_cpus, start_shard_actors
+from spade_ray.distributed.stages import DecodeImages, ExtractFeatures, ScoreImages, new_run_id
 
 __all__ = ["JobSummary", "run_build_bank", "run_extract", "run_score"]
 
@@ -201,7 +201,7 @@ def run_extract(source: str, output: str, *, backbone: str = "lite0", weights: s
 def _split_feature_file(url: str, keep_rows: list[int], n_shards: int, expected_meta: str,
                         storage_options: dict[str, Any] | None) -> tuple[Any, ...]:
     """Read one feature file and cut its kept rows into the bank shards they hash to."""
-    from ..featurestore import read_features, table_to_features
+    from spade_ray.storage.featurestore import read_features, table_to_features
 
     table, meta = read_features([url], storage_options, only_ok=False)
     if meta.to_json() != expected_meta:
@@ -443,7 +443,7 @@ def _check_weights_on_driver(manifest: dict[str, Any], config: SpadeConfig, weig
     The scorer actors check again (they are what really loads the weights); this check only makes
     the common mistake one clear error.  A driver that cannot see the weights file leaves it to them.
     """
-    from ..backbones import WeightsNotFoundError, file_sha256, weights_path
+    from spade_ray.method.backbones import WeightsNotFoundError, file_sha256, weights_path
 
     try:
         sha = file_sha256(weights_path(config.backbone, weights))
@@ -477,7 +477,7 @@ def run_score(source: str, bank_url: str, output: str, *, weights: str | None = 
 
     _check_weights_on_driver(manifest, config, weights)
     items = resolve_inputs(source, storage_options)
-    from .serving import bank_id_of
+    from spade_ray.distributed.serving import bank_id_of
 
     bank_id = bank_id_of(bank_root, manifest)
     if overwrite:

@@ -18,15 +18,15 @@ import numpy as np
 import ray
 import torch
 
-from ..aggregation import aggregate_levels
-from ..bank import open_bank, version_name
-from ..correspondence import merge_smallest
-from ..features import FeatureBatch
-from ..fusion import fuse_levels, image_score
-from ..model import SpadeConfig
-from ..retrieval import merge_topk
-from ..shard import ShardServer
-from .runtime import cluster_cpus, set_worker_threads
+from spade_ray.method.aggregation import aggregate_levels
+from spade_ray.bank.store import open_bank, version_name
+from spade_ray.method.correspondence import merge_smallest
+from spade_ray.method.features import FeatureBatch
+from spade_ray.method.fusion import fuse_levels, image_score
+from spade_ray.model import SpadeConfig
+from spade_ray.method.retrieval import merge_topk
+from spade_ray.bank.shard_server import ShardServer
+from spade_ray.distributed.runtime import cluster_cpus, set_worker_threads
 
 __all__ = ["BankClient", "BankLoadError", "ServedBank", "bank_id_of", "creation_error_reason", "serve_bank", "start_shard_actors"]
 

@@ -24,18 +24,18 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import ray
 
-from ..backbones import load_backbone
-from ..bank import check_compatible
-from ..featurestore import FeatureMeta, features_to_table, write_feature_shard
-from ..features import features_from_tensor
-from ..image_scoring import combine_image_scores
-from ..images import DEFAULT_MAX_PIXELS, load_image
-from ..model import SpadeConfig
-from ..outputs import heatmap_rgb, join_url, output_stem, write_bytes, write_jpeg, write_npy, write_png
-from ..overlay import overlay_rgb
-from ..preprocess import Preprocessor
-from .runtime import set_worker_threads
-from .serving import BankClient, ServedBank
+from spade_ray.method.backbones import load_backbone
+from spade_ray.bank.store import check_compatible
+from spade_ray.storage.featurestore import FeatureMeta, features_to_table, write_feature_shard
+from spade_ray.method.features import features_from_tensor
+from spade_ray.method.image_scoring import combine_image_scores
+from spade_ray.storage.images import DEFAULT_MAX_PIXELS, load_image
+from spade_ray.model import SpadeConfig
+from spade_ray.storage.outputs import heatmap_rgb, join_url, output_stem, write_bytes, write_jpeg, write_npy, write_png
+from spade_ray.storage.overlay import overlay_rgb
+from spade_ray.method.preprocess import Preprocessor
+from spade_ray.distributed.runtime import set_worker_threads
+from spade_ray.distributed.serving import BankClient, ServedBank
 
 __all__ = ["DecodeImages", "ExtractFeatures", "RESULT_SCHEMA", "ScoreImages", "batch_name"]
 

@@ -36,9 +36,9 @@ import faiss
 import fsspec
 import numpy as np
 
-from .featurestore import FeatureMeta, _join, _resolve
-from .outputs import write_bytes
-from .retrieval import search_exact
+from spade_ray.storage.featurestore import FeatureMeta, _join, _resolve
+from spade_ray.storage.outputs import write_bytes
+from spade_ray.method.retrieval import search_exact
 
 __all__ = [
     "BANK_FORMAT",
@@ -359,8 +359,8 @@ class BankShard:
     def search(self, queries: np.ndarray, k: int, exclude: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         """This shard's ``k`` nearest rows per query: (Euclidean distances, local rows), (B, k) ascending.
 
-        Exact and deterministic (see :func:`spade_ray.retrieval.search_exact`), so per-shard
-        results merge with :func:`spade_ray.retrieval.merge_topk` (after mapping rows to global
+        Exact and deterministic (see :func:`spade_ray.method.retrieval.search_exact`), so per-shard
+        results merge with :func:`spade_ray.method.retrieval.merge_topk` (after mapping rows to global
         ids) into exactly what one index over the whole bank returns.  Missing neighbours have
         row -1 and distance inf; ``exclude`` (B,) local rows to leave out (-1: none).
         """

@@ -15,7 +15,7 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage
 
-from .outputs import encode_jpeg, heatmap_rgb
+from spade_ray.storage.outputs import encode_jpeg, heatmap_rgb
 
 __all__ = ["OUTLINE_RGB", "draw_outline", "jpeg_data_uri", "mask_outline", "overlay_rgb", "thumbnail"]
 

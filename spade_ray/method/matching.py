@@ -2,7 +2,7 @@
 
 ``exact`` is SPADE as published: every pixel of every level against every pixel of the gallery.
 ``coarse-to-fine`` searches the coarsest level exactly and lets its matches choose the windows the
-finer levels search (:mod:`spade_ray.coarse_to_fine`).  Both decide per gallery image, so a bank
+finer levels search (:mod:`spade_ray.method.coarse_to_fine`).  Both decide per gallery image, so a bank
 split over shards answers exactly like one gallery.
 """
 
@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import torch
 
-from .coarse_to_fine import DEFAULT_COARSE_K, DEFAULT_MARGIN, coarse_to_fine_distances
-from .correspondence import DEFAULT_CHUNK_ELEMENTS, level_nearest_distances
+from spade_ray.method.coarse_to_fine import DEFAULT_COARSE_K, DEFAULT_MARGIN, coarse_to_fine_distances
+from spade_ray.method.correspondence import DEFAULT_CHUNK_ELEMENTS, level_nearest_distances
 
 __all__ = ["MATCHING", "pyramid_distances"]
 

@@ -14,11 +14,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from .bank import BankShard, load_shard
-from .coarse_to_fine import DEFAULT_COARSE_K, DEFAULT_MARGIN
-from .correspondence import DEFAULT_CHUNK_ELEMENTS
-from .model import calibration_rows
-from .pyramid_bank import PyramidBank
+from spade_ray.bank.store import BankShard, load_shard
+from spade_ray.method.coarse_to_fine import DEFAULT_COARSE_K, DEFAULT_MARGIN
+from spade_ray.method.correspondence import DEFAULT_CHUNK_ELEMENTS
+from spade_ray.model import calibration_rows
+from spade_ray.method.pyramid_bank import PyramidBank
 
 __all__ = ["ShardServer"]
 
@@ -27,7 +27,7 @@ class ShardServer:
     """Holds one bank shard in memory and answers retrieval and correspondence queries.
 
     Its pyramids are held once, in the feature space and layout of the setting it serves
-    (:class:`~spade_ray.pyramid_bank.PyramidBank`): the raw pyramids read from storage are
+    (:class:`~spade_ray.method.pyramid_bank.PyramidBank`): the raw pyramids read from storage are
     dropped level by level as the served copy is made, so a shard costs one copy of its
     pyramids whatever the ``aggregate`` setting.  A query in another feature space (a rare
     thing: jobs start their shard actors with the setting they score with) reloads the shard

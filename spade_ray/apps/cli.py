@@ -21,15 +21,15 @@ import sys
 import tempfile
 from typing import Any, Sequence
 
-from .backbones import BACKBONES
-from .images import DEFAULT_MAX_PIXELS
-from .logs import LOG_FORMATS, configure_logging, fields, get_logger
-from .matching import MATCHING
-from .image_scoring import IMAGE_SCORINGS
-from .model import DEFAULT_IMAGE_K, DEFAULT_KAPPA, DEFAULT_PIXEL_K, METHODS, SpadeConfig
-from .preprocess import PROTOCOLS
-from .progress import Progress, terminal_progress
-from .report import DEFAULT_REPORT_TOP
+from spade_ray.method.backbones import BACKBONES
+from spade_ray.storage.images import DEFAULT_MAX_PIXELS
+from spade_ray.apps.logs import LOG_FORMATS, configure_logging, fields, get_logger
+from spade_ray.method.matching import MATCHING
+from spade_ray.method.image_scoring import IMAGE_SCORINGS
+from spade_ray.model import DEFAULT_IMAGE_K, DEFAULT_KAPPA, DEFAULT_PIXEL_K, METHODS, SpadeConfig
+from spade_ray.method.preprocess import PROTOCOLS
+from spade_ray.progress import Progress, terminal_progress
+from spade_ray.report.report import DEFAULT_REPORT_TOP
 
 
 def _progress(args: argparse.Namespace) -> Progress:
@@ -299,7 +299,7 @@ def _model_kwargs(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
-    from .evaluate import evaluate, format_summary
+    from spade_ray.apps.evaluate import evaluate, format_summary
 
     result = evaluate(
         args.dataset,
@@ -329,7 +329,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from .demo import run_demo
+    from spade_ray.apps.demo import run_demo
 
     output = args.output or tempfile.mkdtemp(prefix="spade-ray-demo-")
     log = get_logger()
@@ -374,7 +374,7 @@ def _finish(summary: Any, max_error_rate: float | None = None) -> int:
 
 
 def _cmd_extract(args: argparse.Namespace) -> int:
-    from .distributed.jobs import run_extract
+    from spade_ray.distributed.jobs import run_extract
 
     summary = run_extract(args.input, args.output, backbone=args.backbone, weights=args.weights,
                           image_size=args.image_size, protocol=args.protocol, batch_size=args.batch_size,
@@ -385,7 +385,7 @@ def _cmd_extract(args: argparse.Namespace) -> int:
 
 
 def _cmd_build_bank(args: argparse.Namespace) -> int:
-    from .distributed.jobs import run_build_bank
+    from spade_ray.distributed.jobs import run_build_bank
 
     summary = run_build_bank(args.features, args.output, shards=args.shards, add_to=args.add_to,
                              image_k=args.image_k, pixel_k=args.pixel_k, kappa=args.kappa, scoring=_scoring(args),
@@ -403,7 +403,7 @@ def _cmd_build_bank(args: argparse.Namespace) -> int:
 
 
 def _cmd_score(args: argparse.Namespace) -> int:
-    from .distributed.jobs import run_score
+    from spade_ray.distributed.jobs import run_score
 
     summary = run_score(args.input, args.bank, args.output, weights=args.weights, image_k=args.image_k,
                         pixel_k=args.pixel_k, kappa=args.kappa, scoring=_scoring(args), threshold=args.threshold,
@@ -417,7 +417,7 @@ def _cmd_score(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
-    from .benchmark import format_bench, run_bench
+    from spade_ray.apps.benchmark import format_bench, run_bench
 
     log = (lambda line: print(line, file=sys.stderr)) if args.json == "-" else get_logger().info
     result = run_bench(args.dataset, test_images=args.test_images, reference_images=args.reference_images,

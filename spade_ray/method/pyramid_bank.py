@@ -1,6 +1,6 @@
 """The bank's pyramids laid out for matching: the fine pixels under each coarse cell stored together.
 
-Coarse-to-fine matching (:mod:`spade_ray.coarse_to_fine`) compares the fine pixels of each query
+Coarse-to-fine matching (:mod:`spade_ray.method.coarse_to_fine`) compares the fine pixels of each query
 coarse cell with the fine pixels under the matched coarse cell of each gallery image.  In the
 images' own (C, H, W) layout those pixels are scattered, so every query paid for a copy of its
 whole gallery (numpy gather, fp16 -> fp32, channels-last permute) before gathering its windows:
@@ -20,10 +20,10 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from .aggregation import aggregate_level
-from .coarse_to_fine import DEFAULT_COARSE_K, DEFAULT_MARGIN
-from .correspondence import DEFAULT_CHUNK_ELEMENTS
-from .matching import pyramid_distances
+from spade_ray.method.aggregation import aggregate_level
+from spade_ray.method.coarse_to_fine import DEFAULT_COARSE_K, DEFAULT_MARGIN
+from spade_ray.method.correspondence import DEFAULT_CHUNK_ELEMENTS
+from spade_ray.method.matching import pyramid_distances
 
 __all__ = ["PyramidBank", "PyramidBanks"]
 

@@ -13,13 +13,13 @@ from typing import Any
 
 import numpy as np
 
-from .datasets import MVTecDataset
-from .images import load_image
-from .metrics import pixel_roc_curve, pro_curve, roc_curve
-from .model import Prediction
-from .overlay import overlay_rgb
-from .preprocess import Preprocessor
-from .report import (
+from spade_ray.storage.datasets import MVTecDataset
+from spade_ray.storage.images import load_image
+from spade_ray.method.metrics import pixel_roc_curve, pro_curve, roc_curve
+from spade_ray.model import Prediction
+from spade_ray.storage.overlay import overlay_rgb
+from spade_ray.method.preprocess import Preprocessor
+from spade_ray.report.report import (
     DEFAULT_REPORT_TOP,
     Neighbour,
     Report,
@@ -29,7 +29,7 @@ from .report import (
     neighbour_pictures,
     now_utc,
 )
-from .svgplot import Series, curves_svg, histogram_svg
+from spade_ray.report.svgplot import Series, curves_svg, histogram_svg
 
 __all__ = ["evaluation_report"]
 

@@ -4,7 +4,7 @@ The reference code (SPADE-pytorch, the paper's companion) builds the gallery of 
 of the K nearest images and, 100 gallery features at a time, takes the broadcast difference with
 the whole query map and its norm over channels, then the minimum.  It is exact and simple and
 materialises (100, C, H, W) differences per step, which is what makes it slow; ``spade-ray bench``
-times it against the kernels in :mod:`spade_ray.correspondence` and :mod:`spade_ray.coarse_to_fine`.
+times it against the kernels in :mod:`spade_ray.method.correspondence` and :mod:`spade_ray.method.coarse_to_fine`.
 """
 
 from __future__ import annotations

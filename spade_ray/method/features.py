@@ -1,7 +1,7 @@
 """Feature extraction: normalised network input -> (global vectors, feature pyramid) as numpy arrays.
 
 One function serves the in-process model and the Ray extractor and scorer actors (each resizes
-and normalises with the same :class:`~spade_ray.preprocess.Preprocessor`), so a bank built by the
+and normalises with the same :class:`~spade_ray.method.preprocess.Preprocessor`), so a bank built by the
 distributed job holds exactly the features :class:`spade_ray.Spade` would compute.
 """
 
@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .backbones import Backbone
+from spade_ray.method.backbones import Backbone
 
 __all__ = ["FeatureBatch", "features_from_tensor"]
 

@@ -7,7 +7,7 @@ Every picture is a downscaled JPEG embedded as a ``data:`` URI and every chart a
 network, no scripts, no files next to it, so the report can be mailed or archived as it is.
 
 This module renders a :class:`Report` and builds one from a ``score`` output folder; ``evaluate``
-builds its own from the predictions it holds in memory (:mod:`spade_ray.evaluate`).
+builds its own from the predictions it holds in memory (:mod:`spade_ray.apps.evaluate`).
 """
 
 from __future__ import annotations
@@ -25,11 +25,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .images import decode_image, decode_mask, load_image, read_bytes
-from .outputs import join_url, write_bytes
-from .overlay import draw_outline, jpeg_data_uri, thumbnail
-from .preprocess import Preprocessor
-from .svgplot import Series, histogram_svg
+from spade_ray.storage.images import decode_image, decode_mask, load_image, read_bytes
+from spade_ray.storage.outputs import join_url, write_bytes
+from spade_ray.storage.overlay import draw_outline, jpeg_data_uri, thumbnail
+from spade_ray.method.preprocess import Preprocessor
+from spade_ray.report.svgplot import Series, histogram_svg
 
 __all__ = [
     "DEFAULT_REPORT_TOP",

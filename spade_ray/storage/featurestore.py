@@ -39,8 +39,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
 
-from .features import FeatureBatch
-from .outputs import write_bytes
+from spade_ray.method.features import FeatureBatch
+from spade_ray.storage.outputs import write_bytes
 
 __all__ = [
     "FEATURE_FORMAT_VERSION",
@@ -145,7 +145,7 @@ def _resolve(url: str, storage_options: dict[str, Any] | None) -> tuple[Any, str
 
     Remote URLs keep the caller's own spelling (protocol, chained ``simplecache::`` URLs); local
     paths become absolute so the strings do not depend on the working directory.  Same rule as
-    :func:`spade_ray.datasets.list_images`.
+    :func:`spade_ray.storage.datasets.list_images`.
     """
     fs, path = fsspec.core.url_to_fs(url, **(storage_options or {}))
     if isinstance(fs, LocalFileSystem):

@@ -11,7 +11,7 @@ A defective test image without a mask file is kept, with ``mask_uri=None``: it
 still counts for image-level metrics. Only listings happen here (one recursive
 ``find`` per call, which on S3 is a handful of paginated LIST requests, not one
 request per folder); images are decoded later, by workers, via
-:mod:`spade_ray.images`.
+:mod:`spade_ray.storage.images`.
 
 URIs keep the form the caller gave: ``s3://bucket/x`` yields
 ``s3://bucket/x/train/good/1.png``, a local folder yields absolute paths, so

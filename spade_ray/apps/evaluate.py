@@ -13,17 +13,17 @@ from typing import Any
 
 import numpy as np
 
-from .datasets import load_mvtec
-from .evaluate_report import evaluation_report
-from .featurestore import image_id_for
-from .images import DEFAULT_MAX_PIXELS, load_image, load_mask
-from .metrics import compute_metrics
-from .model import DEFAULT_IMAGE_K, DEFAULT_KAPPA, DEFAULT_PIXEL_K, Spade
-from .outputs import heatmap_rgb, join_url, unique_output_stems, write_bytes, write_jpeg, write_png
-from .overlay import overlay_rgb
-from .progress import Progress, no_progress
-from .report import DEFAULT_REPORT_TOP, write_report
-from .timing import peak_rss_mb
+from spade_ray.storage.datasets import load_mvtec
+from spade_ray.report.evaluate_report import evaluation_report
+from spade_ray.storage.featurestore import image_id_for
+from spade_ray.storage.images import DEFAULT_MAX_PIXELS, load_image, load_mask
+from spade_ray.method.metrics import compute_metrics
+from spade_ray.model import DEFAULT_IMAGE_K, DEFAULT_KAPPA, DEFAULT_PIXEL_K, Spade
+from spade_ray.storage.outputs import heatmap_rgb, join_url, unique_output_stems, write_bytes, write_jpeg, write_png
+from spade_ray.storage.overlay import overlay_rgb
+from spade_ray.progress import Progress, no_progress
+from spade_ray.report.report import DEFAULT_REPORT_TOP, write_report
+from spade_ray.method.timing import peak_rss_mb
 
 __all__ = ["evaluate", "format_summary"]
 

@@ -7,7 +7,7 @@ Stages, all on the same test images:
 (c) in-process scoring: ``Spade.predict`` (decode, forward, retrieval, correspondence, fusion);
 (d) distributed scoring: the ``score`` job against a bank served by N shard actors (masks,
     heatmaps and result rows written);
-(e) the published SPADE correspondence loop (:mod:`spade_ray.reference`), on a few images.
+(e) the published SPADE correspondence loop (:mod:`spade_ray.method.reference`), on a few images.
 
 R1 = throughput (c) / throughput (a): how close scoring is to the forward pass (1 = free); (a) and
 (c) alternate for a few rounds and the round with the median ratio is reported.
@@ -29,17 +29,17 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from .datasets import load_mvtec
-from .featurestore import list_feature_shards, read_features, table_to_features
-from .features import features_from_tensor
-from .fusion import fuse_levels, image_score
-from .images import load_image
-from .model import Spade
-from .procwatch import ProcessPeaks
-from .progress import Progress, no_progress
-from .reference import reference_level_distances
-from .synthetic import make_synthetic_dataset
-from .timing import peak_rss_mb
+from spade_ray.storage.datasets import load_mvtec
+from spade_ray.storage.featurestore import list_feature_shards, read_features, table_to_features
+from spade_ray.method.features import features_from_tensor
+from spade_ray.method.fusion import fuse_levels, image_score
+from spade_ray.storage.images import load_image
+from spade_ray.model import Spade
+from spade_ray.apps.procwatch import ProcessPeaks
+from spade_ray.progress import Progress, no_progress
+from spade_ray.method.reference import reference_level_distances
+from spade_ray.apps.synthetic import make_synthetic_dataset
+from spade_ray.method.timing import peak_rss_mb
 
 __all__ = ["format_bench", "run_bench"]
 
@@ -107,8 +107,8 @@ def run_bench(
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """Run stages (a)-(e) and return the figures (also what ``--json`` writes)."""
-    from .distributed.jobs import run_build_bank, run_extract, run_score
-    from .distributed.runtime import init_ray
+    from spade_ray.distributed.jobs import run_build_bank, run_extract, run_score
+    from spade_ray.distributed.runtime import init_ray
 
     work = Path(workdir or tempfile.mkdtemp(prefix="spade-ray-bench-"))
     work.mkdir(parents=True, exist_ok=True)

@@ -15,16 +15,16 @@ from typing import Any, Callable
 import numpy as np
 import pyarrow.parquet as pq
 
-from .datasets import load_mvtec
-from .distributed.jobs import JobSummary, run_build_bank, run_extract, run_score
-from .images import load_mask
-from .metrics import compute_metrics
-from .outputs import output_key, write_bytes
-from .progress import Progress, no_progress
-from .report import DEFAULT_REPORT_TOP
-from .sources import resolve_inputs
-from .synthetic import make_synthetic_dataset
-from .timing import peak_rss_mb
+from spade_ray.storage.datasets import load_mvtec
+from spade_ray.distributed.jobs import JobSummary, run_build_bank, run_extract, run_score
+from spade_ray.storage.images import load_mask
+from spade_ray.method.metrics import compute_metrics
+from spade_ray.storage.outputs import output_key, write_bytes
+from spade_ray.progress import Progress, no_progress
+from spade_ray.report.report import DEFAULT_REPORT_TOP
+from spade_ray.storage.sources import resolve_inputs
+from spade_ray.apps.synthetic import make_synthetic_dataset
+from spade_ray.method.timing import peak_rss_mb
 
 __all__ = ["DEMO_SCORING", "run_demo"]
 

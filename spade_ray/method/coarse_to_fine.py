@@ -21,7 +21,7 @@ import math
 
 import torch
 
-from .correspondence import DEFAULT_CHUNK_ELEMENTS
+from spade_ray.method.correspondence import DEFAULT_CHUNK_ELEMENTS
 
 __all__ = ["DEFAULT_COARSE_K", "DEFAULT_MARGIN", "coarse_to_fine_distances"]
 
@@ -97,7 +97,7 @@ def _restricted_level(
     times; with margin 0 nothing is gathered twice, and one gather over all gallery images at once
     is 2-3 times faster than the per-image loop (measured: 14 against 28 ms at stride 4, 6 against
     17 ms at stride 8, 2 threads, 50 images).  A bank laid out by coarse cell
-    (:class:`spade_ray.pyramid_bank.PyramidBank`) answers margin 0 without either, when its grids
+    (:class:`spade_ray.method.pyramid_bank.PyramidBank`) answers margin 0 without either, when its grids
     divide evenly; these kernels serve the other cases.
     """
     channels, height, width = query.shape

@@ -26,7 +26,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .batch_invariance import pin_onednn_convolutions
+from spade_ray.method.batch_invariance import pin_onednn_convolutions
 
 __all__ = [
     "BACKBONES",

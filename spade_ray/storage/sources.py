@@ -14,8 +14,8 @@ from typing import Any
 
 import fsspec
 
-from .datasets import list_images
-from .featurestore import image_id_for
+from spade_ray.storage.datasets import list_images
+from spade_ray.storage.featurestore import image_id_for
 
 __all__ = ["InputImage", "resolve_inputs"]
 

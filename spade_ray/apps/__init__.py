@@ -1,0 +1,1 @@
+"""The applications: the CLI, evaluate, demo, bench."""

@@ -1,0 +1,1 @@
+"""URLs, file formats and artifacts through fsspec: images, inputs, datasets, feature shards, results, outputs."""
