@@ -27,7 +27,8 @@ from spade_ray.method.features import FeatureBatch
 from spade_ray.method.image_scoring import combine_image_scores
 from spade_ray.storage.images import load_mask
 from spade_ray.method.metrics import compute_metrics
-from spade_ray.model import METHODS, Spade
+from spade_ray.method.config import METHODS
+from spade_ray.model import Spade
 
 
 def _smooth(level: np.ndarray, how: str) -> np.ndarray:
@@ -83,32 +84,33 @@ def main() -> None:
         model.fit([s.uri for s in data.train], calibration_samples=0)
         query, sizes = model.extract([s.uri for s in data.test])
         if args.cache:
-            np.savez(args.cache, n_levels=len(query.levels), bank_global=model.bank_global, sizes=np.array(sizes),
-                     query_global=query.global_, **{f"bank_level{i}": lvl for i, lvl in enumerate(model.bank_levels)},
+            np.savez(args.cache, n_levels=len(query.levels), bank_global=model.bank.global_, sizes=np.array(sizes),
+                     query_global=query.global_, **{f"bank_level{i}": lvl for i, lvl in enumerate(model.bank.levels)},
                      **{f"query_level{i}": lvl for i, lvl in enumerate(query.levels)})
     labels = np.array([s.label for s in data.test])
     masks = [model.preprocessor.mask_to_output(load_mask(s.mask_uri)) if s.mask_uri else None for s in data.test]
     table = []
-    all_levels = model.bank_levels
+    all_levels = model.bank.levels
     for name, settings in map(parse_variant, args.variant):
         levels = [int(x) for x in settings.pop("levels").split("+")] if "levels" in settings else None
         per_level = settings.pop("agg").split("+") if "agg" in settings else None
         model.config = model.config.with_scoring({**METHODS[settings.pop("method", "spade-ray")], **settings})
         config = model.config
         if levels is not None:  # experiment: score with a subset of the pyramid levels, e.g. levels=1+2
-            model.set_bank(model.bank_ids, model.bank_global, [all_levels[i] for i in levels])
+            model.set_bank(model.bank_ids, model.bank.global_, [all_levels[i] for i in levels])
             q = FeatureBatch(query.global_, [query.levels[i] for i in levels])
         elif per_level is not None:  # experiment: a window size per level, e.g. agg=1+3+3
-            model.set_bank(model.bank_ids, model.bank_global, [_smooth(l, n) for l, n in zip(all_levels, per_level)])
+            model.set_bank(model.bank_ids, model.bank.global_, [_smooth(l, n) for l, n in zip(all_levels, per_level)])
             q = FeatureBatch(query.global_, [_smooth(l, n) for l, n in zip(query.levels, per_level)])
         else:
-            model.set_bank(model.bank_ids, model.bank_global, all_levels)
+            model.set_bank(model.bank_ids, model.bank.global_, all_levels)
             q = query
-        model.pyramid_bank(config.aggregate)  # aggregated and laid out once per bank, like a served shard, not timed per image
+        model.bank.pyramids(config.aggregate)  # aggregated and laid out once per bank, like a served shard, not timed per image
         model.calibration = model.calibrate(args.calibration_samples) if args.calibration_samples else None
         scales = model.calibration.scales if model.calibration else None
         start = time.perf_counter()
-        knn, maps, _ = model._score_features(q)
+        matched = model._scorer().match(q)
+        knn, maps = matched.knn_scores, matched.maps
         scores = combine_image_scores(knn, np.array([m.max() for m in maps]), config.image_scoring, scales)
         seconds = (time.perf_counter() - start) / len(maps)
         maps = [model.preprocessor.map_to_output(m, h, w) for m, (h, w) in zip(maps, sizes)]

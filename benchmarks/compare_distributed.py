@@ -22,10 +22,13 @@ import torch
 from spade_ray import Spade
 from spade_ray.storage.datasets import load_mvtec
 from spade_ray.bank.store import open_bank
-from spade_ray.distributed.jobs import run_build_bank, run_extract, run_score
+from spade_ray.distributed.build_bank_job import run_build_bank
+from spade_ray.distributed.extract_job import run_extract
+from spade_ray.distributed.score_job import run_score
 from spade_ray.storage.images import load_mask
 from spade_ray.method.metrics import compute_metrics
-from spade_ray.model import DEFAULT_IMAGE_K, DEFAULT_KAPPA, DEFAULT_PIXEL_K, METHODS
+from spade_ray.method.config import DEFAULT_IMAGE_K, DEFAULT_PIXEL_K, METHODS
+from spade_ray.method.matching import DEFAULT_KAPPA
 from spade_ray.storage.outputs import output_key
 from spade_ray.storage.sources import resolve_inputs
 

@@ -15,7 +15,7 @@ What it does, in order:
    retrieval code: each actor is a :class:`spade_ray.bank.shard_server.ShardServer` over a
    :class:`spade_ray.bank.store.BankShard` (global vectors only, no pyramids), so ``search`` is
    ``search_exact`` (FAISS proposes k+8, exact float64 rerank, ties by row) and the driver's
-   scatter-gather is :class:`spade_ray.distributed.serving.BankClient.search` (``merge_topk``).
+   scatter-gather is :meth:`spade_ray.distributed.remote_bank.RemoteBank.search` (``merge_topk``).
    Measured: build time, RSS of every actor (``/proc/<pid>/status`` VmRSS and VmHWM, before and
    after its build), index bytes, query latency (p50/p95 per query and per batch of 16) and the
    bytes each query moves (size of the arguments and of each shard's answer as Ray serialises them, cloudpickle protocol 5).
@@ -252,7 +252,8 @@ def run_sharded(spec: MixtureSpec, n: int, shards: int, queries: np.ndarray, k: 
     """Start the shard actors, measure, and return the scatter-gather top-k of ``queries``."""
     import ray
 
-    from spade_ray.distributed.serving import BankClient, ServedBank
+    from spade_ray.distributed.remote_bank import RemoteBank
+    from spade_ray.distributed.shard_actors import ServedBank
 
     if __name__ != "__main__":  # imported from a file (tests): workers cannot import this module by name
         ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
@@ -266,7 +267,7 @@ def run_sharded(spec: MixtureSpec, n: int, shards: int, queries: np.ndarray, k: 
         log(f"built {shards} shards of ~{n // shards} rows in {build_wall:.1f} s")
         bank = ServedBank("sim://", {"shards": [{"n_images": b - a} for a, b in bounds]}, actors,
                           [a for a, _ in bounds], [b - a for a, b in bounds])
-        client = BankClient(bank, config=None)
+        client = RemoteBank(bank, aggregate=1)
         client.search(queries[:1], k)  # warm up every actor's code path
 
         t0 = time.perf_counter()

@@ -20,7 +20,8 @@ from spade_ray.storage.images import load_mask
 from spade_ray.method.metrics import compute_metrics
 from dataclasses import replace
 
-from spade_ray.model import Spade, anomaly_maps
+from spade_ray.method.scorer import Scorer
+from spade_ray.model import Spade
 
 
 def main() -> None:
@@ -41,7 +42,7 @@ def main() -> None:
     labels = np.array([s.label for s in data.test])
     masks = [model.preprocessor.mask_to_output(load_mask(s.mask_uri)) if s.mask_uri else None for s in data.test]
     kmax = max(args.image_k + args.pixel_k)
-    dists, rows = model.index.search(query.global_, kmax)
+    dists, _ = model.bank.search(query.global_, kmax)
     rows_out = []
     for k in args.image_k:
         m = compute_metrics(image_score(dists, k), labels)
@@ -49,7 +50,7 @@ def main() -> None:
         print(json.dumps(rows_out[-1]), flush=True)
     for k in args.pixel_k:
         start = time.perf_counter()
-        maps = anomaly_maps(query, model.pyramid_bank(1), rows[:, :k], replace(model.config, pixel_k=k))
+        maps = Scorer(replace(model.config, pixel_k=k, aggregate=1), model.bank, model.bank).match(query).maps  # raw features
         seconds = (time.perf_counter() - start) / len(maps)
         maps = [model.preprocessor.map_to_output(m, h, w) for m, (h, w) in zip(maps, sizes)]
         m = compute_metrics(image_score(dists, 1), labels, maps, masks)

@@ -5,7 +5,10 @@
 >>> prediction = model.predict(images_to_inspect)          # doctest: +SKIP
 """
 
-from spade_ray.model import Calibration, Prediction, Spade, SpadeConfig
+from spade_ray.method.calibration import Calibration
+from spade_ray.method.config import SpadeConfig
+from spade_ray.method.scorer import Prediction
+from spade_ray.model import Spade
 
 __all__ = ["Calibration", "Prediction", "Spade", "SpadeConfig", "__version__"]
 __version__ = "0.1.0"

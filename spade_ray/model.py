@@ -21,248 +21,30 @@ normal variation at the pixel level (see the README for the measurements behind 
 
 from __future__ import annotations
 
-import hashlib
 import itertools
 import json
 import os
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, replace
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any
 
 import numpy as np
-import torch
 
-from spade_ray.method.aggregation import aggregate_levels
 from spade_ray.method.backbones import BACKBONES, Backbone, load_backbone
-from spade_ray.method.coarse_to_fine import DEFAULT_COARSE_K, DEFAULT_MARGIN
-from spade_ray.method.correspondence import DEFAULT_CHUNK_ELEMENTS
+from spade_ray.method.calibration import Calibration, calibrate
+from spade_ray.method.config import LEGACY_SCORING, SpadeConfig
+from spade_ray.method.decision import Thresholds
 from spade_ray.method.features import FeatureBatch, features_from_tensor
-from spade_ray.method.fusion import DEFAULT_SIGMA, fuse_levels, image_score
-from spade_ray.method.image_scoring import IMAGE_SCORINGS, combine_image_scores, normal_scales
-from spade_ray.method.matching import MATCHING
+from spade_ray.method.local_bank import LocalBank
 from spade_ray.method.preprocess import Preprocessor
-from spade_ray.method.pyramid_bank import PyramidBank, PyramidBanks
-from spade_ray.method.retrieval import GlobalIndex
+from spade_ray.method.scorer import Prediction, Scorer
 from spade_ray.method.timing import StageTimer
 
-__all__ = [
-    "DEFAULT_IMAGE_K",
-    "DEFAULT_KAPPA",
-    "DEFAULT_PIXEL_K",
-    "METHODS",
-    "Calibration",
-    "Prediction",
-    "Spade",
-    "SpadeConfig",
-    "anomaly_maps",
-]
+__all__ = ["Spade"]
 
-# Chosen by measurement (README, "Choosing image_k and pixel_k"): the image score wants few
-# neighbours (image AUROC falls steadily from k=1 to k=50 on both protocols); 2 rather than 1 so
-# that one mislabelled or duplicated image in the normal set cannot hide a defect on its own.
-# The pixel gallery wants many (pixel AUROC and AUPRO rise up to 50 and fall beyond), as in the paper.
-DEFAULT_IMAGE_K = 2
-DEFAULT_PIXEL_K = 50
-DEFAULT_KAPPA = 1
-# Chosen by measurement (README, "Detection quality"): the combined image score raises image AUROC
-# on magnetic_tile and costs nothing on the synthetic set.  3x3 aggregation (PatchCore's locally
-# aware features, whose paper measured 3x3 best across the 15 real MVTec AD categories) raises
-# magnetic_tile's pixel AUROC by 6 points (paper protocol) and 4 (full), and is what reaches the
-# anchors on every metric at once; it loses on our synthetic set's 1-2 px scratches, a generated
-# texture that is not real data, so thin-defect products should measure `--aggregate 1` (README).
-# With aggregated features coarse-to-fine margin 0 is within 0.3 point of exact matching on both
-# protocols, and it is the cheapest matching: the approximate default issue 5's rule allows.
-DEFAULT_AGGREGATE = 3
-DEFAULT_IMAGE_SCORING = "knn+map"
-DEFAULT_MATCHING = "coarse-to-fine"
 MODEL_FORMAT_VERSION = 1
-
-@dataclass(frozen=True)
-class SpadeConfig:
-    """Every setting that changes the scores; stored with a fitted model or bank."""
-
-    backbone: str = "lite0"
-    image_size: int = 224
-    protocol: str = "full"
-    image_k: int = DEFAULT_IMAGE_K
-    pixel_k: int = DEFAULT_PIXEL_K
-    kappa: int = DEFAULT_KAPPA
-    sigma: float = DEFAULT_SIGMA
-    matching: str = DEFAULT_MATCHING
-    coarse_k: int = DEFAULT_COARSE_K
-    margin: int = DEFAULT_MARGIN
-    aggregate: int = DEFAULT_AGGREGATE
-    image_scoring: str = DEFAULT_IMAGE_SCORING
-
-    def __post_init__(self) -> None:
-        if self.backbone not in BACKBONES:
-            raise ValueError(f"unknown backbone {self.backbone!r}; choose one of {', '.join(BACKBONES)}")
-        for name in ("image_k", "pixel_k", "kappa", "coarse_k"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1; got {getattr(self, name)}")
-        if self.margin < 0:
-            raise ValueError(f"margin must be >= 0; got {self.margin}")
-        if self.matching not in MATCHING:
-            raise ValueError(f"unknown matching {self.matching!r}; choose one of {', '.join(MATCHING)}")
-        if self.aggregate < 1 or self.aggregate % 2 == 0:
-            raise ValueError(f"aggregate must be an odd window size >= 1; got {self.aggregate}")
-        if self.image_scoring not in IMAGE_SCORINGS:
-            raise ValueError(f"unknown image scoring {self.image_scoring!r}; choose one of {', '.join(IMAGE_SCORINGS)}")
-
-    def scoring(self) -> dict[str, Any]:
-        """The settings a scorer may override per run (stored in a bank's manifest as its defaults)."""
-        return {name: getattr(self, name) for name in SCORING_SETTINGS}
-
-    def calibration_settings(self) -> dict[str, Any]:
-        """The settings a leave-one-out calibration depends on (stored with it, compared by :meth:`Calibration.matches`)."""
-        return {name: getattr(self, name) for name in CALIBRATION_SETTINGS}
-
-    def with_scoring(self, settings: dict[str, Any]) -> "SpadeConfig":
-        """This config with the scoring settings found in ``settings`` (None values and other keys ignored)."""
-        return replace(self, **{k: type(getattr(self, k))(v) for k, v in settings.items() if k in SCORING_SETTINGS and v is not None})
-
-
-SCORING_SETTINGS = ("image_k", "pixel_k", "kappa", "sigma", "matching", "coarse_k", "margin", "aggregate", "image_scoring")
-
-# What a bank written before a setting existed was scored with (its manifest lacks the key).
-LEGACY_SCORING: dict[str, Any] = {"aggregate": 1, "image_scoring": "knn"}
-
-# Settings that change the leave-one-out normal scores a calibration is made of (image_scoring
-# only combines them, so a calibration serves every image scoring).
-CALIBRATION_SETTINGS = tuple(name for name in SCORING_SETTINGS if name != "image_scoring")
-
-# ``--method``: named presets of the scoring settings; explicit options override them.
-# ``spade`` is the published method (raw pyramid features, exact all-pixel correspondence, image
-# score from the pooled vector alone); ``spade-ray`` is this project's default (README, "Detection
-# quality", has the measurements behind each difference).
-METHODS: dict[str, dict[str, Any]] = {
-    "spade": {"aggregate": 1, "image_scoring": "knn", "matching": "exact"},
-    "spade-ray": {"aggregate": DEFAULT_AGGREGATE, "image_scoring": DEFAULT_IMAGE_SCORING, "matching": DEFAULT_MATCHING,
-                  "coarse_k": DEFAULT_COARSE_K, "margin": DEFAULT_MARGIN},
-}
-
-
-@dataclass(frozen=True)
-class Calibration:
-    """Normal-only thresholds and score scales from leave-one-out scoring of the bank's own images.
-
-    ``knn_scores`` and ``pixel_maxima`` are the leave-one-out kNN scores and map maxima of up to
-    ``n_images`` bank images, scored with ``settings`` (the calibration settings in force; scores
-    made with other settings need another calibration).  Their medians are the scales of the
-    ``knn+map`` image score; ``image_threshold`` is the (1 - target_fpr) quantile of the normal
-    image scores under ``image_scoring`` and ``pixel_threshold`` the same quantile of the map
-    maxima, so a normal image is flagged, and its mask is non-empty, with probability about
-    ``target_fpr``.
-    """
-
-    target_fpr: float
-    n_images: int
-    image_threshold: float
-    pixel_threshold: float
-    image_scores: list[float] = field(default_factory=list)
-    pixel_maxima: list[float] = field(default_factory=list)
-    knn_scores: list[float] = field(default_factory=list)
-    image_scoring: str = "knn"
-    knn_scale: float | None = None
-    map_scale: float | None = None
-    settings: dict[str, Any] | None = None
-
-    @classmethod
-    def from_scores(cls, knn_scores: Sequence[float], pixel_maxima: Sequence[float], target_fpr: float,
-                    image_scoring: str = "knn", settings: dict[str, Any] | None = None) -> "Calibration":
-        """Scales and thresholds from leave-one-out normal kNN scores and map maxima."""
-        knn = [float(v) for v in knn_scores]
-        maxima = [float(v) for v in pixel_maxima]
-        scales = normal_scales(knn, maxima)
-        image = combine_image_scores(np.asarray(knn), np.asarray(maxima), image_scoring, scales)
-        q = 1.0 - target_fpr
-        return cls(target_fpr, len(knn), float(np.quantile(image, q)), float(np.quantile(maxima, q)),
-                   [float(v) for v in image], maxima, knn, image_scoring, scales[0], scales[1],
-                   dict(settings) if settings is not None else None)
-
-    @property
-    def scales(self) -> tuple[float, float] | None:
-        return (self.knn_scale, self.map_scale) if self.knn_scale and self.map_scale else None
-
-    def for_image_scoring(self, image_scoring: str) -> "Calibration":
-        """The same leave-one-out scores with the image threshold of another image scoring."""
-        if image_scoring == self.image_scoring:
-            return self
-        if not self.knn_scores:
-            raise ValueError("this calibration predates image scorings (no leave-one-out kNN scores); rebuild the bank")
-        return Calibration.from_scores(self.knn_scores, self.pixel_maxima, self.target_fpr, image_scoring, self.settings)
-
-    def matches(self, config: "SpadeConfig") -> bool:
-        """Whether these normal scores were made with ``config``'s calibration settings."""
-        if self.settings is None:
-            return False
-        return all(self.settings.get(name, LEGACY_SCORING.get(name)) == value
-                   for name, value in config.calibration_settings().items())
-
-
-def calibration_rows(keys: Sequence[str], samples: int) -> np.ndarray:
-    """Rows (ascending) of the up to ``samples`` bank images to score leave-one-out: those whose
-    ``sha256(key)`` is smallest, ``key`` being the image's URI.
-
-    A hash order is a uniform sample that depends on nothing but the images themselves: the same
-    bank fitted in process or built into any number of shards, in any order, calibrates on the
-    same images and so gets the same thresholds and score scales.  Choosing among the candidates
-    each shard proposes (its own smallest ``samples``) gives the bank-wide choice.
-    """
-    digests = [hashlib.sha256(str(key).encode("utf-8")).digest() for key in keys]
-    order = sorted(range(len(digests)), key=digests.__getitem__)
-    return np.sort(np.asarray(order[: max(0, samples)], dtype=np.int64))
-
-
-@dataclass
-class Prediction:
-    """Scores for a batch of images.
-
-    ``maps[i]`` is the anomaly map in the image's output frame (its own size for the ``full``
-    protocol, the 224 crop for ``paper``); ``neighbours[i]`` are the bank ids of the ``image_k``
-    nearest normal images; ``knn_scores`` are the retrieval part of the image scores (equal to
-    them under image scoring ``knn``).
-    """
-
-    image_scores: np.ndarray
-    maps: list[np.ndarray]
-    neighbours: list[list[str]]
-    knn_scores: np.ndarray | None = None
-
-    @property
-    def pixel_max(self) -> np.ndarray:
-        return np.array([float(m.max()) for m in self.maps], dtype=np.float32)
-
-
-def anomaly_maps(
-    query: FeatureBatch,
-    bank: PyramidBank,
-    neighbour_rows: np.ndarray,
-    config: SpadeConfig,
-    timer: StageTimer | None = None,
-    chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
-    device: torch.device | str | None = None,
-) -> list[np.ndarray]:
-    """SPADE's pixel-level step for a batch: fused, smoothed maps at the network's input size.
-
-    ``bank`` holds the normal pyramids in the query's feature space (same aggregation);
-    ``neighbour_rows[b]`` are the bank rows forming image b's gallery (negative ids are ignored).
-    The matching runs on ``device`` (the backbone's, so a GPU does both); the bank stays in host
-    memory and only the gallery data each query compares with is copied over.
-    """
-    timer = timer or StageTimer()
-    maps = []
-    for b in range(len(query)):
-        rows = neighbour_rows[b]
-        rows = np.sort(rows[rows >= 0])
-        with timer.stage("correspondence"):
-            queries = [torch.from_numpy(np.ascontiguousarray(level[b])).to(device, torch.float32) for level in query.levels]
-            distances = bank.distances(queries, rows, config.kappa, config.matching, config.coarse_k, config.margin,
-                                       chunk_elements)
-        with timer.stage("fusion"):
-            maps.append(fuse_levels([d.mean(dim=-1) for d in distances], config.image_size, config.sigma))
-    return maps
 
 
 def _batches(items: Sequence, size: int) -> Iterator[Sequence]:
@@ -287,42 +69,45 @@ class Spade:
 
     def __init__(
         self,
-        backbone: str = "lite0",
+        backbone: str | SpadeConfig = "lite0",
         *,
-        image_k: int = DEFAULT_IMAGE_K,
-        pixel_k: int = DEFAULT_PIXEL_K,
-        kappa: int = DEFAULT_KAPPA,
-        image_size: int = 224,
-        protocol: str = "full",
-        sigma: float = DEFAULT_SIGMA,
-        matching: str = DEFAULT_MATCHING,
-        coarse_k: int = DEFAULT_COARSE_K,
-        margin: int = DEFAULT_MARGIN,
-        aggregate: int = DEFAULT_AGGREGATE,
-        image_scoring: str = DEFAULT_IMAGE_SCORING,
         weights: str | None = None,
         device: str | None = None,
         batch_size: int = 16,
         storage_options: dict | None = None,
         max_pixels: int | None = None,
+        **settings: Any,
     ) -> None:
-        self.config = SpadeConfig(backbone, image_size, protocol, image_k, pixel_k, kappa, sigma, matching, coarse_k, margin,
-                                  aggregate, image_scoring)
+        """``backbone`` names the feature extractor, or is a whole :class:`SpadeConfig`; ``settings`` are
+        :class:`SpadeConfig` fields (``image_k=5, pixel_k=20, protocol="paper"``, ...) overriding its defaults."""
+        base = backbone if isinstance(backbone, SpadeConfig) else SpadeConfig(backbone)
+        self._config = replace(base, **settings)
         self.batch_size = batch_size
         self.storage_options = storage_options
         self.max_pixels = max_pixels  # images above it are refused from the header (None: images.DEFAULT_MAX_PIXELS)
         self._weights = weights
         self._device = device
         self._backbone: Backbone | None = None
-        self.preprocessor = Preprocessor(image_size, protocol, BACKBONES[backbone].mean, BACKBONES[backbone].std)  # type: ignore[arg-type]
-        self.bank_ids: list[str] = []
-        self.bank_global: np.ndarray | None = None
-        self.bank_levels: list[np.ndarray] = []
-        self._pyramids = PyramidBanks([])
-        self.index: GlobalIndex | None = None
+        spec = BACKBONES[self._config.backbone]
+        self.preprocessor = Preprocessor(self._config.image_size, self._config.protocol, spec.mean, spec.std)  # type: ignore[arg-type]
+        self.bank: LocalBank | None = None
         self.calibration: Calibration | None = None
         self.weights_sha256: str | None = None
         self.timer = StageTimer()
+
+    @property
+    def config(self) -> SpadeConfig:
+        return self._config
+
+    @config.setter
+    def config(self, config: SpadeConfig) -> None:
+        """Other scoring settings for the same bank (the backbone and input size cannot change)."""
+        if (config.backbone, config.image_size, config.protocol) != (self._config.backbone, self._config.image_size,
+                                                                     self._config.protocol):
+            raise ValueError("backbone, image size and protocol are the bank's features; fit another model to change them")
+        self._config = config
+        if self.bank is not None:
+            self.bank.aggregate = config.aggregate
 
     # ------------------------------------------------------------------ backbone and features
 
@@ -384,7 +169,7 @@ class Spade:
         calibration_samples: int = 64,
         target_fpr: float = 0.01,
         progress: Callable[[int], None] | None = None,
-    ) -> "Spade":
+    ) -> Spade:
         """Build the normal bank from defect-free images (arrays or paths/URLs).
 
         Pyramids are stored as float16 (half the memory; the effect on scores is below 1e-3
@@ -404,63 +189,31 @@ class Spade:
 
     def set_bank(self, ids: Sequence[str], global_: np.ndarray, levels: Sequence[np.ndarray]) -> None:
         """Install a bank from already-extracted features (e.g. loaded from Parquet shards)."""
-        self.bank_ids = list(ids)
-        self.bank_global = np.ascontiguousarray(global_, dtype=np.float32)
-        self.bank_levels = [np.ascontiguousarray(level, dtype=np.float16) for level in levels]
-        self._pyramids = PyramidBanks(self.bank_levels)
-        with self.timer.stage("index"):
-            self.index = GlobalIndex(self.bank_global)
+        self.bank = LocalBank(ids, global_, levels, self.config.aggregate, timer=self.timer)
 
-    def pyramid_bank(self, aggregate: int) -> PyramidBank:
-        """The bank's pyramids in the feature space of ``aggregate``, laid out for matching (made once, then kept)."""
-        if aggregate in self._pyramids:
-            return self._pyramids(aggregate)
-        with self.timer.stage("prepare bank"):
-            return self._pyramids(aggregate)
+    @property
+    def bank_ids(self) -> list[str]:
+        return self.bank.ids if self.bank is not None else []
 
     def calibrate(self, samples: int = 64, target_fpr: float = 0.01, progress: Callable[[int], None] | None = None) -> Calibration:
-        """Leave-one-out scores of up to ``samples`` bank images (:func:`calibration_rows`) -> scales and thresholds.
-
-        Each sampled image is scored as the bank holds it (its pyramids in the configured feature
-        space), exactly as a served shard hands it out, so both paths calibrate alike.
-        """
-        self._require_fitted()
-        assert self.bank_global is not None
-        rows = calibration_rows(self.bank_ids, samples)
-        scores, maxima = [], []
+        """Leave-one-out scores of up to ``samples`` bank images -> scales and thresholds
+        (:func:`spade_ray.method.calibration.calibrate`, the routine the sharded bank uses too)."""
+        bank = self._require_fitted()
         with self.timer.stage("calibration"):
-            bank = self.pyramid_bank(self.config.aggregate)
-            for batch_rows in _batches(rows, self.batch_size):
-                query = FeatureBatch(self.bank_global[batch_rows], [lvl.float().numpy() for lvl in bank.images(batch_rows)])
-                s, maps, _ = self._score_features(query, exclude=np.asarray(batch_rows), aggregated=True)
-                scores.extend(float(v) for v in s)
-                maxima.extend(float(m.max()) for m in maps)
-                if progress:
-                    progress(len(batch_rows))
-        return Calibration.from_scores(scores, maxima, target_fpr, self.config.image_scoring,
-                                       self.config.calibration_settings())
+            bank.pyramids()
+            return calibrate(self._scorer(), bank, samples, target_fpr, self.batch_size, progress)
 
-    # ------------------------------------------------------------------ predict
-
-    def _require_fitted(self) -> None:
-        if self.index is None:
+    def _require_fitted(self) -> LocalBank:
+        if self.bank is None:
             raise RuntimeError("this Spade has no normal bank yet: call fit(normal_images) or Spade.load(dir)")
+        return self.bank
 
-    def _score_features(self, query: FeatureBatch, exclude: np.ndarray | None = None,
-                        aggregated: bool = False) -> tuple[np.ndarray, list[np.ndarray], np.ndarray]:
-        """kNN image scores, maps at input size, and neighbour rows for a batch of query features
-        (raw, or ``aggregated`` already into the configured feature space)."""
-        assert self.index is not None
-        cfg = self.config
-        with self.timer.stage("retrieval"):
-            dists, rows = self.index.search(query.global_, max(cfg.image_k, cfg.pixel_k), exclude)
-            scores = image_score(dists, cfg.image_k)
-        if not aggregated:
-            with self.timer.stage("aggregate"):
-                query = FeatureBatch(query.global_, aggregate_levels(query.levels, cfg.aggregate))
-        maps = anomaly_maps(query, self.pyramid_bank(cfg.aggregate), rows[:, : cfg.pixel_k], cfg, self.timer,
-                            device=self.backbone.device)
-        return scores, maps, rows
+    def _scorer(self, calibration: Calibration | None = None) -> Scorer:
+        """The scorer over this process's bank, on the backbone's device (so a GPU matches too)."""
+        bank = self._require_fitted()
+        bank.device = self.backbone.device
+        thresholds = Thresholds(calibration.image_threshold, calibration.pixel_threshold) if calibration else None
+        return Scorer(self.config, bank, bank, calibration.scales if calibration else None, thresholds, self.timer)
 
     def _calibration_for_scoring(self) -> Calibration | None:
         """The calibration, checked against the settings in force, with this config's image threshold."""
@@ -473,47 +226,41 @@ class Spade:
         return cal.for_image_scoring(self.config.image_scoring)
 
     def predict(self, images: Sequence[object], progress: Callable[[int], None] | None = None) -> Prediction:
-        """Image scores and anomaly maps (in each image's output frame) for arrays or paths/URLs."""
+        """Image scores and anomaly maps (in each image's output frame) for arrays or paths/URLs.
+
+        A calibrated model also decides: ``is_anomalous`` per image at its normal-only thresholds.
+        """
         self._require_fitted()
         self.backbone  # noqa: B018 - verifies the weights before any work
         cal = self._calibration_for_scoring()
-        scales = cal.scales if cal else None
-        if self.config.image_scoring != "knn" and scales is None:
+        if self.config.image_scoring != "knn" and cal is None:
             raise ValueError(f"image scoring {self.config.image_scoring!r} needs a calibrated model (normal score scales): "
                              "fit with calibration_samples > 0 or call calibrate(); or use image_scoring='knn'")
-        all_scores, all_knn, all_maps, neighbours = [], [], [], []
+        scorer = self._scorer(cal)
+        parts = []
         for sizes, resized in self._input_batches(images):
-            knn, maps, rows = self._score_features(self._forward(resized))
-            with self.timer.stage("fusion"):
-                scores = combine_image_scores(knn, np.array([m.max() for m in maps]), self.config.image_scoring, scales)
-                for (height, width), amap in zip(sizes, maps):
-                    all_maps.append(self.preprocessor.map_to_output(amap, height, width))
-            all_scores.append(scores)
-            all_knn.append(knn)
-            neighbours.extend([[self.bank_ids[r] for r in row[: self.config.image_k] if r >= 0] for row in rows])
+            parts.append(scorer.score(self._forward(resized), sizes, self.preprocessor))
             if progress:
                 progress(len(sizes))
-        return Prediction(np.concatenate(all_scores).astype(np.float32), all_maps, neighbours,
-                          np.concatenate(all_knn).astype(np.float32))
+        return Prediction.concat(parts)
 
     # ------------------------------------------------------------------ persistence (no pickle)
 
     def save(self, directory: str | os.PathLike[str]) -> Path:
         """Write the fitted model as JSON + .npy files (loadable without pickle)."""
-        self._require_fitted()
-        assert self.bank_global is not None
+        bank = self._require_fitted()
         out = Path(directory)
         out.mkdir(parents=True, exist_ok=True)
-        np.save(out / "global.npy", self.bank_global, allow_pickle=False)
-        for i, level in enumerate(self.bank_levels):
+        np.save(out / "global.npy", bank.global_, allow_pickle=False)
+        for i, level in enumerate(bank.levels):
             np.save(out / f"level{i}.npy", level, allow_pickle=False)
         meta = {
             "format": "spade_ray.model",
             "format_version": MODEL_FORMAT_VERSION,
             "config": asdict(self.config),
             "weights_sha256": self.weights_sha256,
-            "ids": self.bank_ids,
-            "levels": len(self.bank_levels),
+            "ids": bank.ids,
+            "levels": len(bank.levels),
             "calibration": asdict(self.calibration) if self.calibration else None,
         }
         tmp = out / "spade.json.tmp"
@@ -522,7 +269,7 @@ class Spade:
         return out
 
     @classmethod
-    def load(cls, directory: str | os.PathLike[str], weights: str | None = None, device: str | None = None, batch_size: int = 16) -> "Spade":
+    def load(cls, directory: str | os.PathLike[str], weights: str | None = None, device: str | None = None, batch_size: int = 16) -> Spade:
         """Load a model written by :meth:`save`; the backbone weights must have the same sha256."""
         src = Path(directory)
         meta_path = src / "spade.json"
@@ -532,7 +279,7 @@ class Spade:
         if meta.get("format") != "spade_ray.model" or meta.get("format_version") != MODEL_FORMAT_VERSION:
             raise ValueError(f"{meta_path}: unsupported model format {meta.get('format')!r} v{meta.get('format_version')}")
         cfg = {**LEGACY_SCORING, **meta["config"]}  # a model saved before a setting existed used its old behaviour
-        model = cls(cfg.pop("backbone"), weights=weights, device=device, batch_size=batch_size, **cfg)
+        model = cls(SpadeConfig(**cfg), weights=weights, device=device, batch_size=batch_size)
         model.weights_sha256 = meta["weights_sha256"]
         levels = [np.load(src / f"level{i}.npy", allow_pickle=False) for i in range(meta["levels"])]
         model.set_bank(meta["ids"], np.load(src / "global.npy", allow_pickle=False), levels)

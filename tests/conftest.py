@@ -61,7 +61,8 @@ def small_bank(tmp_path_factory: pytest.TempPathFactory) -> dict:
     """
     import ray
 
-    from spade_ray.distributed.jobs import run_build_bank, run_extract
+    from spade_ray.distributed.build_bank_job import run_build_bank
+    from spade_ray.distributed.extract_job import run_extract
     from spade_ray.apps.synthetic import make_synthetic_dataset
 
     work = tmp_path_factory.mktemp("small-bank")

@@ -25,6 +25,7 @@ from spade_ray.bank.store import (
     write_shard,
 )
 from spade_ray.storage.featurestore import FeatureMeta, image_id_for
+from spade_ray.method.matching import MatchSettings
 
 META = FeatureMeta("lite0", "ab" * 32, 64, "full", [(3, 8, 8), (5, 4, 4)], 6)
 
@@ -261,11 +262,11 @@ def test_a_served_shard_keeps_one_copy_of_its_pyramids_in_the_setting_it_serves(
 
     # another feature space reloads the shard from storage and then serves that one only
     query = [np.random.default_rng(1).standard_normal(level.shape[1:]).astype(np.float32) for level in levels]
-    answer = server.correspond([q[None] for q in query], {0: np.arange(6)}, 1, "coarse-to-fine", aggregate=1)[0]
+    answer = server.correspond([q[None] for q in query], {0: np.arange(6)}, MatchSettings(1, "coarse-to-fine", aggregate=1))[0]
     assert server.pyramids(1) is not served and server.pyramids(1).aggregate == 1
     import torch
 
-    want = PyramidBank([level[order] for level in levels]).distances([torch.from_numpy(q) for q in query], np.arange(6), 1,
-                                                                       "coarse-to-fine")
+    want = PyramidBank([level[order] for level in levels]).distances([torch.from_numpy(q) for q in query], np.arange(6),
+                                                                       MatchSettings(1, "coarse-to-fine", aggregate=1))
     for a, w in zip(answer, want):
         np.testing.assert_array_equal(a, w.numpy())

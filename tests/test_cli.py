@@ -132,7 +132,7 @@ def test_every_command_documents_its_options() -> None:
 
 def test_method_presets_fill_only_the_settings_not_given_explicitly() -> None:
     from spade_ray.apps.cli import _scoring, build_parser
-    from spade_ray.model import METHODS, SpadeConfig
+    from spade_ray.method.config import METHODS, SpadeConfig
 
     parse = build_parser().parse_args
     assert _scoring(parse(["evaluate", "ds", "--output", "o"])) == {}  # nothing given: the defaults downstream

@@ -7,7 +7,7 @@ import torch
 
 from spade_ray.method.coarse_to_fine import coarse_to_fine_distances
 from spade_ray.method.correspondence import level_nearest_distances, merge_smallest
-from spade_ray.method.matching import pyramid_distances
+from spade_ray.method.matching import MatchSettings, pyramid_distances
 
 
 def pyramid(gen: torch.Generator, images: int | None, shapes: list[tuple[int, int, int]]) -> list[torch.Tensor]:
@@ -66,8 +66,9 @@ def test_a_normal_query_finds_its_twin_at_the_corresponding_place() -> None:
 def test_shards_merge_to_the_single_gallery_answer(kappa: int) -> None:
     gen = torch.Generator().manual_seed(4)
     query, gallery = pyramid(gen, None, SHAPES), pyramid(gen, 7, SHAPES)
-    whole = pyramid_distances(query, gallery, kappa, "coarse-to-fine", coarse_k=2, margin=1)
-    parts = [pyramid_distances(query, [g[rows] for g in gallery], kappa, "coarse-to-fine", coarse_k=2, margin=1)
+    match = MatchSettings(kappa, "coarse-to-fine", coarse_k=2, margin=1, aggregate=1)
+    whole = pyramid_distances(query, gallery, match)
+    parts = [pyramid_distances(query, [g[rows] for g in gallery], match)
              for rows in (slice(0, 3), slice(3, 7))]
     for level, w in enumerate(whole):
         torch.testing.assert_close(merge_smallest([p[level] for p in parts], kappa), w, rtol=1e-5, atol=1e-5)
@@ -75,7 +76,7 @@ def test_shards_merge_to_the_single_gallery_answer(kappa: int) -> None:
 
 def test_unknown_matching_is_refused() -> None:
     with pytest.raises(ValueError, match="unknown matching"):
-        pyramid_distances([torch.zeros(1, 2, 2)], [torch.zeros(1, 1, 2, 2)], matching="nearest-ish")
+        MatchSettings(matching="nearest-ish")
 
 
 def test_exact_matching_equals_the_published_reference_loop() -> None:
@@ -83,7 +84,7 @@ def test_exact_matching_equals_the_published_reference_loop() -> None:
 
     gen = torch.Generator().manual_seed(5)
     query, gallery = pyramid(gen, None, SHAPES), pyramid(gen, 3, SHAPES)
-    for q, g, got in zip(query, gallery, pyramid_distances(query, gallery, kappa=1)):
+    for q, g, got in zip(query, gallery, pyramid_distances(query, gallery, MatchSettings(1, "exact", aggregate=1))):
         torch.testing.assert_close(got[..., 0], reference_level_distances(q, g), rtol=1e-5, atol=1e-5)
 
 

@@ -23,7 +23,7 @@ import pyarrow.parquet as pq
 import pytest
 import ray
 
-from spade_ray.distributed.jobs import run_score
+from spade_ray.distributed.score_job import run_score
 
 pytestmark = pytest.mark.timeout(300)
 

@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 
 from spade_ray.method.image_scoring import combine_image_scores, normal_scales
-from spade_ray.model import Calibration, SpadeConfig, calibration_rows
+from spade_ray.method.calibration import Calibration, calibration_rows
+from spade_ray.method.config import SpadeConfig
 
 
 def test_knn_is_the_retrieval_distance_alone() -> None:

@@ -8,7 +8,7 @@ import torch
 
 from spade_ray.method.aggregation import aggregate_level
 from spade_ray.method.correspondence import merge_smallest
-from spade_ray.method.matching import pyramid_distances
+from spade_ray.method.matching import MatchSettings, pyramid_distances
 from spade_ray.method.pyramid_bank import PyramidBank, PyramidBanks
 
 SHAPES = [(8, 16, 16), (12, 8, 8), (20, 4, 4)]  # strides 4/8/16 of a 64 px input: cell-major
@@ -41,8 +41,9 @@ def test_distances_equal_the_general_kernels_on_the_same_gallery(matching: str, 
     bank, query = bank_and_query(1, SHAPES)
     rows = np.array([0, 2, 3, 6])
     gallery = [torch.from_numpy(level[rows]) for level in bank]
-    got = PyramidBank(bank).distances(query, rows, kappa, matching, coarse_k, margin, chunk_elements)
-    want = pyramid_distances(query, gallery, kappa, matching, coarse_k, margin, chunk_elements)
+    match = MatchSettings(kappa, matching, coarse_k, margin, aggregate=1)
+    got = PyramidBank(bank).distances(query, rows, match, chunk_elements)
+    want = pyramid_distances(query, gallery, match, chunk_elements)
     for g, w in zip(got, want):
         assert g.shape == w.shape
         torch.testing.assert_close(g, w, rtol=0, atol=0)
@@ -52,10 +53,10 @@ def test_distances_equal_the_general_kernels_on_the_same_gallery(matching: str, 
 def test_shards_of_a_laid_out_bank_merge_to_the_single_bank_answer(kappa: int) -> None:
     bank, query = bank_and_query(2, SHAPES, images=9)
     rows = np.arange(9)
-    whole = PyramidBank(bank).distances(query, rows, kappa, "coarse-to-fine", 1, 0)
+    match = MatchSettings(kappa, "coarse-to-fine", 1, 0, aggregate=1)
+    whole = PyramidBank(bank).distances(query, rows, match)
     shards = [PyramidBank([level[part] for level in bank]) for part in (slice(0, 4), slice(4, 9))]
-    parts = [shards[0].distances(query, np.arange(4), kappa, "coarse-to-fine", 1, 0),
-             shards[1].distances(query, np.arange(5), kappa, "coarse-to-fine", 1, 0)]
+    parts = [shards[0].distances(query, np.arange(4), match), shards[1].distances(query, np.arange(5), match)]
     for level, w in enumerate(whole):
         torch.testing.assert_close(merge_smallest([p[level] for p in parts], kappa), w, rtol=0, atol=0)
 
@@ -63,7 +64,7 @@ def test_shards_of_a_laid_out_bank_merge_to_the_single_bank_answer(kappa: int) -
 def test_a_query_equal_to_a_bank_image_is_at_distance_zero_everywhere() -> None:
     bank, _ = bank_and_query(3, SHAPES)
     query = [torch.from_numpy(level[4].astype(np.float32)) for level in bank]
-    for level in PyramidBank(bank).distances(query, np.array([1, 4, 6]), 1, "coarse-to-fine", 1, 0):
+    for level in PyramidBank(bank).distances(query, np.array([1, 4, 6]), MatchSettings(1, "coarse-to-fine", 1, 0, aggregate=1)):
         assert float(level.max()) == 0.0
 
 

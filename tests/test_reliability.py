@@ -19,8 +19,8 @@ import ray
 from PIL import Image
 
 from spade_ray.apps.cli import main
-from spade_ray.distributed.jobs import run_score
-from spade_ray.distributed.serving import BankLoadError
+from spade_ray.distributed.score_job import run_score
+from spade_ray.distributed.shard_actors import BankLoadError
 from spade_ray.storage.sources import resolve_inputs
 
 pytestmark = pytest.mark.timeout(300)

@@ -9,6 +9,7 @@ import pytest
 from PIL import Image
 from skimage import data as skdata
 
+from spade_ray.method.decision import Thresholds
 from spade_ray.method.metrics import (
     aupro,
     image_auroc,
@@ -35,9 +36,9 @@ def test_flagged_images_rank_first_whichever_rule_flagged_them() -> None:
         {"relpath": "flagged by the score", "image_score": 1.5, "pixel_max": 1.0},
         {"relpath": "error", "image_score": None, "pixel_max": None},
     ]
-    top = most_anomalous(rows, 10, image_threshold=1.0, pixel_threshold=10.0)
+    top = most_anomalous(rows, 10, Thresholds(image=1.0, pixel=10.0))
     assert [r["relpath"] for r in top] == ["flagged by the score", "flagged by the map", "high score, below both"]
-    assert len(most_anomalous(rows, 1, 1.0, 10.0)) == 1
+    assert len(most_anomalous(rows, 1, Thresholds(1.0, 10.0))) == 1
 
 
 def test_the_histogram_marks_the_threshold_where_it_lies() -> None:
@@ -96,7 +97,7 @@ def test_a_score_report_reads_every_run_in_the_output_and_says_why_pictures_are_
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from spade_ray.distributed.stages import RESULT_SCHEMA
+    from spade_ray.distributed.score_stage import RESULT_SCHEMA
     from spade_ray.method.preprocess import Preprocessor
     from spade_ray.report.report import score_report
 
@@ -113,8 +114,8 @@ def test_a_score_report_reads_every_run_in_the_output_and_says_why_pictures_are_
     older = pa.Table.from_pylist([row("c.png", 5.0), row("d.png", None, "error")], schema=RESULT_SCHEMA)
     pq.write_table(older.drop_columns(["overlay_uri"]), tmp_path / "out" / "results" / "part-0.parquet")  # an older run
 
-    report = score_report(str(tmp_path / "out"), source="in", bank_id="v0001-x", image_threshold=2.0,
-                          pixel_threshold=10.0, preprocessor=Preprocessor(), skipped=4, top=2)
+    report = score_report(str(tmp_path / "out"), source="in", bank_id="v0001-x", thresholds=Thresholds(2.0, 10.0),
+                          preprocessor=Preprocessor(), skipped=4, top=2)
     assert report.counts == {"images": 4, "ok": 3, "error": 1, "skipped (this run)": 4, "anomalous": 2}
     assert report.errors == [("d.png", "ImageDecodeError: truncated")]
     assert [i.name for i in report.items] == ["c.png", "b.png"]

@@ -1,7 +1,7 @@
 """The scale simulation at a tiny size, through the same code path as the full run.
 
 4 shard actors on a real local Ray each generate their rows from the seed and serve them with
-ShardServer.search (search_exact); BankClient.search scatters and merges.  The merged top-K must be
+ShardServer.search (search_exact); RemoteBank.search scatters and merges.  The merged top-K must be
 exactly one flat index's top-K: same ids, same distances.
 """
 

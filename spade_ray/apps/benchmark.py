@@ -107,7 +107,9 @@ def run_bench(
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """Run stages (a)-(e) and return the figures (also what ``--json`` writes)."""
-    from spade_ray.distributed.jobs import run_build_bank, run_extract, run_score
+    from spade_ray.distributed.build_bank_job import run_build_bank
+    from spade_ray.distributed.extract_job import run_extract
+    from spade_ray.distributed.score_job import run_score
     from spade_ray.distributed.runtime import init_ray
 
     work = Path(workdir or tempfile.mkdtemp(prefix="spade-ray-bench-"))

@@ -26,7 +26,8 @@ from spade_ray.storage.images import DEFAULT_MAX_PIXELS
 from spade_ray.apps.logs import LOG_FORMATS, configure_logging, fields, get_logger
 from spade_ray.method.matching import MATCHING
 from spade_ray.method.image_scoring import IMAGE_SCORINGS
-from spade_ray.model import DEFAULT_IMAGE_K, DEFAULT_KAPPA, DEFAULT_PIXEL_K, METHODS, SpadeConfig
+from spade_ray.method.config import DEFAULT_IMAGE_K, DEFAULT_PIXEL_K, METHODS, SpadeConfig
+from spade_ray.method.matching import DEFAULT_KAPPA
 from spade_ray.method.preprocess import PROTOCOLS
 from spade_ray.progress import Progress, terminal_progress
 from spade_ray.report.report import DEFAULT_REPORT_TOP
@@ -374,7 +375,7 @@ def _finish(summary: Any, max_error_rate: float | None = None) -> int:
 
 
 def _cmd_extract(args: argparse.Namespace) -> int:
-    from spade_ray.distributed.jobs import run_extract
+    from spade_ray.distributed.extract_job import run_extract
 
     summary = run_extract(args.input, args.output, backbone=args.backbone, weights=args.weights,
                           image_size=args.image_size, protocol=args.protocol, batch_size=args.batch_size,
@@ -385,7 +386,7 @@ def _cmd_extract(args: argparse.Namespace) -> int:
 
 
 def _cmd_build_bank(args: argparse.Namespace) -> int:
-    from spade_ray.distributed.jobs import run_build_bank
+    from spade_ray.distributed.build_bank_job import run_build_bank
 
     summary = run_build_bank(args.features, args.output, shards=args.shards, add_to=args.add_to,
                              image_k=args.image_k, pixel_k=args.pixel_k, kappa=args.kappa, scoring=_scoring(args),
@@ -403,7 +404,7 @@ def _cmd_build_bank(args: argparse.Namespace) -> int:
 
 
 def _cmd_score(args: argparse.Namespace) -> int:
-    from spade_ray.distributed.jobs import run_score
+    from spade_ray.distributed.score_job import run_score
 
     summary = run_score(args.input, args.bank, args.output, weights=args.weights, image_k=args.image_k,
                         pixel_k=args.pixel_k, kappa=args.kappa, scoring=_scoring(args), threshold=args.threshold,

@@ -16,7 +16,10 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from spade_ray.storage.datasets import load_mvtec
-from spade_ray.distributed.jobs import JobSummary, run_build_bank, run_extract, run_score
+from spade_ray.distributed.build_bank_job import run_build_bank
+from spade_ray.distributed.extract_job import run_extract
+from spade_ray.distributed.pipeline import JobSummary
+from spade_ray.distributed.score_job import run_score
 from spade_ray.storage.images import load_mask
 from spade_ray.method.metrics import compute_metrics
 from spade_ray.storage.outputs import output_key, write_bytes

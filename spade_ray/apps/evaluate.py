@@ -13,23 +13,24 @@ from typing import Any
 
 import numpy as np
 
-from spade_ray.storage.datasets import load_mvtec
+from spade_ray.method.calibration import Calibration
+from spade_ray.method.config import DEFAULT_IMAGE_K, DEFAULT_PIXEL_K, SpadeConfig
+from spade_ray.method.decision import Thresholds
+from spade_ray.method.matching import DEFAULT_KAPPA
+from spade_ray.method.metrics import compute_metrics
+from spade_ray.method.scorer import Prediction
+from spade_ray.method.timing import peak_rss_mb
+from spade_ray.model import Spade
+from spade_ray.progress import Progress, no_progress
 from spade_ray.report.evaluate_report import evaluation_report
+from spade_ray.report.report import DEFAULT_REPORT_TOP, write_report
+from spade_ray.storage.artifacts import ArtifactWriter
+from spade_ray.storage.datasets import MVTecDataset, load_mvtec
 from spade_ray.storage.featurestore import image_id_for
 from spade_ray.storage.images import DEFAULT_MAX_PIXELS, load_image, load_mask
-from spade_ray.method.metrics import compute_metrics
-from spade_ray.model import DEFAULT_IMAGE_K, DEFAULT_KAPPA, DEFAULT_PIXEL_K, Spade
-from spade_ray.storage.outputs import heatmap_rgb, join_url, unique_output_stems, write_bytes, write_jpeg, write_png
-from spade_ray.storage.overlay import overlay_rgb
-from spade_ray.progress import Progress, no_progress
-from spade_ray.report.report import DEFAULT_REPORT_TOP, write_report
-from spade_ray.method.timing import peak_rss_mb
+from spade_ray.storage.outputs import join_url, unique_output_stems, write_bytes
 
 __all__ = ["evaluate", "format_summary"]
-
-def _rates(scores: np.ndarray, labels: np.ndarray, threshold: float) -> dict[str, float | None]:
-    return _flag_rates(scores > threshold, labels)
-
 
 def _flag_rates(flagged: np.ndarray, labels: np.ndarray) -> dict[str, float | None]:
     """False-alarm rate (normal images flagged) and detection rate (defective images flagged)."""
@@ -38,6 +39,77 @@ def _flag_rates(flagged: np.ndarray, labels: np.ndarray) -> dict[str, float | No
         "false_alarm_rate": float(flagged[normal].mean()) if normal.any() else None,
         "detection_rate": float(flagged[defective].mean()) if defective.any() else None,
     }
+
+
+def _fit(data: MVTecDataset, model: Spade, calibration_samples: int, target_fpr: float, progress: Progress) -> float:
+    """Fit on the normal training images, then calibrate with progress of its own; returns the seconds taken."""
+    bar = progress(len(data.train), "fit (normal bank)")
+    start = time.perf_counter()
+    model.fit([s.uri for s in data.train], ids=[s.relpath for s in data.train], calibration_samples=0, progress=bar.update)
+    bar.close()
+    if calibration_samples > 0 and len(data.train) > 1:
+        bar = progress(min(len(data.train), calibration_samples), "calibrate (leave-one-out)")
+        model.calibration = model.calibrate(calibration_samples, target_fpr, progress=bar.update)
+        bar.close()
+    return time.perf_counter() - start
+
+
+def _thresholds(model: Spade, prediction: Prediction) -> Thresholds:
+    """The normal-only calibration's thresholds; without one (calibration_samples=0) the test medians,
+    so masks and the report still show something, marked as such in the report."""
+    cal = model.calibration
+    if cal is not None:
+        return Thresholds(cal.image_threshold, cal.pixel_threshold)
+    return Thresholds(float(np.quantile(prediction.image_scores, 0.5)), float(np.quantile(prediction.pixel_max, 0.5)))
+
+
+def _per_defect_type(data: MVTecDataset, prediction: Prediction, labels: np.ndarray, masks: list | None,
+                     flagged: np.ndarray) -> dict[str, dict[str, Any]]:
+    """Metrics of each defect type against the normal test images, and how many of its images were flagged."""
+    per_type = {}
+    for defect in data.defect_types:
+        if defect == "good":
+            continue
+        keep = np.array([s.defect_type in ("good", defect) for s in data.test])
+        of_type = np.array([s.defect_type == defect for s in data.test])
+        sub = compute_metrics(prediction.image_scores[keep], labels[keep],
+                              [m for m, k in zip(prediction.maps, keep) if k] if masks else None,
+                              [m for m, k in zip(masks, keep) if k] if masks else None)
+        per_type[defect] = {"n": int(of_type.sum()), "image_auroc": sub["image_auroc"], "pixel_auroc": sub["pixel_auroc"],
+                            "aupro": sub["aupro"], "detection_rate": float(flagged[of_type].mean())}
+    return per_type
+
+
+def _calibration_block(cal: Calibration | None, prediction: Prediction, labels: np.ndarray,
+                       flagged: np.ndarray) -> dict[str, Any] | None:
+    """The calibrated thresholds and the rates each rule reaches on the test set."""
+    if cal is None:
+        return None
+    return {
+        "target_fpr": cal.target_fpr,
+        "n_images": cal.n_images,
+        "image_threshold": cal.image_threshold,
+        "pixel_threshold": cal.pixel_threshold,
+        "at_image_threshold": _flag_rates(prediction.image_scores > cal.image_threshold, labels),
+        "at_pixel_threshold": _flag_rates(prediction.pixel_max > cal.pixel_threshold, labels),
+        # what `score` flags (is_anomalous): either rule; its false-alarm rate can exceed each alone
+        "at_decision": _flag_rates(flagged, labels),
+    }
+
+
+def _write_artifacts(data: MVTecDataset, prediction: Prediction, model: Spade, thresholds: Thresholds, output: str,
+                     storage_options: dict[str, Any] | None, max_pixels: int, progress: Progress) -> float:
+    """Masks, heatmaps and overlays of every test image (the score job's writer); returns the seconds taken."""
+    start = time.perf_counter()
+    bar = progress(len(data.test), "write maps")
+    writer = ArtifactWriter(output, thresholds, storage_options)
+    stems = unique_output_stems((image_id_for(s.uri), s.relpath) for s in data.test)
+    for sample, amap in zip(data.test, prediction.maps):
+        image = model.preprocessor.image_to_output(load_image(sample.uri, storage_options, max_pixels=max_pixels))
+        writer.write(stems[image_id_for(sample.uri)], amap, image)
+        bar.update(1)
+    bar.close()
+    return time.perf_counter() - start
 
 
 def evaluate(
@@ -64,19 +136,9 @@ def evaluate(
     """Fit on the dataset's normal training images, score its test images, write metrics.json and report.html."""
     started = time.perf_counter()
     data = load_mvtec(dataset, storage_options)
-    model = Spade(backbone, image_k=image_k, pixel_k=pixel_k, kappa=kappa, image_size=image_size,
-                  protocol=protocol, **(scoring or {}), weights=weights, batch_size=batch_size,
-                  storage_options=storage_options, max_pixels=max_pixels)
-
-    bar = progress(len(data.train), "fit (normal bank)")
-    fit_start = time.perf_counter()
-    model.fit([s.uri for s in data.train], ids=[s.relpath for s in data.train], calibration_samples=0, progress=bar.update)
-    bar.close()
-    if calibration_samples > 0 and len(data.train) > 1:
-        bar = progress(min(len(data.train), calibration_samples), "calibrate (leave-one-out)")
-        model.calibration = model.calibrate(calibration_samples, target_fpr, progress=bar.update)
-        bar.close()
-    fit_seconds = time.perf_counter() - fit_start
+    config = SpadeConfig(backbone, image_size, protocol, image_k, pixel_k, kappa).with_scoring(scoring or {})
+    model = Spade(config, weights=weights, batch_size=batch_size, storage_options=storage_options, max_pixels=max_pixels)
+    fit_seconds = _fit(data, model, calibration_samples, target_fpr, progress)
 
     bar = progress(len(data.test), "score (test)")
     test_start = time.perf_counter()
@@ -93,74 +155,28 @@ def evaluate(
             for s in data.test
         ]
     metrics = compute_metrics(prediction.image_scores, labels, prediction.maps if masks else None, masks)
-    # Thresholds: the normal-only calibration; without one (calibration_samples=0) the test medians,
-    # so masks and the report still show something, marked as such in the report.
-    cal = model.calibration
-    image_threshold = cal.image_threshold if cal else float(np.quantile(prediction.image_scores, 0.5))
-    pixel_threshold = cal.pixel_threshold if cal else float(np.quantile(prediction.pixel_max, 0.5))
-    flagged = (prediction.image_scores > image_threshold) | (prediction.pixel_max > pixel_threshold)
-    per_type = {}
-    for defect in data.defect_types:
-        if defect == "good":
-            continue
-        keep = np.array([s.defect_type in ("good", defect) for s in data.test])
-        of_type = np.array([s.defect_type == defect for s in data.test])
-        sub = compute_metrics(prediction.image_scores[keep], labels[keep],
-                              [m for m, k in zip(prediction.maps, keep) if k] if masks else None,
-                              [m for m, k in zip(masks, keep) if k] if masks else None)
-        per_type[defect] = {"n": int(of_type.sum()), "image_auroc": sub["image_auroc"], "pixel_auroc": sub["pixel_auroc"],
-                            "aupro": sub["aupro"], "detection_rate": float(flagged[of_type].mean())}
+    thresholds = _thresholds(model, prediction)
+    flagged = np.asarray(thresholds.is_anomalous(prediction.image_scores, prediction.pixel_max), dtype=bool)
+    per_type = _per_defect_type(data, prediction, labels, masks, flagged)
     metric_seconds = time.perf_counter() - metric_start
-
-    calibration = None
-    if cal is not None:
-        calibration = {
-            "target_fpr": cal.target_fpr,
-            "n_images": cal.n_images,
-            "image_threshold": cal.image_threshold,
-            "pixel_threshold": cal.pixel_threshold,
-            "at_image_threshold": _rates(prediction.image_scores, labels, cal.image_threshold),
-            "at_pixel_threshold": _rates(prediction.pixel_max, labels, cal.pixel_threshold),
-            # what `score` flags (is_anomalous): either rule; its false-alarm rate can exceed each alone
-            "at_decision": _flag_rates(flagged, labels),
-        }
-
-    write_seconds = 0.0
-    if write_maps:
-        write_start = time.perf_counter()
-        bar = progress(len(data.test), "write maps")
-        stems = unique_output_stems((image_id_for(s.uri), s.relpath) for s in data.test)
-        for sample, amap in zip(data.test, prediction.maps):
-            stem = stems[image_id_for(sample.uri)]
-            mask = amap > pixel_threshold
-            write_png(join_url(output, f"masks/{stem}.png"), (mask * 255).astype(np.uint8), storage_options)
-            write_png(join_url(output, f"heatmaps/{stem}.png"), heatmap_rgb(amap, vmax=2.0 * pixel_threshold), storage_options)
-            image = model.preprocessor.image_to_output(load_image(sample.uri, storage_options, max_pixels=max_pixels))
-            write_jpeg(join_url(output, f"overlays/{stem}.jpg"), overlay_rgb(image, amap, 2.0 * pixel_threshold, mask),
-                       storage_options)
-            bar.update(1)
-        bar.close()
-        write_seconds = time.perf_counter() - write_start
+    calibration = _calibration_block(model.calibration, prediction, labels, flagged)
+    write_seconds = _write_artifacts(data, prediction, model, thresholds, output, storage_options, max_pixels,
+                                     progress) if write_maps else 0.0
 
     n_test = len(data.test)
-    stages = model.timer.as_dict()
     result: dict[str, Any] = {
         "dataset": dataset,
         "protocol": protocol,
         "backbone": backbone,
-        "params": {
-            **model.config.scoring(),
-            "image_size": image_size,
-            "weights_sha256": model.weights_sha256,
-            "bank_dtype": "float16",
-        },
+        "params": {**model.config.scoring(), "image_size": image_size, "weights_sha256": model.weights_sha256,
+                   "bank_dtype": "float16"},
         "n_train": len(data.train),
         "n_test": n_test,
         **metrics,
         "per_defect_type": per_type,
         "calibration": calibration,
         "timing": {
-            "stages": stages,
+            "stages": model.timer.as_dict(),
             "fit_seconds": round(fit_seconds, 3),
             "test_seconds": round(test_seconds, 3),
             "seconds_per_test_image": round(test_seconds / max(n_test, 1), 4),
@@ -172,8 +188,7 @@ def evaluate(
     }
     report_start = time.perf_counter()
     bar = progress(min(report_top, n_test), "report")
-    report = evaluation_report(data, prediction, labels, masks, result,
-                               image_threshold=image_threshold, pixel_threshold=pixel_threshold,
+    report = evaluation_report(data, prediction, labels, masks, result, thresholds=thresholds,
                                preprocessor=model.preprocessor, top=report_top, storage_options=storage_options,
                                progress=bar.update)
     bar.close()

@@ -15,9 +15,8 @@ import numpy as np
 import torch
 
 from spade_ray.bank.store import BankShard, load_shard
-from spade_ray.method.coarse_to_fine import DEFAULT_COARSE_K, DEFAULT_MARGIN
-from spade_ray.method.correspondence import DEFAULT_CHUNK_ELEMENTS
-from spade_ray.model import calibration_rows
+from spade_ray.method.calibration import calibration_rows
+from spade_ray.method.matching import MatchSettings
 from spade_ray.method.pyramid_bank import PyramidBank
 
 __all__ = ["ShardServer"]
@@ -99,34 +98,17 @@ class ShardServer:
         dist, local = self.shard.search(queries, k, local_exclude)
         return dist, np.where(local >= 0, local + self.offset, -1)
 
-    def correspond(
-        self,
-        query_levels: list[np.ndarray],
-        wanted: dict[int, np.ndarray],
-        kappa: int,
-        matching: str = "exact",
-        coarse_k: int = DEFAULT_COARSE_K,
-        margin: int = DEFAULT_MARGIN,
-        aggregate: int = 1,
-        chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
-    ) -> dict[int, list[np.ndarray]]:
+    def correspond(self, query_levels: list[np.ndarray], wanted: dict[int, np.ndarray],
+                   match: MatchSettings) -> dict[int, list[np.ndarray]]:
         """For query b in ``wanted``: per level, (H, W, kappa) distances to this shard's part of its gallery.
 
         ``query_levels[l]`` is (B, C, H, W) for the whole batch (shared via the object store), already
-        aggregated with ``aggregate`` (the gallery is aggregated and laid out here, once per shard);
-        ``wanted[b]`` lists bank-wide rows of b's gallery, only those this shard owns are used.
+        in ``match.aggregate``'s feature space (the gallery is aggregated and laid out here, once per
+        shard); ``wanted[b]`` lists bank-wide rows of b's gallery, only those this shard owns are used.
         """
-        out: dict[int, list[np.ndarray]] = {}
-        bank = self.pyramids(aggregate)
-        for b, rows in wanted.items():
-            rows = np.asarray(rows)
-            local = np.sort(rows[self.owns(rows)] - self.offset)
-            if local.size == 0:
-                continue
-            queries = [torch.from_numpy(np.array(level[b], dtype=np.float32)) for level in query_levels]  # writable copies
-            distances = bank.distances(queries, local, kappa, matching, coarse_k, margin, chunk_elements)
-            out[int(b)] = [d.numpy() for d in distances]
-        return out
+        local = {b: np.asarray(rows)[self.owns(np.asarray(rows))] - self.offset for b, rows in wanted.items()}
+        answers = self.pyramids(match.aggregate).gallery_distances(query_levels, local, match)
+        return {b: [d.numpy() for d in distances] for b, distances in answers.items()}
 
     def features(self, rows: np.ndarray, aggregate: int) -> tuple[np.ndarray, list[np.ndarray]]:
         """Global vectors and float32 pyramids, in the feature space of ``aggregate``, of a few owned rows.
@@ -137,8 +119,7 @@ class ShardServer:
         local = np.asarray(rows) - self.offset
         if not self.owns(np.asarray(rows)).all():
             raise ValueError(f"shard {self.shard.name} does not own all of rows {rows}")
-        levels = self.pyramids(aggregate).images(local)
-        return self.shard.global_[local].copy(), [level.float().numpy() for level in levels]
+        return self.shard.global_[local].copy(), self.pyramids(aggregate).query_levels(local)
 
     def calibration_candidates(self, samples: int) -> tuple[list[str], np.ndarray]:
         """URIs and bank-wide rows of this shard's share of a calibration sample (see ``calibration_rows``)."""

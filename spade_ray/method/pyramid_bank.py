@@ -15,15 +15,14 @@ gallery back in image layout and use the general kernels.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import torch
 
 from spade_ray.method.aggregation import aggregate_level
-from spade_ray.method.coarse_to_fine import DEFAULT_COARSE_K, DEFAULT_MARGIN
 from spade_ray.method.correspondence import DEFAULT_CHUNK_ELEMENTS
-from spade_ray.method.matching import pyramid_distances
+from spade_ray.method.matching import MatchSettings, pyramid_distances
 
 __all__ = ["PyramidBank", "PyramidBanks"]
 
@@ -85,28 +84,40 @@ class PyramidBank:
             return [level.index_select(0, index) for level in self._images]
         return [_from_cells(blocks, index, shape, self.grid) for blocks, shape in zip(self._blocks, self.shapes)]
 
-    def distances(
-        self,
-        query_levels: list[torch.Tensor],
-        rows: np.ndarray | Sequence[int],
-        kappa: int = 1,
-        matching: str = "exact",
-        coarse_k: int = DEFAULT_COARSE_K,
-        margin: int = DEFAULT_MARGIN,
-        chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
-    ) -> list[torch.Tensor]:
+    def distances(self, query_levels: list[torch.Tensor], rows: np.ndarray | Sequence[int], match: MatchSettings,
+                  chunk_elements: int = DEFAULT_CHUNK_ELEMENTS) -> list[torch.Tensor]:
         """Per level, (H, W, kappa) ascending distances of one query pyramid (C, H, W) to the gallery ``rows``.
 
         Computed on the query's device; only the gallery data a query compares with is copied there.
         """
         index = torch.as_tensor(np.asarray(rows, dtype=np.int64))
-        if matching == "coarse-to-fine" and margin == 0 and self.cell_major and index.numel() > 0:
-            if coarse_k < 1:
-                raise ValueError(f"coarse_k must be >= 1; got {coarse_k}")
-            return self._cell_distances(query_levels, index, kappa, coarse_k, chunk_elements)
+        if match.matching == "coarse-to-fine" and match.margin == 0 and self.cell_major and index.numel() > 0:
+            return self._cell_distances(query_levels, index, match.kappa, match.coarse_k, chunk_elements)
         device = query_levels[0].device
         galleries = [g.to(device) for g in self.images(index)]
-        return pyramid_distances(query_levels, galleries, kappa, matching, coarse_k, margin, chunk_elements)
+        return pyramid_distances(query_levels, galleries, match, chunk_elements)
+
+    def gallery_distances(self, query_levels: Sequence[np.ndarray], galleries: Mapping[int, np.ndarray], match: MatchSettings,
+                          device: torch.device | str | None = None) -> dict[int, list[torch.Tensor]]:
+        """For each query ``b`` of a batch: per level, (H, W, kappa) distances to the bank rows ``galleries[b]``.
+
+        ``query_levels[l]`` is the batch's (B, C, H, W) level in this bank's feature space; rows
+        that are negative (missing neighbours) are ignored, and a query with no row gets no entry.
+        The matching runs on ``device`` (the backbone's, so a GPU does both); the bank stays in host
+        memory and only the gallery data each query compares with is copied over.
+        """
+        out: dict[int, list[torch.Tensor]] = {}
+        for b, rows in galleries.items():
+            rows = np.sort(rows[rows >= 0])
+            if rows.size == 0:
+                continue
+            queries = [torch.from_numpy(np.array(level[b], dtype=np.float32)).to(device) for level in query_levels]
+            out[int(b)] = self.distances(queries, rows, match)
+        return out
+
+    def query_levels(self, rows: np.ndarray | Sequence[int]) -> list[np.ndarray]:
+        """The pyramids of ``rows`` as float32 query levels (a bank image scored leave-one-out, as held)."""
+        return [level.float().numpy() for level in self.images(rows)]
 
     def _cell_distances(self, query_levels: list[torch.Tensor], index: torch.Tensor, kappa: int, coarse_k: int,
                         chunk_elements: int) -> list[torch.Tensor]:

@@ -16,8 +16,9 @@ import numpy as np
 from spade_ray.storage.datasets import MVTecDataset
 from spade_ray.storage.images import load_image
 from spade_ray.method.metrics import pixel_roc_curve, pro_curve, roc_curve
-from spade_ray.model import Prediction
-from spade_ray.storage.overlay import overlay_rgb
+from spade_ray.method.decision import Thresholds
+from spade_ray.method.scorer import Prediction
+from spade_ray.storage.artifacts import overlay_with_mask
 from spade_ray.method.preprocess import Preprocessor
 from spade_ray.report.report import (
     DEFAULT_REPORT_TOP,
@@ -39,14 +40,14 @@ def _f(value: float | None, digits: int = 3) -> str:
 
 
 def _charts(prediction: Prediction, labels: np.ndarray, masks: Sequence[np.ndarray | None] | None,
-            image_threshold: float, pixel_threshold: float, fpr_limit: float) -> list[str]:
+            thresholds: Thresholds, fpr_limit: float) -> list[str]:
     normal, defective = labels == 0, labels == 1
     scores, maxima = prediction.image_scores, prediction.pixel_max
     charts = [
         histogram_svg("image scores", [Series("normal", scores[normal]), Series("defective", scores[defective])],
-                      {"threshold": image_threshold}, x_label="image score"),
+                      {"threshold": thresholds.image}, x_label="image score"),
         histogram_svg("anomaly map maxima", [Series("normal", maxima[normal]), Series("defective", maxima[defective])],
-                      {"threshold": pixel_threshold}, x_label="anomaly map maximum"),
+                      {"threshold": thresholds.pixel}, x_label="anomaly map maximum"),
     ]
     rocs = []
     image_roc = roc_curve(scores, labels)
@@ -94,18 +95,18 @@ def _tables(result: dict[str, Any]) -> list[tuple[str, list[str], list[list[str]
 
 def evaluation_report(data: MVTecDataset, prediction: Prediction, labels: np.ndarray,
                       masks: Sequence[np.ndarray | None] | None, result: dict[str, Any], *,
-                      image_threshold: float, pixel_threshold: float, preprocessor: Preprocessor,
+                      thresholds: Thresholds, preprocessor: Preprocessor,
                       top: int = DEFAULT_REPORT_TOP, fpr_limit: float = 0.3,
                       storage_options: dict[str, Any] | None = None,
                       progress: Callable[[int], None] | None = None) -> Report:
     """The report of one evaluation: counts, distributions, curves, tables and the ``top`` most anomalous images."""
-    flagged = (prediction.image_scores > image_threshold) | (prediction.pixel_max > pixel_threshold)
+    flagged = np.asarray(thresholds.is_anomalous(prediction.image_scores, prediction.pixel_max), dtype=bool)
     rows = [{"index": i, "relpath": s.relpath, "image_score": float(prediction.image_scores[i]),
              "pixel_max": float(prediction.pixel_max[i])} for i, s in enumerate(data.test)]
     train_uri = {s.relpath: s.uri for s in data.train}
     cache: dict[str, Neighbour] = {}
     items = []
-    for row in most_anomalous(rows, top, image_threshold, pixel_threshold):
+    for row in most_anomalous(rows, top, thresholds):
         i = row["index"]
         sample = data.test[i]
         amap = prediction.maps[i]
@@ -113,8 +114,8 @@ def evaluation_report(data: MVTecDataset, prediction: Prediction, labels: np.nda
         item = ReportItem(sample.relpath, row["image_score"], row["pixel_max"], bool(flagged[i]), {}, neighbours,
                           note=f"ground truth: {sample.defect_type}")
         image = preprocessor.image_to_output(load_image(sample.uri, storage_options))
-        mask = amap > pixel_threshold
-        item.panels = item_panels(image, overlay_rgb(image, amap, 2.0 * pixel_threshold, mask), mask)
+        overlay, mask = overlay_with_mask(image, amap, thresholds)
+        item.panels = item_panels(image, overlay, mask)
         items.append(item)
         if progress:
             progress(1)
@@ -126,9 +127,9 @@ def evaluation_report(data: MVTecDataset, prediction: Prediction, labels: np.nda
              ("backbone", str(result["backbone"])),
              ("settings", ", ".join(f"{k}={result['params'][k]}" for k in ("image_k", "pixel_k", "kappa", "image_size"))),
              ("train / test images", f"{result['n_train']} / {result['n_test']}"),
-             ("image threshold", f"{image_threshold:.6g}" + ("" if cal else " (no calibration: median of the test scores)")),
-             ("pixel threshold", f"{pixel_threshold:.6g}" + ("" if cal else " (no calibration: median of the test maxima)")),
+             ("image threshold", f"{thresholds.image:.6g}" + ("" if cal else " (no calibration: median of the test scores)")),
+             ("pixel threshold", f"{thresholds.pixel:.6g}" + ("" if cal else " (no calibration: median of the test maxima)")),
              ("written", now_utc())]
     return Report("spade-ray evaluation report", facts, counts,
-                  _charts(prediction, labels, masks, image_threshold, pixel_threshold, fpr_limit),
+                  _charts(prediction, labels, masks, thresholds, fpr_limit),
                   items, tables=_tables(result))

@@ -28,6 +28,7 @@ import pyarrow.parquet as pq
 from spade_ray.storage.images import decode_image, decode_mask, load_image, read_bytes
 from spade_ray.storage.outputs import join_url, write_bytes
 from spade_ray.storage.overlay import draw_outline, jpeg_data_uri, thumbnail
+from spade_ray.method.decision import Thresholds
 from spade_ray.method.preprocess import Preprocessor
 from spade_ray.report.svgplot import Series, histogram_svg
 
@@ -91,20 +92,10 @@ class Report:
     n_errors: int | None = None  # all of them, when more than ``errors`` lists
 
 
-def severity(image_score: float, pixel_max: float, image_threshold: float, pixel_threshold: float) -> float:
-    """How far an image is past its thresholds: max(score / image threshold, map max / pixel threshold).
-
-    An image is flagged exactly when this exceeds 1 (the ``is_anomalous`` rule), so every flagged
-    image ranks above every unflagged one, whichever of the two rules flagged it.
-    """
-    return max(image_score / max(image_threshold, 1e-12), pixel_max / max(pixel_threshold, 1e-12))
-
-
-def most_anomalous(rows: Sequence[dict[str, Any]], n: int, image_threshold: float, pixel_threshold: float) -> list[dict[str, Any]]:
-    """The ``n`` scored rows of highest :func:`severity`, most severe first (ties: by name)."""
+def most_anomalous(rows: Sequence[dict[str, Any]], n: int, thresholds: Thresholds) -> list[dict[str, Any]]:
+    """The ``n`` scored rows of highest severity (:meth:`Thresholds.severity`), most severe first (ties: by name)."""
     scored = [r for r in rows if r.get("image_score") is not None and r.get("pixel_max") is not None]
-    scored.sort(key=lambda r: (-severity(r["image_score"], r["pixel_max"], image_threshold, pixel_threshold),
-                               str(r.get("relpath") or r.get("uri"))))
+    scored.sort(key=lambda r: (-thresholds.severity(r["image_score"], r["pixel_max"]), str(r.get("relpath") or r.get("uri"))))
     return scored[: max(n, 0)]
 
 
@@ -278,7 +269,7 @@ def _score_item(row: dict[str, Any], preprocessor: Preprocessor, storage_options
     return item
 
 
-def score_report(output: str, *, source: str, bank_id: str, image_threshold: float, pixel_threshold: float,
+def score_report(output: str, *, source: str, bank_id: str, thresholds: Thresholds,
                  preprocessor: Preprocessor, skipped: int = 0, top: int = DEFAULT_REPORT_TOP, storage_options: dict[str, Any] | None = None,
                  progress: Callable[[int], None] | None = None) -> Report:
     """The report of everything scored into ``output`` (all runs), from its result rows and outputs.
@@ -293,12 +284,12 @@ def score_report(output: str, *, source: str, bank_id: str, image_threshold: flo
     flagged = np.asarray(table.column("is_anomalous").to_pylist(), dtype=object)[ok]
     ok_rows = np.flatnonzero(ok)
     # the top rows only become Python dicts (and are read as pictures)
-    order = np.argsort(-np.maximum(scores / max(image_threshold, 1e-12), maxima / max(pixel_threshold, 1e-12)),
+    order = np.argsort(-np.asarray(thresholds.severity(scores, maxima)),
                        kind="stable")[: max(top, 0)]
     candidates = table.take(pa.array(ok_rows[order], pa.int64())).to_pylist() if len(order) else []
     cache: dict[str, Neighbour] = {}
     items = []
-    for row in most_anomalous(candidates, top, image_threshold, pixel_threshold):
+    for row in most_anomalous(candidates, top, thresholds):
         items.append(_score_item(row, preprocessor, storage_options, cache))
         if progress:
             progress(1)
@@ -308,11 +299,11 @@ def score_report(output: str, *, source: str, bank_id: str, image_threshold: flo
     counts = {"images": len(table), "ok": int(ok.sum()), "error": int((~ok).sum()), "skipped (this run)": skipped,
               "anomalous": int(sum(bool(f) for f in flagged))}
     charts = [
-        histogram_svg("image scores", [Series("images", scores)], {"threshold": image_threshold}, x_label="image score"),
-        histogram_svg("anomaly map maxima", [Series("images", maxima)], {"threshold": pixel_threshold},
+        histogram_svg("image scores", [Series("images", scores)], {"threshold": thresholds.image}, x_label="image score"),
+        histogram_svg("anomaly map maxima", [Series("images", maxima)], {"threshold": thresholds.pixel},
                       x_label="anomaly map maximum"),
     ]
     facts = [("input", source), ("output", output), ("bank", bank_id),
-             ("image threshold", f"{image_threshold:.6g}"), ("pixel threshold", f"{pixel_threshold:.6g}"),
+             ("image threshold", f"{thresholds.image:.6g}"), ("pixel threshold", f"{thresholds.pixel:.6g}"),
              ("written", now_utc())]
     return Report("spade-ray score report", facts, counts, charts, items, errors=errors, n_errors=counts["error"])

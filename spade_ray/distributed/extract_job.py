@@ -1,0 +1,48 @@
+"""The extract job: images -> Parquet feature shards, one file per batch; a rerun resumes."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from spade_ray.distributed.decode_stage import DecodeImages
+from spade_ray.distributed.extract_stage import ExtractFeatures
+from spade_ray.distributed.pipeline import JobSummary, new_run_id, read_rows, run_pipeline
+from spade_ray.distributed.runtime import init_ray
+from spade_ray.method.backbones import BACKBONES
+from spade_ray.method.preprocess import Preprocessor
+from spade_ray.progress import Progress, no_progress
+from spade_ray.storage.images import DEFAULT_MAX_PIXELS
+from spade_ray.storage.sources import resolve_inputs
+
+__all__ = ["run_extract"]
+
+
+def run_extract(source: str, output: str, *, backbone: str = "lite0", weights: str | None = None, image_size: int = 224,
+                protocol: str = "full", batch_size: int = 16, max_actors: int | None = None,
+                max_pixels: int = DEFAULT_MAX_PIXELS, storage_options: dict[str, Any] | None = None,
+                address: str | None = None, progress: Progress = no_progress) -> JobSummary:
+    """Images under ``source`` -> Parquet feature shards under ``output`` (one file per batch).
+
+    Images that already have a row in ``output`` are skipped, so an interrupted extract resumes.
+    Images above ``max_pixels`` are error rows (refused from the header, never decoded).
+    """
+    start = time.perf_counter()
+    items = resolve_inputs(source, storage_options)
+    done = {row["image_id"]: row.get("status") for row in read_rows(output, storage_options, ["image_id", "status"])}
+    todo = [it for it in items if it.image_id not in done]
+    summary = JobSummary("extract", skipped=len(items) - len(todo), output=output,
+                         skipped_error=sum(1 for it in items if done.get(it.image_id, "ok") != "ok"))
+    if todo:
+        init_ray(address)
+        spec = BACKBONES[backbone]
+        pre = Preprocessor(image_size, protocol, spec.mean, spec.std)  # type: ignore[arg-type]
+        run_pipeline(todo, DecodeImages(pre, storage_options, max_pixels), ExtractFeatures,
+                      {"backbone": backbone, "weights": weights, "preprocessor": pre, "output": output,
+                       "run_id": new_run_id(), "storage_options": storage_options},
+                      batch_size, max_actors, summary, progress, "extract")
+    summary.seconds = time.perf_counter() - start
+    return summary
+
+
+# ----------------------------------------------------------------------------- build-bank

@@ -1,0 +1,155 @@
+"""What every distributed job shares: the Ray Data pipeline (decode tasks -> actor pool), its CPU
+split and retry bounds, output file names, and the job summary.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pyarrow.parquet as pq
+import ray
+
+from spade_ray.distributed.decode_stage import DecodeImages
+from spade_ray.distributed.runtime import cluster_cpus, ray_data_output
+from spade_ray.progress import Progress, no_progress, shows_ray_data_bars
+from spade_ray.storage.outputs import output_stem
+from spade_ray.storage.sources import InputImage
+
+__all__ = ["DECODE_CPUS", "TASK_RETRIES", "JobSummary", "batch_name", "new_run_id", "read_rows", "run_pipeline"]
+
+
+@dataclass
+class JobSummary:
+    """Counts and throughput of one job run, and where its outputs are."""
+
+    job: str
+    ok: int = 0
+    error: int = 0
+    skipped: int = 0
+    skipped_error: int = 0  # of ``skipped``: images whose row from an earlier run is an error row
+    seconds: float = 0.0
+    output: str = ""
+    errors: list[tuple[str, str]] = field(default_factory=list)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def images_per_second(self) -> float:
+        return (self.ok + self.error) / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def error_rate(self) -> float:
+        """Share of the job's inputs that ended as error rows, rows kept from earlier runs included.
+
+        Counting the rows a rerun skipped keeps the rate of a crashed-and-resumed night the same
+        as that of an undisturbed one.
+        """
+        total = self.ok + self.error + self.skipped
+        return (self.error + self.skipped_error) / total if total else 0.0
+
+    def line(self) -> str:
+        flagged = f", {self.extra['anomalous']} anomalous" if "anomalous" in self.extra else ""
+        return (f"{self.job}: {self.ok} ok, {self.error} error, {self.skipped} skipped{flagged} in {self.seconds:.1f}s "
+                f"({self.images_per_second:.1f} images/s) -> {self.output}")
+
+    def fields(self) -> dict[str, Any]:
+        """The summary as flat JSON-ready fields, for structured logs."""
+        return {"stage": self.job, "ok": self.ok, "error": self.error, "skipped": self.skipped,
+                "seconds": round(self.seconds, 3), "images_per_second": round(self.images_per_second, 3),
+                "output": self.output, **self.extra}
+
+
+
+def _actor_pool(n_items: int, batch_size: int, max_actors: int | None, reserved_cpus: float = 0.0) -> tuple[ray.data.ActorPoolStrategy, float]:
+    """The UDF actor pool and the CPUs per actor, leaving room for the decode tasks.
+
+    A pool that takes every CPU starves Ray Data's read/decode tasks and the job hangs, so the
+    pool is bounded by the CPUs left after the shard actors and one decode slot.
+    """
+    cpus = cluster_cpus()
+    per_actor = 1.0 if cpus >= 4 else 0.5
+    room = max(per_actor, cpus - reserved_cpus - DECODE_CPUS)
+    wanted = max(1, min(max_actors or 10**6, int(room // per_actor), -(-n_items // batch_size)))
+    return ray.data.ActorPoolStrategy(min_size=1, max_size=wanted), per_actor
+
+
+DECODE_CPUS = 0.25
+
+
+# Fault tolerance of the pipeline (Ray Data's ray_remote_args): a UDF actor that dies (node lost,
+# OOM-killed, preempted) is restarted as often as needed, since a pool lives for the whole night,
+# and each batch it had in flight is retried on a live actor up to TASK_RETRIES times.  A batch
+# that kills its worker every time fails the job after that many tries instead of looping
+# forever; the images already committed stay, and the rerun resumes.  Decode tasks get the same
+# number of retries.  Ray Data's own defaults are unbounded (-1) for both; they are passed
+# explicitly so the bound is ours.  (Ray 2.60 marks passing them through ``ray_remote_args`` as
+# deprecated for 2.64 without a named replacement yet; revisit on upgrade.)
+TASK_RETRIES = 3
+
+
+def run_pipeline(items: list[InputImage], decode: DecodeImages, udf: type, udf_kwargs: dict[str, Any],
+                  batch_size: int, max_actors: int | None, summary: JobSummary, progress: Progress, desc: str,
+                  reserved_cpus: float = 0.0, keys: dict[str, str] | None = None) -> None:
+    """from_items -> decode (tasks) -> UDF (actor pool); counts results as they stream back.
+
+    ``keys`` maps image ids to their output key stems (default: :func:`output_stem` of the relpath).
+    """
+    # On a terminal Ray Data draws its own bars (one per operator); otherwise it stays silent and
+    # so does the driver's bar.  Set before the dataset exists: a dataset keeps the context it was made with.
+    ray_bars = shows_ray_data_bars(progress)
+    ray_data_output(interactive=ray_bars)
+    keys = keys or {}
+    ds = ray.data.from_items([{"uri": it.uri, "relpath": it.relpath, "image_id": it.image_id,
+                               "key": keys.get(it.image_id) or output_stem(it.relpath)} for it in items],
+                             override_num_blocks=max(1, -(-len(items) // batch_size)))
+    ds = ds.map_batches(decode, batch_size=batch_size, num_cpus=DECODE_CPUS, max_retries=TASK_RETRIES)
+    pool, per_actor = _actor_pool(len(items), batch_size, max_actors, reserved_cpus)
+    ds = ds.map_batches(udf, fn_constructor_kwargs=udf_kwargs, batch_size=batch_size, num_cpus=per_actor, compute=pool,
+                        max_restarts=-1, max_task_retries=TASK_RETRIES)
+    bar = no_progress(len(items), desc) if ray_bars else progress(len(items), desc)
+    try:
+        for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+            for image_id, status, error in zip(batch["image_id"], batch["status"], batch["error"]):
+                if status == "ok":
+                    summary.ok += 1
+                else:
+                    summary.error += 1
+                    summary.errors.append((str(image_id), str(error)))
+            bar.update(len(batch["image_id"]))
+    finally:
+        bar.close()
+
+
+# ----------------------------------------------------------------------------- extract
+
+
+def read_rows(prefix: str, storage_options: dict[str, Any] | None, columns: list[str]) -> list[dict[str, Any]]:
+    """The given columns of every Parquet file under ``prefix`` (none when it does not exist)."""
+    import fsspec
+
+    fs, path = fsspec.core.url_to_fs(prefix, **(storage_options or {}))
+    if not fs.exists(path):
+        return []
+    rows: list[dict[str, Any]] = []
+    for file in sorted(fs.find(path)):
+        if file.endswith(".parquet") and "/." not in file:
+            with fs.open(file, "rb") as fh:  # reads only the wanted column chunks, not the features
+                parquet = pq.ParquetFile(fh)
+                wanted = [c for c in columns if c in parquet.schema_arrow.names]
+                rows.extend(parquet.read(columns=wanted).to_pylist())
+    return rows
+
+
+def batch_name(run_id: str, image_ids: np.ndarray | list[str]) -> str:
+    """A file name for one batch's output: unique per run and per batch content."""
+    digest = hashlib.sha256("\n".join(map(str, image_ids)).encode()).hexdigest()[:12]
+    return f"part-{run_id}-{digest}.parquet"
+
+
+
+def new_run_id() -> str:
+    return time.strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6]

@@ -1,0 +1,213 @@
+"""The score job: images -> masks, heatmaps, overlays, result rows and the report, against a served bank."""
+
+from __future__ import annotations
+
+import io
+import time
+from typing import Any
+
+import pyarrow.parquet as pq
+
+from spade_ray.bank.store import check_compatible, open_bank
+from spade_ray.distributed.decode_stage import DecodeImages
+from spade_ray.distributed.pipeline import JobSummary, new_run_id, read_rows, run_pipeline
+from spade_ray.distributed.remote_bank import calibrate_served
+from spade_ray.distributed.runtime import init_ray
+from spade_ray.distributed.score_stage import ScoreImages
+from spade_ray.distributed.shard_actors import ServedBank, bank_id_of, shard_actor_cpus, start_shard_actors
+from spade_ray.method.backbones import BACKBONES
+from spade_ray.method.calibration import Calibration
+from spade_ray.method.config import LEGACY_SCORING, SpadeConfig
+from spade_ray.method.decision import Thresholds
+from spade_ray.method.preprocess import Preprocessor
+from spade_ray.progress import Progress, no_progress
+from spade_ray.report.report import DEFAULT_REPORT_TOP, score_report, write_report
+from spade_ray.storage.images import DEFAULT_MAX_PIXELS
+from spade_ray.storage.outputs import join_url, unique_output_stems, write_bytes
+from spade_ray.storage.sources import resolve_inputs
+
+__all__ = ["run_score"]
+
+
+def _remove_results(output: str, storage_options: dict[str, Any] | None) -> None:
+    import fsspec
+
+    fs, path = fsspec.core.url_to_fs(join_url(output, "results"), **(storage_options or {}))
+    if fs.exists(path):
+        for file in fs.find(path):
+            if file.endswith(".parquet"):
+                fs.rm_file(file)
+
+
+def _drop_error_rows(output: str, storage_options: dict[str, Any] | None) -> int:
+    """Rewrite each result file that holds error rows without them; returns how many rows went.
+
+    Done before scoring so the images are simply "not done" again: a crash at any point leaves
+    every image with one row or none (the next run scores it), never two.  Each file is
+    replaced whole (atomic write), and a file left with no rows is removed.
+    """
+    import fsspec
+    import pyarrow.compute as pc
+
+    fs, path = fsspec.core.url_to_fs(join_url(output, "results"), **(storage_options or {}))
+    if not fs.exists(path):
+        return 0
+    dropped = 0
+    for file in sorted(fs.find(path)):
+        if not file.endswith(".parquet") or "/." in file:
+            continue
+        with fs.open(file, "rb") as fh:
+            table = pq.read_table(fh)
+        kept = table.filter(pc.equal(table.column("status"), "ok"))
+        if kept.num_rows == table.num_rows:
+            continue
+        if kept.num_rows:
+            buf = io.BytesIO()
+            pq.write_table(kept, buf)
+            write_bytes(fs.unstrip_protocol(file), buf.getvalue(), storage_options)
+        else:
+            fs.rm_file(file)
+        dropped += table.num_rows - kept.num_rows
+    return dropped
+
+
+def _bank_config(manifest: dict[str, Any]) -> SpadeConfig:
+    """The scoring settings a bank was built (and calibrated) with; keys a bank predates take their old behaviour."""
+    build = {**LEGACY_SCORING, **(manifest.get("build") or {})}
+    return SpadeConfig(manifest["backbone"], int(manifest["image_size"]), manifest["protocol"]).with_scoring(build)
+
+
+def _bank_calibration(manifest: dict[str, Any]) -> Calibration | None:
+    """The bank's calibration, with the settings it was made with (older manifests: the build's)."""
+    saved = manifest.get("calibration")
+    if not saved:
+        return None
+    if saved.get("settings") is None:
+        saved = {**saved, "settings": _bank_config(manifest).calibration_settings()}
+    return Calibration(**saved)
+
+
+def _check_weights_on_driver(manifest: dict[str, Any], config: SpadeConfig, weights: str | None) -> None:
+    """Refuse a bank of another backbone or other weights before any worker starts.
+
+    The scorer actors check again (they are what really loads the weights); this check only makes
+    the common mistake one clear error.  A driver that cannot see the weights file leaves it to them.
+    """
+    from spade_ray.method.backbones import WeightsNotFoundError, file_sha256, weights_path
+
+    try:
+        sha = file_sha256(weights_path(config.backbone, weights))
+    except WeightsNotFoundError:
+        return
+    check_compatible(manifest, config.backbone, sha, config.image_size, config.protocol)
+
+
+def _done_images(output: str, bank_id: str, overwrite: bool, retry_errors: bool,
+                 storage_options: dict[str, Any] | None) -> dict[str, str]:
+    """Image id -> status of the rows already in ``output`` that this run keeps (and so skips).
+
+    ``overwrite`` removes every result first; ``retry_errors`` drops the error rows first; results
+    of another bank in the same output are refused, so it always holds one row per image.
+    """
+    if overwrite:
+        _remove_results(output, storage_options)
+        return {}
+    existing = read_rows(join_url(output, "results"), storage_options, ["image_id", "bank_id", "status"])
+    others = {r["bank_id"] for r in existing} - {bank_id}
+    if others:
+        raise ValueError(f"{output} holds results scored against another bank ({', '.join(sorted(others))}); "
+                         f"use --overwrite to replace them or choose another --output")
+    if retry_errors and any(r["status"] != "ok" for r in existing):
+        _drop_error_rows(output, storage_options)
+        existing = [r for r in existing if r["status"] == "ok"]
+    return {r["image_id"]: r["status"] for r in existing}
+
+
+def _decision(served: ServedBank | None, config: SpadeConfig, calibration: Calibration | None, threshold: float | None,
+              image_threshold: float | None, batch_size: int, progress: Progress) -> tuple[Thresholds, Calibration | None]:
+    """The thresholds this run decides with, and the calibration (with the scales) its scores follow.
+
+    Settings other than the bank's change the normal scores, so the bank is recalibrated on the
+    served shards first; explicit thresholds win over calibrated ones.
+    """
+    if calibration is not None and not calibration.matches(config):
+        assert served is not None
+        calibration = calibrate_served(served, config, max(calibration.n_images, 2), calibration.target_fpr, batch_size,
+                                       progress)
+    if calibration is not None:
+        calibration = calibration.for_image_scoring(config.image_scoring)
+    pixel = threshold if threshold is not None else calibration.pixel_threshold  # type: ignore[union-attr]
+    image = image_threshold if image_threshold is not None else calibration.image_threshold  # type: ignore[union-attr]
+    return Thresholds(float(image), float(pixel)), calibration
+
+
+def _write_report(output: str, source: str, bank_id: str, thresholds: Thresholds, preprocessor: Preprocessor,
+                  summary: JobSummary, n_items: int, report_top: int, storage_options: dict[str, Any] | None,
+                  progress: Progress) -> None:
+    """``output/report.html`` over every result row in ``output``; its URL and the anomalous count go in the summary."""
+    bar = progress(min(report_top, n_items), "report")
+    try:
+        report = score_report(output, source=source, bank_id=bank_id, thresholds=thresholds, preprocessor=preprocessor,
+                              skipped=summary.skipped, top=report_top, storage_options=storage_options,
+                              progress=bar.update)
+    finally:
+        bar.close()
+    summary.extra["report"] = join_url(output, "report.html")
+    summary.extra["anomalous"] = report.counts["anomalous"]
+    write_report(summary.extra["report"], report, storage_options)
+
+
+def run_score(source: str, bank_url: str, output: str, *, weights: str | None = None, image_k: int | None = None,
+              pixel_k: int | None = None, kappa: int | None = None, scoring: dict[str, Any] | None = None,
+              threshold: float | None = None, image_threshold: float | None = None, batch_size: int = 16,
+              max_actors: int | None = None, overwrite: bool = False, retry_errors: bool = False, save_maps: bool = False,
+              max_pixels: int = DEFAULT_MAX_PIXELS, storage_options: dict[str, Any] | None = None,
+              address: str | None = None, progress: Progress = no_progress,
+              report_top: int = DEFAULT_REPORT_TOP) -> JobSummary:
+    """Score every image under ``source`` against a served bank; masks, heatmaps, overlays and result rows to ``output``.
+
+    Images already scored into ``output`` against the same bank are skipped (``overwrite`` redoes
+    them all, ``retry_errors`` only those whose row is an error); the mask threshold defaults to
+    the bank's normal-only calibration.  Finally ``output/report.html`` shows everything scored
+    into ``output``, with the ``report_top`` most anomalous images.
+    """
+    start = time.perf_counter()
+    bank_root, manifest = open_bank(bank_url, storage_options)
+    config = _bank_config(manifest).with_scoring({"image_k": image_k, "pixel_k": pixel_k, "kappa": kappa, **(scoring or {})})
+    calibration = _bank_calibration(manifest)
+    if calibration is None and (threshold is None or image_threshold is None or config.image_scoring != "knn"):
+        raise ValueError(f"bank {bank_url} has no calibration; pass --threshold and --image-threshold "
+                         "(and --image-scoring knn: the knn+map score needs the normal scales)")
+    _check_weights_on_driver(manifest, config, weights)
+    items = resolve_inputs(source, storage_options)
+    bank_id = bank_id_of(bank_root, manifest)
+    done = _done_images(output, bank_id, overwrite, retry_errors, storage_options)
+    todo = [it for it in items if it.image_id not in done]
+    summary = JobSummary("score", skipped=len(items) - len(todo), output=output,
+                         skipped_error=sum(1 for it in items if done.get(it.image_id, "ok") != "ok"),
+                         extra={"bank_id": bank_id})
+    spec = BACKBONES[config.backbone]
+    pre = Preprocessor(config.image_size, config.protocol, spec.mean, spec.std)  # type: ignore[arg-type]
+    recalibrate = calibration is not None and not calibration.matches(config)
+    served, shard_cpus = None, 0.0
+    if recalibrate or todo:
+        init_ray(address)
+        shard_cpus = shard_actor_cpus(len(manifest["shards"]))
+        served = start_shard_actors(bank_root, manifest, storage_options, num_cpus=shard_cpus, aggregate=config.aggregate)
+    try:
+        thresholds, calibration = _decision(served, config, calibration, threshold, image_threshold, batch_size, progress)
+        summary.extra.update(pixel_threshold=thresholds.pixel, image_threshold=thresholds.image, recalibrated=recalibrate)
+        if todo:
+            keys = unique_output_stems((it.image_id, it.relpath) for it in items)  # all inputs: same keys on a rerun
+            run_pipeline(todo, DecodeImages(pre, storage_options, max_pixels), ScoreImages,
+                         {"bank": served, "config": config, "weights": weights, "output": output, "run_id": new_run_id(),
+                          "thresholds": thresholds, "scales": calibration.scales if calibration else None,
+                          "storage_options": storage_options, "save_maps": save_maps},
+                         batch_size, max_actors, summary, progress, "score", reserved_cpus=shard_cpus * len(manifest["shards"]),
+                         keys=keys)
+    finally:
+        if served is not None:
+            served.shutdown()
+    _write_report(output, source, bank_id, thresholds, pre, summary, len(items), report_top, storage_options, progress)
+    summary.seconds = time.perf_counter() - start
+    return summary
