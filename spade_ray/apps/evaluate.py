@@ -112,6 +112,42 @@ def _write_artifacts(data: MVTecDataset, prediction: Prediction, model: Spade, t
     return time.perf_counter() - start
 
 
+def _ground_truth_masks(data: MVTecDataset, model: Spade, storage_options: dict[str, Any] | None,
+                        max_pixels: int) -> list[np.ndarray | None] | None:
+    """Each test image's mask in the maps' frame (None for a normal image); None when the dataset has none."""
+    if not data.has_masks:
+        return None
+    return [model.preprocessor.mask_to_output(load_mask(s.mask_uri, storage_options, max_pixels)) if s.mask_uri else None
+            for s in data.test]
+
+
+def _timing(model: Spade, fit_seconds: float, test_seconds: float, metric_seconds: float, write_seconds: float,
+            n_test: int) -> dict[str, Any]:
+    return {
+        "stages": model.timer.as_dict(),
+        "fit_seconds": round(fit_seconds, 3),
+        "test_seconds": round(test_seconds, 3),
+        "seconds_per_test_image": round(test_seconds / max(n_test, 1), 4),
+        "test_images_per_second": round(n_test / test_seconds, 2) if test_seconds > 0 else None,
+        "metrics_seconds": round(metric_seconds, 3),
+        "write_seconds": round(write_seconds, 3),
+    }
+
+
+def _write_report_and_metrics(result: dict[str, Any], data: MVTecDataset, prediction: Prediction, labels: np.ndarray,
+                              masks: list | None, thresholds: Thresholds, model: Spade, report_top: int,
+                              storage_options: dict[str, Any] | None, progress: Progress) -> None:
+    """``report.html`` from the predictions in memory; its time goes into ``result``."""
+    start = time.perf_counter()
+    bar = progress(min(report_top, len(data.test)), "report")
+    report = evaluation_report(data, prediction, labels, masks, result, thresholds=thresholds,
+                               preprocessor=model.preprocessor, top=report_top, storage_options=storage_options,
+                               progress=bar.update)
+    bar.close()
+    write_report(result["report"], report, storage_options)
+    result["timing"]["report_seconds"] = round(time.perf_counter() - start, 3)
+
+
 def evaluate(
     dataset: str,
     output: str,
@@ -139,62 +175,36 @@ def evaluate(
     config = SpadeConfig(backbone, image_size, protocol, image_k, pixel_k, kappa).with_scoring(scoring or {})
     model = Spade(config, weights=weights, batch_size=batch_size, storage_options=storage_options, max_pixels=max_pixels)
     fit_seconds = _fit(data, model, calibration_samples, target_fpr, progress)
-
     bar = progress(len(data.test), "score (test)")
     test_start = time.perf_counter()
     prediction = model.predict([s.uri for s in data.test], progress=bar.update)
     test_seconds = time.perf_counter() - test_start
     bar.close()
-
     labels = np.array([s.label for s in data.test], dtype=np.int64)
     metric_start = time.perf_counter()
-    masks = None
-    if data.has_masks:
-        masks = [
-            model.preprocessor.mask_to_output(load_mask(s.mask_uri, storage_options, max_pixels)) if s.mask_uri else None
-            for s in data.test
-        ]
+    masks = _ground_truth_masks(data, model, storage_options, max_pixels)
     metrics = compute_metrics(prediction.image_scores, labels, prediction.maps if masks else None, masks)
     thresholds = _thresholds(model, prediction)
     flagged = np.asarray(thresholds.is_anomalous(prediction.image_scores, prediction.pixel_max), dtype=bool)
     per_type = _per_defect_type(data, prediction, labels, masks, flagged)
     metric_seconds = time.perf_counter() - metric_start
-    calibration = _calibration_block(model.calibration, prediction, labels, flagged)
     write_seconds = _write_artifacts(data, prediction, model, thresholds, output, storage_options, max_pixels,
                                      progress) if write_maps else 0.0
 
-    n_test = len(data.test)
     result: dict[str, Any] = {
-        "dataset": dataset,
-        "protocol": protocol,
-        "backbone": backbone,
+        "dataset": dataset, "protocol": protocol, "backbone": backbone,
         "params": {**model.config.scoring(), "image_size": image_size, "weights_sha256": model.weights_sha256,
                    "bank_dtype": "float16"},
-        "n_train": len(data.train),
-        "n_test": n_test,
+        "n_train": len(data.train), "n_test": len(data.test),
         **metrics,
         "per_defect_type": per_type,
-        "calibration": calibration,
-        "timing": {
-            "stages": model.timer.as_dict(),
-            "fit_seconds": round(fit_seconds, 3),
-            "test_seconds": round(test_seconds, 3),
-            "seconds_per_test_image": round(test_seconds / max(n_test, 1), 4),
-            "test_images_per_second": round(n_test / test_seconds, 2) if test_seconds > 0 else None,
-            "metrics_seconds": round(metric_seconds, 3),
-            "write_seconds": round(write_seconds, 3),
-        },
+        "calibration": _calibration_block(model.calibration, prediction, labels, flagged),
+        "timing": _timing(model, fit_seconds, test_seconds, metric_seconds, write_seconds, len(data.test)),
         "report": join_url(output, "report.html"),
     }
-    report_start = time.perf_counter()
-    bar = progress(min(report_top, n_test), "report")
-    report = evaluation_report(data, prediction, labels, masks, result, thresholds=thresholds,
-                               preprocessor=model.preprocessor, top=report_top, storage_options=storage_options,
-                               progress=bar.update)
-    bar.close()
-    write_report(result["report"], report, storage_options)
-    result["timing"].update(report_seconds=round(time.perf_counter() - report_start, 3),
-                            total_seconds=round(time.perf_counter() - started, 3), peak_rss_mb=round(peak_rss_mb(), 1))
+    _write_report_and_metrics(result, data, prediction, labels, masks, thresholds, model, report_top, storage_options,
+                              progress)
+    result["timing"].update(total_seconds=round(time.perf_counter() - started, 3), peak_rss_mb=round(peak_rss_mb(), 1))
     write_bytes(join_url(output, "metrics.json"), json.dumps(result, indent=2).encode(), storage_options)
     return result
 
