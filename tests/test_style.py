@@ -27,7 +27,7 @@ MAX_FUNCTION_LINES = 60  # from the ``def`` line to the function's last line, do
                     reason="ruff is not installed: pip install -e '.[test]' (or pip install ruff)")
 def test_ruff_reports_nothing() -> None:
     # --no-cache: a test run leaves no .ruff_cache behind in the checkout
-    proc = subprocess.run([sys.executable, "-m", "ruff", "check", "--no-cache", *LINTED],
+    proc = subprocess.run([sys.executable, "-m", "ruff", "check", "--no-cache", "--output-format", "concise", *LINTED],
                           cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, f"ruff check {' '.join(LINTED)}:\n{proc.stdout}{proc.stderr}"
 
