@@ -14,21 +14,23 @@ import argparse
 import json
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow.parquet as pq
 import torch
 
 from spade_ray import Spade
-from spade_ray.storage.datasets import load_mvtec
 from spade_ray.bank.store import open_bank
 from spade_ray.distributed.build_bank_job import run_build_bank
 from spade_ray.distributed.extract_job import run_extract
+from spade_ray.distributed.pipeline import JobSummary
 from spade_ray.distributed.score_job import run_score
-from spade_ray.storage.images import load_mask
 from spade_ray.method.metrics import compute_metrics
 from spade_ray.method.config import DEFAULT_IMAGE_K, DEFAULT_PIXEL_K, METHODS
 from spade_ray.method.matching import DEFAULT_KAPPA
+from spade_ray.storage.datasets import MVTecDataset, load_mvtec
+from spade_ray.storage.images import load_mask
 from spade_ray.storage.outputs import output_key
 from spade_ray.storage.sources import resolve_inputs
 
@@ -39,7 +41,7 @@ def _thresholds(calibration: dict | None) -> dict | None:
     return {k: calibration[k] for k in ("image_threshold", "pixel_threshold", "knn_scale", "map_scale") if k in calibration}
 
 
-def main() -> None:
+def _parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("dataset")
     parser.add_argument("--work", required=True)
@@ -53,7 +55,37 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None,
                         help="torch threads of the in-process run (default: torch's). The backbone's features do not "
                              "depend on it (spade_ray.method.batch_invariance), so neither should the comparison")
-    args = parser.parse_args()
+    return parser.parse_args()
+
+
+def _run_distributed(args: argparse.Namespace, work: Path, settings: dict[str, int], scoring: dict[str, Any]) -> JobSummary:
+    """extract -> build-bank -> score on a local Ray; thresholds so high that every image writes its raw map."""
+    run_extract(str(Path(args.dataset) / "train" / "good"), str(work / "features"), protocol=args.protocol)
+    run_build_bank(str(work / "features"), str(work / "bank"), shards=args.shards, scoring=scoring,
+                   calibration_samples=args.calibration_samples, **settings)
+    return run_score(str(Path(args.dataset) / "test"), str(work / "bank"), str(work / "scored"), save_maps=True,
+                     threshold=1e9, image_threshold=1e9, overwrite=True)
+
+
+def _distributed_outputs(args: argparse.Namespace, work: Path, data: MVTecDataset, pred: Any) -> dict[str, Any]:
+    """The score job's image scores and maps, in test order, and their largest relative differences to ``pred``."""
+    rows = {r["uri"]: r for r in pq.read_table(str(work / "scored" / "results")).to_pylist()}
+    rel = {i.uri: i.relpath for i in resolve_inputs(str(Path(args.dataset) / "test"))}
+    d_scores, d_maps, score_diff, map_diff, worst = [], [], 0.0, 0.0, ""
+    for sample, score, amap in zip(data.test, pred.image_scores, pred.maps):
+        row = rows[sample.uri]
+        dmap = np.load(work / "scored" / "maps" / output_key(rel[sample.uri], ".npy"), allow_pickle=False)
+        d_scores.append(row["image_score"])
+        d_maps.append(dmap)
+        score_diff = max(score_diff, abs(row["image_score"] - float(score)) / abs(float(score)))
+        diff = float(np.abs(dmap - amap).max()) / float(np.abs(amap).max())
+        if diff > map_diff:
+            map_diff, worst = diff, sample.uri
+    return {"scores": np.array(d_scores), "maps": d_maps, "score_diff": score_diff, "map_diff": map_diff, "worst": worst}
+
+
+def main() -> None:
+    args = _parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     work = Path(args.work)
@@ -68,37 +100,22 @@ def main() -> None:
     t_local = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    run_extract(str(Path(args.dataset) / "train" / "good"), str(work / "features"), protocol=args.protocol)
-    run_build_bank(str(work / "features"), str(work / "bank"), shards=args.shards, scoring=scoring,
-                   calibration_samples=args.calibration_samples, **settings)
-    summary = run_score(str(Path(args.dataset) / "test"), str(work / "bank"), str(work / "scored"), save_maps=True,
-                        threshold=1e9, image_threshold=1e9, overwrite=True)
+    summary = _run_distributed(args, work, settings, scoring)
     t_dist = time.perf_counter() - t0
 
-    rows = {r["uri"]: r for r in pq.read_table(str(work / "scored" / "results")).to_pylist()}
-    rel = {i.uri: i.relpath for i in resolve_inputs(str(Path(args.dataset) / "test"))}
     labels = np.array([s.label for s in data.test])
     masks = [model.preprocessor.mask_to_output(load_mask(s.mask_uri)) if s.mask_uri else None for s in data.test]
-    d_scores, d_maps, score_diff, map_diff, worst = [], [], 0.0, 0.0, ""
-    for sample, score, amap in zip(data.test, pred.image_scores, pred.maps):
-        row = rows[sample.uri]
-        dmap = np.load(work / "scored" / "maps" / output_key(rel[sample.uri], ".npy"), allow_pickle=False)
-        d_scores.append(row["image_score"])
-        d_maps.append(dmap)
-        score_diff = max(score_diff, abs(row["image_score"] - float(score)) / abs(float(score)))
-        diff = float(np.abs(dmap - amap).max()) / float(np.abs(amap).max())
-        if diff > map_diff:
-            map_diff, worst = diff, sample.uri
+    dist = _distributed_outputs(args, work, data, pred)
     local_metrics = compute_metrics(pred.image_scores, labels, pred.maps, masks)
-    dist_metrics = compute_metrics(np.array(d_scores), labels, d_maps, masks)
+    dist_metrics = compute_metrics(dist["scores"], labels, dist["maps"], masks)
     report = {
         "dataset": args.dataset, "protocol": args.protocol, "shards": args.shards, **settings,
         "method": args.method, "calibration_samples": args.calibration_samples,
         "in_process_torch_threads": torch.get_num_threads(),
         "bank_dtype": "float16 pyramids, float32 global vectors (both paths)",
-        "max_relative_image_score_difference": score_diff,
-        "max_relative_map_difference": map_diff,
-        "max_relative_map_difference_image": worst,
+        "max_relative_image_score_difference": dist["score_diff"],
+        "max_relative_map_difference": dist["map_diff"],
+        "max_relative_map_difference_image": dist["worst"],
         "calibrated_thresholds": {
             "in_process": _thresholds(model.calibration.__dict__ if model.calibration else None),
             "distributed": _thresholds(open_bank(str(work / "bank"))[1].get("calibration")),

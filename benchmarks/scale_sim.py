@@ -48,196 +48,24 @@ import logging
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import faiss
 import numpy as np
 
-from spade_ray.bank.store import BankShard
 from spade_ray.method.retrieval import RERANK_MARGIN, search_exact
-from spade_ray.bank.shard_server import ShardServer
 
-CHUNK_ROWS = 8192  # the generator's unit: row r of the bank comes from chunk r // CHUNK_ROWS, whoever makes it
+# The synthetic bank and the printed tables are modules next to this script; loaded from a file
+# (as the tests do), the script's folder is not on the import path.
+if str(Path(__file__).resolve().parent) not in sys.path:
+    sys.path.append(str(Path(__file__).resolve().parent))
+import scale_sim_bank  # noqa: E402
+from scale_sim_bank import Mixture, MixtureSpec, SimShard, data_stats, flat_index, proc_memory, shard_bounds  # noqa: E402
+from scale_sim_report import print_table  # noqa: E402
 
-
-# ------------------------------------------------------------------------------------------- data
-
-
-@dataclass(frozen=True)
-class MixtureSpec:
-    """Parameters of the synthetic global vectors (defaults calibrated to real lite0 vectors).
-
-    One cluster stands for one product/camera/line: its images spread like real lite0 vectors of
-    one product do (magnetic_tile: total variance 37.2, 69% of it in 8 principal components, 90%
-    in 32, 98% in 128); cluster centres spread as much again (``between_ratio``), so neighbouring
-    clusters overlap: the harder case for IVF.
-    """
-
-    dim: int = 1280
-    n_clusters: int = 1000        # products x cameras x lines in a 10^6-image bank
-    zipf: float = 1.0             # cluster weights ~ 1 / rank^zipf: a few common, many rare
-    within_var: float = 37.2      # E|x - cluster mean|^2 (lite0 on magnetic_tile: 37.2)
-    within_rank: int = 128        # each cluster spreads in its own low-rank subspace ...
-    spectrum: float = 1.3         # ... with variances ~ 1 / i^spectrum ...
-    n_within_bases: int = 16      # ... one of this many random subspaces
-    noise_frac: float = 0.02      # share of the within variance in isotropic noise
-    between_ratio: float = 1.0    # variance of the cluster centres / within_var
-    between_rank: int = 64        # the centres vary in a shared low-rank subspace
-    mean_norm: float = 13.9       # |mean vector| (lite0 on magnetic_tile: 13.9)
-    seed: int = 0
-
-
-class Mixture:
-    """Deterministic generator: ``rows(start, stop)`` is the same in every process for the same spec."""
-
-    def __init__(self, spec: MixtureSpec) -> None:
-        self.spec = s = spec
-        rng = np.random.default_rng([s.seed, 0])
-        d = s.dim
-        mean = rng.gamma(0.5, 1.0, d)
-        self.mean = (mean * (s.mean_norm / np.linalg.norm(mean))).astype(np.float32)
-        weights = 1.0 / np.arange(1, s.n_clusters + 1) ** s.zipf
-        self.weights = weights / weights.sum()
-        rb, rw = min(s.between_rank, d), min(s.within_rank, d)
-        lam_b = 1.0 / np.arange(1, rb + 1)
-        lam_w = 1.0 / np.arange(1, rw + 1) ** s.spectrum
-        self.lam_w = (lam_w / lam_w.sum() * s.within_var * (1 - s.noise_frac)).astype(np.float32)
-        between = _orthonormal(rng, d, rb)
-        coeff = rng.standard_normal((s.n_clusters, rb)) * np.sqrt(lam_b / lam_b.sum() * s.within_var * s.between_ratio)
-        self.centres = (coeff @ between.T).astype(np.float32)                     # (C, d), zero mean
-        self.bases = np.stack([_orthonormal(rng, d, rw).T for _ in range(s.n_within_bases)]).astype(np.float32)  # (B, rw, d)
-        self.basis_of = rng.integers(0, s.n_within_bases, s.n_clusters)
-        self.noise_sd = np.float32(np.sqrt(s.within_var * s.noise_frac / d))
-
-    def _chunk(self, stream: int, c: int, size: int, cluster: int | None = None) -> np.ndarray:
-        rng = np.random.default_rng([self.spec.seed, stream, c])
-        if cluster is None:
-            labels = rng.choice(self.spec.n_clusters, size=size, p=self.weights)
-        else:
-            labels = np.full(size, cluster)
-        z = rng.standard_normal((size, len(self.lam_w)), dtype=np.float32) * np.sqrt(self.lam_w)
-        x = rng.standard_normal((size, self.spec.dim), dtype=np.float32)
-        x *= self.noise_sd
-        x += self.mean
-        x += self.centres[labels]
-        basis = self.basis_of[labels]
-        for b in np.unique(basis):
-            sel = np.flatnonzero(basis == b)
-            x[sel] += z[sel] @ self.bases[b]
-        return x
-
-    def one_cluster(self, cluster: int, n: int) -> np.ndarray:
-        """``n`` images of one cluster (for the calibration statistics)."""
-        return self._chunk(3, cluster, n, cluster)
-
-    def fill(self, out: np.ndarray, start: int, stream: int = 1) -> None:
-        """Write bank rows ``start .. start + len(out)`` into ``out`` (float32, (n, dim)), chunk by chunk."""
-        stop = start + len(out)
-        for c in range(start // CHUNK_ROWS, (stop - 1) // CHUNK_ROWS + 1 if stop > start else 0):
-            lo, hi = c * CHUNK_ROWS, (c + 1) * CHUNK_ROWS
-            chunk = self._chunk(stream, c, CHUNK_ROWS)
-            a, b = max(lo, start), min(hi, stop)
-            out[a - start: b - start] = chunk[a - lo: b - lo]
-
-    def rows(self, start: int, stop: int) -> np.ndarray:
-        out = np.empty((stop - start, self.spec.dim), np.float32)
-        self.fill(out, start)
-        return out
-
-    def queries(self, n: int) -> np.ndarray:
-        """Held-out images from the same distribution (another random stream: never bank rows)."""
-        out = np.empty((n, self.spec.dim), np.float32)
-        self.fill(out, 0, stream=2)
-        return out
-
-
-def _orthonormal(rng: np.random.Generator, d: int, r: int) -> np.ndarray:
-    q, _ = np.linalg.qr(rng.standard_normal((d, r)))
-    return q  # (d, r)
-
-
-def data_stats(x: np.ndarray) -> dict[str, float]:
-    """The statistics the generator is calibrated on, for a sample of vectors."""
-    x = x.astype(np.float64)
-    mean = x.mean(0)
-    xc = x - mean
-    s = np.linalg.eigvalsh(xc.T @ xc)[::-1].clip(0)  # squared singular values, largest first
-    c = np.cumsum(s) / s.sum()
-    out = {"n": len(x), "mean_norm": float(np.linalg.norm(mean)), "total_var": float(s.sum() / len(x)),
-           "var_in_8_pcs": float(c[min(7, len(c) - 1)]), "var_in_32_pcs": float(c[min(31, len(c) - 1)]),
-           "var_in_128_pcs": float(c[min(127, len(c) - 1)]), "participation_ratio": float(s.sum() ** 2 / (s ** 2).sum())}
-    if 51 < len(x) <= 2000:  # neighbour distances: how much contrast a nearest-neighbour search has to work with
-        sq = (x * x).sum(1)
-        dist = np.sqrt(np.maximum(sq[:, None] + sq[None] - 2 * x @ x.T, 0))
-        np.fill_diagonal(dist, np.inf)
-        nn = np.sort(dist, axis=1)
-        out.update(nn1_mean=float(nn[:, 0].mean()), nn50_mean=float(nn[:, 49].mean()),
-                   median_pair=float(np.median(dist[np.isfinite(dist)])))
-    return out
-
-
-# ------------------------------------------------------------------------------------------ index
-
-
-def flat_index(mixture: Mixture, start: int, stop: int) -> tuple[faiss.IndexFlatL2, np.ndarray]:
-    """A flat L2 index over bank rows start..stop, generated straight into FAISS's own storage.
-
-    Returns (index, vectors) where ``vectors`` is a numpy view of the index's storage (the same
-    bytes, not a copy): ``search_exact`` needs both, and 5 GB held twice would not fit.
-    """
-    n, d = stop - start, mixture.spec.dim
-    index = faiss.IndexFlatL2(d)
-    index.codes.resize(n * d * 4)
-    vectors = faiss.rev_swig_ptr(index.codes.data(), n * d * 4).view(np.float32).reshape(n, d)
-    mixture.fill(vectors, start)
-    index.ntotal = n
-    return index, vectors
-
-
-def proc_memory(pid: int | str = "self") -> dict[str, int]:
-    """VmRSS and VmHWM (peak RSS) of a process, in bytes."""
-    out = {}
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith(("VmRSS:", "VmHWM:")):
-                key, value, _unit = line.split()
-                out[key[:-1]] = int(value) * 1024
-    return out
-
-
-class SimShard(ShardServer):
-    """A shard of the synthetic bank: rows start..stop, served by the project's ShardServer.search."""
-
-    def __init__(self, spec: MixtureSpec, start: int, stop: int, threads: int = 1, blas_threshold: int | None = None) -> None:
-        faiss.omp_set_num_threads(threads)
-        if blas_threshold is not None:  # FAISS 1.15: BLAS when queries x dim >= this (default 128,000)
-            faiss.cvar.distance_compute_blas_threshold = blas_threshold
-        self.memory_before = proc_memory()
-        t0 = time.perf_counter()
-        index, vectors = flat_index(Mixture(spec), start, stop)
-        self.build_s = time.perf_counter() - t0
-        n = stop - start
-        shard = BankShard(name=f"sim-{start}-{stop}", ids=[""] * n, uris=[""] * n, global_=vectors, levels=[], index=index)
-        self.shard, self.offset = shard, int(start)
-
-    def stats(self) -> dict[str, Any]:
-        return {"pid": os.getpid(), "rows": len(self.shard), "offset": self.offset, "build_s": self.build_s,
-                "index_bytes": int(self.shard.index.ntotal) * self.shard.index.d * 4,
-                "rss_before_build": self.memory_before["VmRSS"], **{k.lower(): v for k, v in proc_memory().items()}}
-
-    def timed_search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, float]:
-        """``search`` plus the seconds it took inside the actor (no Ray overhead)."""
-        t0 = time.perf_counter()
-        dist, rows = self.search(queries, k)
-        return dist, rows, time.perf_counter() - t0
-
-
-def shard_bounds(n: int, shards: int) -> list[tuple[int, int]]:
-    edges = np.linspace(0, n, shards + 1).round().astype(int)
-    return [(int(a), int(b)) for a, b in zip(edges[:-1], edges[1:])]
-
+__all__ = ["Mixture", "MixtureSpec", "compare_indexes", "scan_rates", "shard_bounds", "simulate"]
 
 # ------------------------------------------------------------------------------------------ phases
 
@@ -255,8 +83,8 @@ def run_sharded(spec: MixtureSpec, n: int, shards: int, queries: np.ndarray, k: 
     from spade_ray.distributed.remote_bank import RemoteBank
     from spade_ray.distributed.shard_actors import ServedBank
 
-    if __name__ != "__main__":  # imported from a file (tests): workers cannot import this module by name
-        ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    # the workers need not find the benchmarks folder: the shard actor's module travels with it
+    ray.cloudpickle.register_pickle_by_value(scale_sim_bank)
     actor_cls = ray.remote(num_cpus=num_cpus)(SimShard)
     bounds = shard_bounds(n, shards)
     t0 = time.perf_counter()
@@ -332,35 +160,36 @@ def run_reference(spec: MixtureSpec, n: int, queries: np.ndarray, k: int, log=pr
             "rss_before": before["VmRSS"], "rss_after": after["VmRSS"], "hwm": after["VmHWM"]}
 
 
-def compare_indexes(spec: MixtureSpec, sub_n: int, queries: np.ndarray, k: int, nprobes: list[int],
-                    efs: list[int], hnsw_m: int, ef_construction: int, n_latency: int, log=print) -> list[dict[str, Any]]:
-    """Flat vs IVFFlat vs HNSWFlat on the first ``sub_n`` rows, one thread, through ``search_exact``."""
-    faiss.omp_set_num_threads(1)
-    d = spec.dim
-    t0 = time.perf_counter()
-    flat, vectors = flat_index(Mixture(spec), 0, sub_n)
-    flat_build = time.perf_counter() - t0
-    true_d, true_ids = search_exact(flat, vectors, queries, k)
-    results = []
+class _IndexBench:
+    """Measures one index of the comparison against the exact top-k of the same queries over the same vectors."""
 
-    def measure(name: str, index: faiss.Index, build_s: float, params: dict[str, Any], nbytes: int) -> None:
-        found, _ = None, None
-        _, found = search_exact(index, vectors, queries, k)
-        recall = float(np.mean([len(set(found[i]) & set(true_ids[i])) / k for i in range(len(queries))]))
-        exact_rows = float(np.mean((found == true_ids).all(axis=1)))
+    def __init__(self, vectors: np.ndarray, queries: np.ndarray, true_ids: np.ndarray, k: int, n_latency: int,
+                 log=print) -> None:
+        self.vectors, self.queries, self.true_ids = vectors, queries, true_ids
+        self.k, self.n_latency, self.log = k, n_latency, log
+
+    def measure(self, name: str, index: faiss.Index, build_s: float, params: dict[str, Any], nbytes: int) -> dict[str, Any]:
+        """Recall and per-query latency of ``index`` used through ``search_exact``; logs and returns its row."""
+        k, queries = self.k, self.queries
+        _, found = search_exact(index, self.vectors, queries, k)
+        recall = float(np.mean([len(set(found[i]) & set(self.true_ids[i])) / k for i in range(len(queries))]))
+        exact_rows = float(np.mean((found == self.true_ids).all(axis=1)))
         times = []
-        for q in queries[:n_latency]:
+        for q in queries[: self.n_latency]:
             t = time.perf_counter()
-            search_exact(index, vectors, q[None], k)
+            search_exact(index, self.vectors, q[None], k)
             times.append(time.perf_counter() - t)
-        row = {"index": name, **params, "build_s": build_s, "index_bytes": nbytes, "bytes_per_vector": nbytes / sub_n,
+        row = {"index": name, **params, "build_s": build_s, "index_bytes": nbytes, "bytes_per_vector": nbytes / len(self.vectors),
                f"recall@{k}": recall, "queries_exact": exact_rows, "latency": pct(times)}
-        log(f"  {name:9s} {json.dumps(params):28s} build {build_s:7.1f} s  {nbytes / 2**20:8.1f} MiB  "
-            f"recall@{k} {recall:.4f}  p50 {row['latency']['p50_ms']:.2f} ms")
-        results.append(row)
+        self.log(f"  {name:9s} {json.dumps(params):28s} build {build_s:7.1f} s  {nbytes / 2**20:8.1f} MiB  "
+                 f"recall@{k} {recall:.4f}  p50 {row['latency']['p50_ms']:.2f} ms")
+        return row
 
-    measure("Flat", flat, flat_build, {}, sub_n * d * 4)
 
+def _ivf_rows(bench: _IndexBench, nprobes: list[int]) -> list[dict[str, Any]]:
+    """IVFFlat with sqrt(n) lists, trained on a spread sample; one row per nprobe up to nlist."""
+    vectors = bench.vectors
+    sub_n, d = vectors.shape
     nlist = max(1, int(round(np.sqrt(sub_n))))
     quantizer = faiss.IndexFlatL2(d)
     ivf = faiss.IndexIVFFlat(quantizer, d, nlist, faiss.METRIC_L2)
@@ -370,23 +199,45 @@ def compare_indexes(spec: MixtureSpec, sub_n: int, queries: np.ndarray, k: int, 
     ivf.add(vectors)
     ivf_build = time.perf_counter() - t0
     ivf_bytes = len(faiss.serialize_index(ivf))
+    rows = []
     for nprobe in nprobes:
         if nprobe <= nlist:
             ivf.nprobe = nprobe
-            measure("IVFFlat", ivf, ivf_build, {"nlist": nlist, "nprobe": nprobe}, ivf_bytes)
+            rows.append(bench.measure("IVFFlat", ivf, ivf_build, {"nlist": nlist, "nprobe": nprobe}, ivf_bytes))
     del ivf, quantizer
     gc.collect()
+    return rows
 
-    hnsw = faiss.IndexHNSWFlat(d, hnsw_m)
+
+def _hnsw_rows(bench: _IndexBench, hnsw_m: int, ef_construction: int, efs: list[int]) -> list[dict[str, Any]]:
+    """HNSWFlat built once; one row per efSearch."""
+    hnsw = faiss.IndexHNSWFlat(bench.vectors.shape[1], hnsw_m)
     hnsw.hnsw.efConstruction = ef_construction
     t0 = time.perf_counter()
-    hnsw.add(vectors)
+    hnsw.add(bench.vectors)
     hnsw_build = time.perf_counter() - t0
     hnsw_bytes = len(faiss.serialize_index(hnsw))
+    rows = []
     for ef in efs:
         hnsw.hnsw.efSearch = ef
-        measure("HNSWFlat", hnsw, hnsw_build, {"M": hnsw_m, "efConstruction": ef_construction, "efSearch": ef}, hnsw_bytes)
-    del hnsw, flat, vectors
+        params = {"M": hnsw_m, "efConstruction": ef_construction, "efSearch": ef}
+        rows.append(bench.measure("HNSWFlat", hnsw, hnsw_build, params, hnsw_bytes))
+    return rows
+
+
+def compare_indexes(spec: MixtureSpec, sub_n: int, queries: np.ndarray, k: int, nprobes: list[int],
+                    efs: list[int], hnsw_m: int, ef_construction: int, n_latency: int, log=print) -> list[dict[str, Any]]:
+    """Flat vs IVFFlat vs HNSWFlat on the first ``sub_n`` rows, one thread, through ``search_exact``."""
+    faiss.omp_set_num_threads(1)
+    t0 = time.perf_counter()
+    flat, vectors = flat_index(Mixture(spec), 0, sub_n)
+    flat_build = time.perf_counter() - t0
+    _, true_ids = search_exact(flat, vectors, queries, k)
+    bench = _IndexBench(vectors, queries, true_ids, k, n_latency, log)
+    results = [bench.measure("Flat", flat, flat_build, {}, sub_n * spec.dim * 4)]
+    results += _ivf_rows(bench, nprobes)
+    results += _hnsw_rows(bench, hnsw_m, ef_construction, efs)
+    del bench, flat, vectors
     gc.collect()
     return results
 
@@ -465,35 +316,6 @@ def simulate(n: int = 1_000_000, shards: int = 4, dim: int = 1280, k: int = 50, 
     report["loadavg_end"] = os.getloadavg()
     faiss.cvar.distance_compute_blas_threshold = default_threshold
     return report
-
-
-def print_table(report: dict[str, Any]) -> None:
-    s = report["sharded"]
-    gib = 2 ** 30
-    print(f"\n== sharded bank: {report['n']:,} vectors x {report['dim']} over {report['shards']} shard actors, K={report['k']}")
-    print(f"{'shard':>5} {'rows':>9} {'build s':>8} {'index MiB':>10} {'RSS GiB':>8} {'peak GiB':>9} {'RSS before':>10}")
-    for i, sh in enumerate(s["shards"]):
-        print(f"{i:>5} {sh['rows']:>9,} {sh['build_s']:>8.1f} {sh['index_bytes'] / 2**20:>10.1f} "
-              f"{sh['vmrss'] / gib:>8.2f} {sh['vmhwm'] / gib:>9.2f} {sh['rss_before_build'] / gib:>10.2f}")
-    print(f"build (wall, all shards): {s['build_wall_s']:.1f} s")
-    ls, lb = s["latency_single"], s["latency_batch"]
-    print(f"latency 1 query:        p50 {ls['p50_ms']:.1f} ms  p95 {ls['p95_ms']:.1f} ms  (n={ls['n']})")
-    print(f"latency batch of {lb['batch']}:    p50 {lb['p50_ms']:.1f} ms  p95 {lb['p95_ms']:.1f} ms  (n={lb['n']})")
-    print(f"one shard's search inside its actor (1 query, {s['shard_search_inside_actor_ms']['rows_per_shard']:,} rows): "
-          f"p50 {s['shard_search_inside_actor_ms']['p50']:.1f} ms")
-    b = s["bytes_per_query"]
-    print(f"bytes per query: {b['to_each_shard']} B to each shard, {b['from_each_shard']} B back from each, {b['total']} B in all")
-    c = report["check"]
-    print(f"check vs one flat index ({c['queries']} queries): ids equal {c['ids_equal']}, distances equal {c['distances_equal']}")
-    if "index_comparison" in report:
-        ic = report["index_comparison"]
-        k = report["k"]
-        print(f"\n== Flat vs IVF vs HNSW on {ic['sub_n']:,} vectors (1 thread, exact rerank of k+{report['rerank_margin']})")
-        print(f"{'index':9} {'params':38} {'build s':>8} {'MiB':>8} {'B/vec':>7} {'recall@' + str(k):>10} {'p50 ms':>8} {'p95 ms':>8}")
-        for r in ic["results"]:
-            params = ", ".join(f"{key}={r[key]}" for key in ("nlist", "nprobe", "M", "efConstruction", "efSearch") if key in r)
-            print(f"{r['index']:9} {params:38} {r['build_s']:>8.1f} {r['index_bytes'] / 2**20:>8.1f} {r['bytes_per_vector']:>7.0f} "
-                  f"{r[f'recall@{k}']:>10.4f} {r['latency']['p50_ms']:>8.2f} {r['latency']['p95_ms']:>8.2f}")
 
 
 def main() -> None:

@@ -11,17 +11,16 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from dataclasses import replace
 
 import numpy as np
 
-from spade_ray.storage.datasets import load_mvtec
 from spade_ray.method.fusion import image_score
-from spade_ray.storage.images import load_mask
 from spade_ray.method.metrics import compute_metrics
-from dataclasses import replace
-
 from spade_ray.method.scorer import Scorer
 from spade_ray.model import Spade
+from spade_ray.storage.datasets import load_mvtec
+from spade_ray.storage.images import load_mask
 
 
 def main() -> None:
@@ -54,11 +53,13 @@ def main() -> None:
         seconds = (time.perf_counter() - start) / len(maps)
         maps = [model.preprocessor.map_to_output(m, h, w) for m, (h, w) in zip(maps, sizes)]
         m = compute_metrics(image_score(dists, 1), labels, maps, masks)
-        rows_out.append({"pixel_k": k, "pixel_auroc": m["pixel_auroc"], "aupro": m["aupro"], "pixel_f1_max": m["pixel_f1_max"], "seconds_per_image": round(seconds, 4)})
+        rows_out.append({"pixel_k": k, "pixel_auroc": m["pixel_auroc"], "aupro": m["aupro"], "pixel_f1_max": m["pixel_f1_max"],
+                         "seconds_per_image": round(seconds, 4)})
         print(json.dumps(rows_out[-1]), flush=True)
     if args.json:
         with open(args.json, "w") as fh:
-            json.dump({"dataset": args.dataset, "protocol": args.protocol, "backbone": args.backbone, "rows": rows_out}, fh, indent=1)
+            json.dump({"dataset": args.dataset, "protocol": args.protocol, "backbone": args.backbone, "rows": rows_out},
+                      fh, indent=1)
 
 
 if __name__ == "__main__":

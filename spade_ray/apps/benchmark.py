@@ -22,24 +22,28 @@ import platform
 import shutil
 import tempfile
 import time
-from dataclasses import replace
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
+from spade_ray.apps.procwatch import ProcessPeaks
+from spade_ray.apps.synthetic import make_synthetic_dataset
+from spade_ray.method.features import FeatureBatch, features_from_tensor
+from spade_ray.method.fusion import fuse_levels, image_score
+from spade_ray.method.reference import reference_level_distances
+from spade_ray.method.timing import peak_rss_mb
+from spade_ray.model import Spade
+from spade_ray.progress import Progress, no_progress
 from spade_ray.storage.datasets import load_mvtec
 from spade_ray.storage.featurestore import list_feature_shards, read_features, table_to_features
-from spade_ray.method.features import features_from_tensor
-from spade_ray.method.fusion import fuse_levels, image_score
 from spade_ray.storage.images import load_image
-from spade_ray.model import Spade
-from spade_ray.apps.procwatch import ProcessPeaks
-from spade_ray.progress import Progress, no_progress
-from spade_ray.method.reference import reference_level_distances
-from spade_ray.apps.synthetic import make_synthetic_dataset
-from spade_ray.method.timing import peak_rss_mb
+
+if TYPE_CHECKING:
+    from spade_ray.distributed.pipeline import JobSummary
 
 __all__ = ["format_bench", "run_bench"]
 
@@ -78,18 +82,182 @@ def _time_predict(model: Spade, uris: list[str]) -> tuple[float, dict[str, float
 def _time_reference(model: Spade, uris: list[str]) -> float:
     """Seconds per image of scoring with the published correspondence loop (same forward, retrieval, fusion)."""
     cfg = model.config
-    assert model.index is not None
+    assert model.bank is not None
     start = time.perf_counter()
     for uri in uris:
         image = load_image(uri)
         query = features_from_tensor(model.backbone, model.preprocessor.to_tensor([image]))
-        dists, rows = model.index.search(query.global_, max(cfg.image_k, cfg.pixel_k))
+        dists, rows = model.bank.search(query.global_, max(cfg.image_k, cfg.pixel_k))
         image_score(dists, cfg.image_k)
         gallery = np.sort(rows[0, : cfg.pixel_k])
         level_maps = [reference_level_distances(torch.from_numpy(level[0]), torch.from_numpy(bank[gallery]))
-                      for level, bank in zip(query.levels, model.bank_levels)]
+                      for level, bank in zip(query.levels, model.bank.levels)]
         fuse_levels(level_maps, cfg.image_size, cfg.sigma)
     return (time.perf_counter() - start) / len(uris)
+
+
+Round = tuple[float, float, float, dict[str, float]]  # (R1, (a) s/image, (c) s/image, (c)'s per-stage s/image)
+
+
+@dataclass
+class _Measured:
+    """What the stages measured, kept together until the figures are written."""
+
+    extract: JobSummary  # (b)
+    build: JobSummary  # the bank that (c), (d) and (e) score against (not a timed stage)
+    rounds: list[Round]  # (a) and (c), alternating
+    exact: float | None  # (c'), when (c) does not already match exactly
+    reference: float  # (e)
+    score: JobSummary  # (d)
+    peaks_extract: ProcessPeaks
+    peaks_score: ProcessPeaks
+
+
+def _synthetic_dataset(work: Path, log: Callable[[str], None]) -> str:
+    """The dataset used without ``--dataset``: made once per work folder, reused by later runs."""
+    dataset = str(work / "dataset")
+    if not (work / "dataset" / "train").is_dir():
+        log(f"no --dataset: making a synthetic one in {dataset}")
+        make_synthetic_dataset(dataset, n_train=64, n_test_good=16, n_test_per_defect=16)
+    return dataset
+
+
+def _run_extract_job(train_list: str, work: Path, protocol: str, progress: Progress,
+                     log: Callable[[str], None]) -> tuple[JobSummary, ProcessPeaks]:
+    """(b): the extract job over the bank's normal images, with its actors' peak memory."""
+    from spade_ray.distributed.extract_job import run_extract
+
+    shutil.rmtree(work / "features", ignore_errors=True)  # (b) must extract, not resume a previous run
+    with ProcessPeaks() as peaks:
+        extract = run_extract(train_list, str(work / "features"), protocol=protocol, progress=progress)
+    log(extract.line())
+    return extract, peaks
+
+
+def _build_bank(work: Path, shards: int, scoring: dict[str, Any] | None, progress: Progress,
+                log: Callable[[str], None]) -> JobSummary:
+    """The sharded bank that (d) serves, from (b)'s features."""
+    from spade_ray.distributed.build_bank_job import run_build_bank
+
+    # a small calibration: the score job needs thresholds (their values do not change its speed)
+    build = run_build_bank(str(work / "features"), str(work / "bank"), shards=shards, calibration_samples=8,
+                           scoring=scoring, progress=progress)
+    log(build.line())
+    return build
+
+
+def _stop_ray() -> None:
+    """The in-process stages run alone, as they would in a notebook; (d) restarts Ray."""
+    # On a small machine Ray's daemons and idle workers otherwise take a share of the cores from (a)
+    # and (c) alike, and the figures then depend on what Ray happens to be doing (measured on 2
+    # cores: forward 0.025 -> 0.020 s, correspondence 0.016 -> 0.012 s per image once Ray is stopped).
+    import ray
+
+    ray.shutdown()
+
+
+def _read_bank_features(work: Path) -> tuple[list[str], FeatureBatch]:
+    """The ids and features (b) wrote, for the in-process models."""
+    table, _ = read_features(list_feature_shards(str(work / "features")))
+    ids, _, bank = table_to_features(table)
+    return ids, bank
+
+
+def _calibrated_model(protocol: str, scoring: dict[str, Any], ids: list[str], bank: FeatureBatch) -> Spade:
+    """An in-process model over the bank; calibrated because the knn+map image score needs the normal scales (not timed)."""
+    model = Spade("lite0", protocol=protocol, **scoring)
+    model.set_bank(ids, bank.global_, bank.levels)
+    model.calibration = model.calibrate(8)
+    return model
+
+
+def _alternate_forward_and_predict(model: Spade, test: list[str], rounds: int, log: Callable[[str], None]) -> list[Round]:
+    """(a) and (c), alternating for ``rounds`` rounds, so that a machine's drift in speed does not decide R1.
+
+    The caller reports the round with the median ratio.
+    """
+    # a shared machine's speed drifts by 10-20% within minutes, and two stages timed once, one
+    # after the other, would carry that drift into R1
+    images = [load_image(uri) for uri in test]
+    measured = []
+    for round_ in range(max(1, rounds)):
+        log(f"(a) backbone forward on {len(test)} images (round {round_ + 1} of {max(1, rounds)}) ...")
+        a_seconds = _time_forward(model, images)
+        log(f"(c) in-process scoring ({model.config.matching} matching) ...")
+        c_seconds, c_stages = _time_predict(model, test)
+        measured.append((a_seconds / c_seconds, a_seconds, c_seconds, c_stages))
+    return measured
+
+
+def _median_round(rounds: list[Round]) -> Round:
+    """The round whose R1 is the median (the lower one of an even count)."""
+    ordered = sorted(rounds, key=lambda r: r[0])
+    return ordered[(len(ordered) - 1) // 2]
+
+
+def _time_exact_predict(model: Spade, protocol: str, scoring: dict[str, Any] | None, ids: list[str], bank: FeatureBatch,
+                        test: list[str], log: Callable[[str], None]) -> float | None:
+    """(c'): in-process scoring with exact matching, the published method's, when (c) used another."""
+    if model.config.matching == "exact":
+        return None
+    log("(c') in-process scoring, exact matching ...")
+    exact_model = _calibrated_model(protocol, {**(scoring or {}), "matching": "exact"}, ids, bank)
+    exact, _ = _time_predict(exact_model, test)
+    return exact
+
+
+def _run_score_job(test_list: str, work: Path, shards: int, address: str | None, progress: Progress,
+                   log: Callable[[str], None]) -> tuple[JobSummary, ProcessPeaks]:
+    """(d): the distributed score job against the sharded bank, with its actors' peak memory."""
+    from spade_ray.distributed.score_job import run_score
+    from spade_ray.distributed.runtime import init_ray
+
+    log(f"(d) distributed scoring with {shards} shard actors ...")
+    init_ray(address)
+    with ProcessPeaks() as peaks:
+        score = run_score(test_list, str(work / "bank"), str(work / "scored"), overwrite=True, progress=progress)
+    log(score.line())
+    return score, peaks
+
+
+def _per_second(summary: JobSummary) -> float | None:
+    """Seconds per image of a job, None when it scored nothing."""
+    return 1 / summary.images_per_second if summary.images_per_second else None
+
+
+def _figures(measured: _Measured, model: Spade, dataset: str, protocol: str, test: list[str], reference_images: int,
+             torch_threads: int, work: Path) -> dict[str, Any]:
+    """The figures ``--json`` writes and :func:`format_bench` prints."""
+    _, forward, scored, stages = _median_round(measured.rounds)
+    exact, reference = measured.exact, measured.reference
+    per_image = {"a_forward": forward, "b_extract_job": _per_second(measured.extract),
+                 "c_in_process": scored, "d_distributed": _per_second(measured.score),
+                 "e_reference": reference}
+    if exact is not None:
+        per_image["c_in_process_exact"] = exact
+    result: dict[str, Any] = {
+        "dataset": dataset,
+        "protocol": protocol,
+        "settings": replace(model.config).scoring(),
+        "machine": {"cpus": os.cpu_count(), "torch_threads": torch_threads, "platform": platform.platform(),
+                    "torch": torch.__version__, "device": str(model.backbone.device)},
+        "images": {"bank": measured.build.extra.get("n_images"), "test": len(test),
+                   "reference": min(reference_images, len(test))},
+        "seconds_per_image": {k: round(v, 5) if v is not None else None for k, v in per_image.items()},
+        "images_per_second": {k: round(1 / v, 2) if v else None for k, v in per_image.items()},
+        "in_process_stages_seconds_per_image": stages,
+        "R1_scoring_vs_forward_throughput": round(forward / scored, 3),
+        "R1_rounds": [round(r[0], 3) for r in measured.rounds],
+        "R2_reference_vs_scoring_time": round(reference / scored, 1),
+        "bank_bytes_per_image": measured.build.extra.get("bytes_per_image"),
+        "peak_rss_mib": {"driver (in-process model)": round(peak_rss_mb(), 1), **measured.peaks_extract.mib(),
+                         **measured.peaks_score.mib()},
+        "workdir": str(work),
+    }
+    if exact is not None:
+        result["R1_exact"] = round(forward / exact, 3)
+        result["R2_exact"] = round(reference / exact, 1)
+    return result
 
 
 def run_bench(
@@ -107,18 +275,12 @@ def run_bench(
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """Run stages (a)-(e) and return the figures (also what ``--json`` writes)."""
-    from spade_ray.distributed.build_bank_job import run_build_bank
-    from spade_ray.distributed.extract_job import run_extract
-    from spade_ray.distributed.score_job import run_score
     from spade_ray.distributed.runtime import init_ray
 
     work = Path(workdir or tempfile.mkdtemp(prefix="spade-ray-bench-"))
     work.mkdir(parents=True, exist_ok=True)
     if dataset is None:
-        dataset = str(work / "dataset")
-        if not (work / "dataset" / "train").is_dir():
-            log(f"no --dataset: making a synthetic one in {dataset}")
-            make_synthetic_dataset(dataset, n_train=64, n_test_good=16, n_test_per_defect=16)
+        dataset = _synthetic_dataset(work, log)
     data = load_mvtec(dataset)
     test = [s.uri for s in _evenly(data.test, test_images)]
     train_list = _write_list(work / "train.txt", [s.uri for s in data.train])
@@ -126,82 +288,19 @@ def run_bench(
     torch_threads = torch.get_num_threads()
     init_ray(address)
 
-    shutil.rmtree(work / "features", ignore_errors=True)  # (b) must extract, not resume a previous run
-    with ProcessPeaks() as peaks_extract:
-        extract = run_extract(train_list, str(work / "features"), protocol=protocol, progress=progress)
-    log(extract.line())
-    # a small calibration: the score job needs thresholds (their values do not change its speed)
-    build = run_build_bank(str(work / "features"), str(work / "bank"), shards=shards, calibration_samples=8,
-                           scoring=scoring, progress=progress)
-    log(build.line())
-    # The in-process stages run alone, as they would in a notebook: on a small machine Ray's
-    # daemons and idle workers otherwise take a share of the cores from (a) and (c) alike, and the
-    # figures then depend on what Ray happens to be doing (measured on 2 cores: forward 0.025 ->
-    # 0.020 s, correspondence 0.016 -> 0.012 s per image once Ray is stopped).  (d) restarts it.
-    import ray
-
-    ray.shutdown()
-
-    model = Spade("lite0", protocol=protocol, **(scoring or {}))
-    table, _ = read_features(list_feature_shards(str(work / "features")))
-    ids, _, bank = table_to_features(table)
-    model.set_bank(ids, bank.global_, bank.levels)
-    model.calibration = model.calibrate(8)  # the knn+map image score needs the normal scales; not timed
-    images = [load_image(uri) for uri in test]
-
-    # (a) and (c) alternate for ``rounds`` rounds and the round with the median ratio is reported:
-    # a shared machine's speed drifts by 10-20% within minutes, and two stages timed once, one
-    # after the other, would carry that drift into R1.
-    rounds_measured = []
-    for round_ in range(max(1, rounds)):
-        log(f"(a) backbone forward on {len(test)} images (round {round_ + 1} of {max(1, rounds)}) ...")
-        a_seconds = _time_forward(model, images)
-        log(f"(c) in-process scoring ({model.config.matching} matching) ...")
-        c_seconds, c_stages = _time_predict(model, test)
-        rounds_measured.append((a_seconds / c_seconds, a_seconds, c_seconds, c_stages))
-    ratios = sorted(rounds_measured, key=lambda r: r[0])
-    _, forward, scored, stages = ratios[(len(ratios) - 1) // 2]
-    exact = None
-    if model.config.matching != "exact":
-        log("(c') in-process scoring, exact matching ...")
-        exact_model = Spade("lite0", protocol=protocol, **{**(scoring or {}), "matching": "exact"})
-        exact_model.set_bank(ids, bank.global_, bank.levels)
-        exact_model.calibration = exact_model.calibrate(8)
-        exact, _ = _time_predict(exact_model, test)
+    extract, peaks_extract = _run_extract_job(train_list, work, protocol, progress, log)
+    build = _build_bank(work, shards, scoring, progress, log)
+    _stop_ray()
+    ids, bank = _read_bank_features(work)
+    model = _calibrated_model(protocol, scoring or {}, ids, bank)
+    rounds_measured = _alternate_forward_and_predict(model, test, rounds, log)
+    exact = _time_exact_predict(model, protocol, scoring, ids, bank, test, log)
     log(f"(e) published correspondence loop on {min(reference_images, len(test))} images ...")
     reference = _time_reference(model, test[:reference_images])
+    score, peaks_score = _run_score_job(test_list, work, shards, address, progress, log)
 
-    log(f"(d) distributed scoring with {shards} shard actors ...")
-    init_ray(address)
-    with ProcessPeaks() as peaks_score:
-        score = run_score(test_list, str(work / "bank"), str(work / "scored"), overwrite=True, progress=progress)
-    log(score.line())
-
-    per_image = {"a_forward": forward, "b_extract_job": 1 / extract.images_per_second if extract.images_per_second else None,
-                 "c_in_process": scored, "d_distributed": 1 / score.images_per_second if score.images_per_second else None,
-                 "e_reference": reference}
-    if exact is not None:
-        per_image["c_in_process_exact"] = exact
-    result: dict[str, Any] = {
-        "dataset": dataset,
-        "protocol": protocol,
-        "settings": replace(model.config).scoring(),
-        "machine": {"cpus": os.cpu_count(), "torch_threads": torch_threads, "platform": platform.platform(),
-                    "torch": torch.__version__, "device": str(model.backbone.device)},
-        "images": {"bank": build.extra.get("n_images"), "test": len(test), "reference": min(reference_images, len(test))},
-        "seconds_per_image": {k: round(v, 5) if v is not None else None for k, v in per_image.items()},
-        "images_per_second": {k: round(1 / v, 2) if v else None for k, v in per_image.items()},
-        "in_process_stages_seconds_per_image": stages,
-        "R1_scoring_vs_forward_throughput": round(forward / scored, 3),
-        "R1_rounds": [round(r[0], 3) for r in rounds_measured],
-        "R2_reference_vs_scoring_time": round(reference / scored, 1),
-        "bank_bytes_per_image": build.extra.get("bytes_per_image"),
-        "peak_rss_mib": {"driver (in-process model)": round(peak_rss_mb(), 1), **peaks_extract.mib(), **peaks_score.mib()},
-        "workdir": str(work),
-    }
-    if exact is not None:
-        result["R1_exact"] = round(forward / exact, 3)
-        result["R2_exact"] = round(reference / exact, 1)
+    measured = _Measured(extract, build, rounds_measured, exact, reference, score, peaks_extract, peaks_score)
+    result = _figures(measured, model, dataset, protocol, test, reference_images, torch_threads, work)
     (work / "bench.json").write_text(json.dumps(result, indent=2))
     return result
 
@@ -216,8 +315,10 @@ def format_bench(result: dict[str, Any]) -> str:
     for key, label in names.items():
         if key in result["seconds_per_image"]:
             s, ips = result["seconds_per_image"][key], result["images_per_second"][key]
-            lines.append(f"{label:<44}{s if s is not None else float('nan'):>10.4f}{ips if ips is not None else float('nan'):>10.1f}")
-    lines.append("in-process stages (s/image): " + ", ".join(f"{k} {v:.4f}" for k, v in result["in_process_stages_seconds_per_image"].items()))
+            s, ips = (float("nan") if v is None else v for v in (s, ips))
+            lines.append(f"{label:<44}{s:>10.4f}{ips:>10.1f}")
+    stages = result["in_process_stages_seconds_per_image"]
+    lines.append("in-process stages (s/image): " + ", ".join(f"{k} {v:.4f}" for k, v in stages.items()))
     r = f"R1 = {result['R1_scoring_vs_forward_throughput']:.3f}   R2 = {result['R2_reference_vs_scoring_time']:.1f}"
     if len(result.get("R1_rounds", [])) > 1:
         r += f"   (R1 of each round: {', '.join(f'{v:.3f}' for v in result['R1_rounds'])}; the median round is reported)"

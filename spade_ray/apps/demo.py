@@ -10,24 +10,25 @@ from __future__ import annotations
 import json
 import os
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import pyarrow.parquet as pq
 
-from spade_ray.storage.datasets import load_mvtec
+from spade_ray.apps.synthetic import make_synthetic_dataset
 from spade_ray.distributed.build_bank_job import run_build_bank
 from spade_ray.distributed.extract_job import run_extract
 from spade_ray.distributed.pipeline import JobSummary
 from spade_ray.distributed.score_job import run_score
-from spade_ray.storage.images import load_mask
 from spade_ray.method.metrics import compute_metrics
-from spade_ray.storage.outputs import output_key, write_bytes
+from spade_ray.method.timing import peak_rss_mb
 from spade_ray.progress import Progress, no_progress
 from spade_ray.report.report import DEFAULT_REPORT_TOP
+from spade_ray.storage.datasets import MVTecDataset, load_mvtec
+from spade_ray.storage.images import load_mask
+from spade_ray.storage.outputs import output_key, write_bytes
 from spade_ray.storage.sources import resolve_inputs
-from spade_ray.apps.synthetic import make_synthetic_dataset
-from spade_ray.method.timing import peak_rss_mb
 
 __all__ = ["DEMO_SCORING", "run_demo"]
 
@@ -35,6 +36,22 @@ __all__ = ["DEMO_SCORING", "run_demo"]
 # (12 px at stride 4), which fades them; the README's advice for hairline defects is raw features
 # with coarse-to-fine margin 1, and the demo follows it.  Explicit options (or --method) override.
 DEMO_SCORING: dict[str, Any] = {"aggregate": 1, "margin": 1}
+
+
+def _measure_scored(output: str, dataset: str, data: MVTecDataset) -> dict[str, Any]:
+    """Metrics of what the score job wrote (result rows, raw maps) against the ground truth; failed images are left out."""
+    rows = {r["uri"]: r for r in pq.read_table(os.path.join(output, "results")).to_pylist()}
+    relpaths = {i.uri: i.relpath for i in resolve_inputs(os.path.join(dataset, "test"))}
+    scores, maps, masks, labels = [], [], [], []
+    for sample in data.test:
+        row = rows[sample.uri]
+        if row["status"] != "ok":
+            continue
+        scores.append(row["image_score"])
+        maps.append(np.load(os.path.join(output, "maps", output_key(relpaths[sample.uri], ".npy")), allow_pickle=False))
+        masks.append(load_mask(sample.mask_uri) if sample.mask_uri else None)
+        labels.append(sample.label)
+    return compute_metrics(np.array(scores), np.array(labels), maps, masks)
 
 
 def run_demo(output: str, *, seed: int = 0, image_size: int = 224, image_k: int | None = None, pixel_k: int | None = None,
@@ -50,7 +67,8 @@ def run_demo(output: str, *, seed: int = 0, image_size: int = 224, image_k: int 
         log(f"making a synthetic inspection dataset in {dataset} ...")
         make_synthetic_dataset(dataset, seed=seed)
     data = load_mvtec(dataset)
-    model_args: dict[str, Any] = {k: v for k, v in {"image_k": image_k, "pixel_k": pixel_k, "kappa": kappa}.items() if v is not None}
+    given = {"image_k": image_k, "pixel_k": pixel_k, "kappa": kappa}
+    model_args: dict[str, Any] = {k: v for k, v in given.items() if v is not None}
     model_args["scoring"] = {**DEMO_SCORING, **(scoring or {})}
     summaries: list[JobSummary] = []
     summaries.append(run_extract(os.path.join(dataset, "train", "good"), os.path.join(output, "features"),
@@ -64,18 +82,7 @@ def run_demo(output: str, *, seed: int = 0, image_size: int = 224, image_k: int 
                                report_top=report_top))
     log(summaries[-1].line())
 
-    rows = {r["uri"]: r for r in pq.read_table(os.path.join(output, "results")).to_pylist()}
-    relpaths = {i.uri: i.relpath for i in resolve_inputs(os.path.join(dataset, "test"))}
-    scores, maps, masks, labels = [], [], [], []
-    for sample in data.test:
-        row = rows[sample.uri]
-        if row["status"] != "ok":
-            continue
-        scores.append(row["image_score"])
-        maps.append(np.load(os.path.join(output, "maps", output_key(relpaths[sample.uri], ".npy")), allow_pickle=False))
-        masks.append(load_mask(sample.mask_uri) if sample.mask_uri else None)
-        labels.append(sample.label)
-    metrics = compute_metrics(np.array(scores), np.array(labels), maps, masks)
+    metrics = _measure_scored(output, dataset, data)
     build = summaries[1].extra
     result = {
         "dataset": dataset,

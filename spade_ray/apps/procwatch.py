@@ -72,7 +72,7 @@ class ProcessPeaks:
         while not self._stop.wait(self.interval):
             self.poll()
 
-    def __enter__(self) -> "ProcessPeaks":
+    def __enter__(self) -> ProcessPeaks:
         self._thread.start()
         return self
 
