@@ -17,8 +17,8 @@ from spade_ray.storage.images import (
     decode_mask,
     load_image,
     load_mask,
-    read_bytes,
 )
+from spade_ray.storage.urls import read_bytes
 
 
 def encode(img: Image.Image, fmt: str = "PNG", **kw) -> bytes:

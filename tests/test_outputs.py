@@ -8,7 +8,8 @@ import posixpath
 import pytest
 
 from spade_ray.storage.featurestore import image_id_for
-from spade_ray.storage.outputs import join_url, output_key, unique_output_stems, write_bytes
+from spade_ray.storage.outputs import output_key, unique_output_stems
+from spade_ray.storage.urls import join, write_bytes
 
 
 @pytest.mark.parametrize(
@@ -26,7 +27,7 @@ from spade_ray.storage.outputs import join_url, output_key, unique_output_stems,
 )
 def test_keys_stay_below_the_output_prefix(relpath: str, key: str) -> None:
     assert output_key(relpath) == key
-    url = join_url("s3://bucket/out", f"masks/{key}")
+    url = join("s3://bucket/out", f"masks/{key}")
     assert posixpath.normpath(url.split("://", 1)[1]).startswith("bucket/out/masks/")
 
 

@@ -33,11 +33,10 @@ from dataclasses import dataclass
 from typing import Any, Sequence
 
 import faiss
-import fsspec
 import numpy as np
 
-from spade_ray.storage.featurestore import FeatureMeta, _join, _resolve
-from spade_ray.storage.outputs import write_bytes
+from spade_ray.storage.featurestore import FeatureMeta
+from spade_ray.storage.urls import join, read_bytes, resolve, write_bytes
 from spade_ray.method.retrieval import search_exact
 
 __all__ = [
@@ -149,10 +148,10 @@ def write_shard(
         files[f"level{i}.npy"] = _npy_bytes(level)
 
     name = shard_name(shard_index)
-    shard_url = _join(version_url.rstrip("/"), name)
+    shard_url = join(version_url, name)
     hashes = {}
     for file_name, data in files.items():
-        write_bytes(_join(shard_url, file_name), data, storage_options)
+        write_bytes(join(shard_url, file_name), data, storage_options)
         hashes[file_name] = _sha256(data)
     return {"name": name, "path": f"{vname}/{name}", "n_images": n, "files": hashes}
 
@@ -243,7 +242,7 @@ def write_manifest(version_url: str, manifest: dict[str, Any], storage_options: 
     if version_name(manifest["version"]) != vname:
         raise ValueError(f"manifest says version {manifest['version']} but is being written to {version_url}")
     data = json.dumps(manifest, indent=1, sort_keys=True).encode("utf-8")
-    write_bytes(_join(version_url.rstrip("/"), MANIFEST), data, storage_options)
+    write_bytes(join(version_url, MANIFEST), data, storage_options)
 
 
 # ----------------------------------------------------------------------------- finding versions
@@ -264,7 +263,7 @@ def _version_folders(fs: Any, fs_root: str) -> list[tuple[int, str]]:
 
 def list_versions(bank_url: str, storage_options: dict[str, Any] | None = None) -> list[str]:
     """Names of the complete versions (those with a manifest.json), oldest first; [] for a new bank."""
-    fs, fs_root, _ = _resolve(bank_url, storage_options)
+    fs, fs_root, _ = resolve(bank_url, storage_options)
     return [name for _, name in _version_folders(fs, fs_root) if fs.exists(f"{fs_root}/{name}/{MANIFEST}")]
 
 
@@ -274,7 +273,7 @@ def next_version_name(bank_url: str, storage_options: dict[str, Any] | None = No
     Incomplete versions count too: a crashed build's leftovers are never overwritten or mixed
     into a new version.
     """
-    fs, fs_root, _ = _resolve(bank_url, storage_options)
+    fs, fs_root, _ = resolve(bank_url, storage_options)
     folders = _version_folders(fs, fs_root)
     return version_name(folders[-1][0] + 1 if folders else 1)
 
@@ -294,7 +293,7 @@ def open_bank(url: str, storage_options: dict[str, Any] | None = None) -> tuple[
     The root URL is what shard entry paths are relative to (pass it to :func:`load_shard`); it
     keeps the caller's protocol, and local paths come back absolute.
     """
-    fs, fs_path, base = _resolve(url, storage_options)
+    fs, fs_path, base = resolve(url, storage_options)
     name = posixpath.basename(fs_path.rstrip("/"))
     if _VERSION_RE.match(name):
         root = base.rstrip("/").rpartition("/")[0]
@@ -303,16 +302,16 @@ def open_bank(url: str, storage_options: dict[str, Any] | None = None) -> tuple[
             raise FileNotFoundError(
                 f"{url}: no complete bank version (no {MANIFEST}); the build that wrote it did not finish"
             )
-        manifest = _read_manifest(fs, manifest_path, _join(base, MANIFEST))
+        manifest = _read_manifest(fs, manifest_path, join(base, MANIFEST))
         if version_name(manifest["version"]) != name:
-            raise ValueError(f"{_join(base, MANIFEST)} says version {manifest['version']} but lies in {name}/")
+            raise ValueError(f"{join(base, MANIFEST)} says version {manifest['version']} but lies in {name}/")
         return root, manifest
     versions = list_versions(url, storage_options)
     if not versions:
         raise FileNotFoundError(
             f"{url}: no complete bank version (no vNNNN/{MANIFEST}); build one with `spade-ray build-bank`"
         )
-    manifest = _read_manifest(fs, f"{fs_path}/{versions[-1]}/{MANIFEST}", _join(base, f"{versions[-1]}/{MANIFEST}"))
+    manifest = _read_manifest(fs, f"{fs_path}/{versions[-1]}/{MANIFEST}", join(base, f"{versions[-1]}/{MANIFEST}"))
     return base, manifest
 
 
@@ -388,13 +387,12 @@ def load_shard(
     level_files = sorted(((int(m.group(1)), f) for f in files if (m := _LEVEL_RE.match(f))), key=lambda t: t[0])
     if missing or not level_files or [i for i, _ in level_files] != list(range(len(level_files))):
         raise ValueError(f"manifest entry of shard {entry.get('name')!r} lists files {sorted(files)}; expected {list(_REQUIRED_FILES)} + level0.npy, level1.npy, ...")
-    shard_url = _join(bank_root.rstrip("/"), _safe_relpath(entry["path"]))
-    fs, shard_path = fsspec.core.url_to_fs(shard_url, **(storage_options or {}))
+    shard_url = join(bank_root, _safe_relpath(entry["path"]))
 
     def fetch(file_name: str) -> bytes:
-        url = _join(shard_url, file_name)
+        url = join(shard_url, file_name)
         try:
-            data = fs.cat_file(f"{shard_path}/{file_name}")
+            data = read_bytes(url, storage_options)
         except FileNotFoundError:
             raise FileNotFoundError(f"bank file {url} listed in the manifest is missing") from None
         if verify:
@@ -409,7 +407,7 @@ def load_shard(
         try:
             return np.load(io.BytesIO(fetch(file_name)), allow_pickle=False)
         except ValueError as exc:
-            raise ValueError(f"bank file {_join(shard_url, file_name)} is not a valid .npy: {exc}") from None
+            raise ValueError(f"bank file {join(shard_url, file_name)} is not a valid .npy: {exc}") from None
 
     ids_doc = json.loads(fetch("ids.json"))
     ids, uris = list(ids_doc["ids"]), list(ids_doc["uris"])

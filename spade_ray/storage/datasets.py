@@ -24,8 +24,9 @@ import posixpath
 from dataclasses import dataclass
 from typing import Any
 
-import fsspec
 from fsspec.implementations.local import LocalFileSystem
+
+from spade_ray.storage.urls import join, relative, resolve
 
 __all__ = ["IMAGE_EXTENSIONS", "MVTecDataset", "Sample", "list_images", "load_mvtec"]
 
@@ -77,29 +78,6 @@ def _is_image_relpath(relpath: str) -> bool:
     return posixpath.splitext(parts[-1])[1].lower() in IMAGE_EXTENSIONS
 
 
-def _resolve(root: str, storage_options: dict[str, Any] | None) -> tuple[Any, str, str]:
-    """Return (filesystem, root as the filesystem names it, root as URIs should start).
-
-    The URI base is the caller's own string (so chained URLs such as
-    ``simplecache::s3://...`` survive), except for local folders, which become
-    absolute paths so the URIs do not depend on the working directory.
-    """
-    fs, path = fsspec.core.url_to_fs(root, **(storage_options or {}))
-    if isinstance(fs, LocalFileSystem):
-        path = posixpath.normpath(path)  # fsspec keeps "a/../b" segments
-        return fs, path, path
-    return fs, path.rstrip("/") or "/", root.rstrip("/")
-
-
-def _relative(path: str, fs_root: str) -> str | None:
-    prefix = fs_root if fs_root.endswith("/") else fs_root + "/"
-    return path[len(prefix) :] if path.startswith(prefix) else None
-
-
-def _join(base: str, relpath: str) -> str:
-    return base + relpath if base.endswith("/") else f"{base}/{relpath}"
-
-
 def load_mvtec(root: str, storage_options: dict[str, Any] | None = None) -> MVTecDataset:
     """List an MVTec-layout dataset at a local path or fsspec URL.
 
@@ -107,7 +85,7 @@ def load_mvtec(root: str, storage_options: dict[str, Any] | None = None) -> MVTe
     Raises FileNotFoundError when ``train/good`` or ``test`` is missing and
     ValueError when they hold no images, both naming ``root``.
     """
-    fs, fs_root, base = _resolve(root, storage_options)
+    fs, fs_root, base = resolve(root, storage_options)
     if not fs.isdir(fs_root):
         raise FileNotFoundError(f"dataset root {root!r} does not exist or is not a folder")
 
@@ -122,7 +100,7 @@ def load_mvtec(root: str, storage_options: dict[str, Any] | None = None) -> MVTe
     test_paths: list[tuple[str, str]] = []  # (relpath, defect_type)
     mask_paths: set[str] = set()
     for path in fs.find(fs_root):
-        rel = _relative(path, fs_root)
+        rel = relative(path, fs_root)
         if rel is None:
             continue
         parts = rel.split("/")
@@ -143,7 +121,7 @@ def load_mvtec(root: str, storage_options: dict[str, Any] | None = None) -> MVTe
     if not test_paths:
         raise ValueError(f"dataset root {root!r}: test/<type>/ folders contain no images")
 
-    train = [Sample(_join(base, rel), 0, GOOD, None, rel) for rel in sorted(train_paths)]
+    train = [Sample(join(base, rel), 0, GOOD, None, rel) for rel in sorted(train_paths)]
     test = []
     for rel, defect_type in sorted(test_paths):
         mask_uri = None
@@ -151,8 +129,8 @@ def load_mvtec(root: str, storage_options: dict[str, Any] | None = None) -> MVTe
             stem = posixpath.splitext(posixpath.basename(rel))[0]
             mask_rel = f"ground_truth/{defect_type}/{stem}_mask.png"
             if mask_rel in mask_paths:
-                mask_uri = _join(base, mask_rel)
-        test.append(Sample(_join(base, rel), int(defect_type != GOOD), defect_type, mask_uri, rel))
+                mask_uri = join(base, mask_rel)
+        test.append(Sample(join(base, rel), int(defect_type != GOOD), defect_type, mask_uri, rel))
     return MVTecDataset(root=root, train=train, test=test)
 
 
@@ -163,7 +141,7 @@ def list_images(root_or_glob: str, storage_options: dict[str, Any] | None = None
     non-image files (by extension) and dot-files are skipped. A single image
     path is returned as a one-element list.
     """
-    fs, fs_path, base = _resolve(root_or_glob, storage_options)
+    fs, fs_path, base = resolve(root_or_glob, storage_options)
     if any(c in fs_path for c in _GLOB_CHARS):
         # detail=True: the listing already says what is a folder, no request per match
         matches = fs.glob(fs_path, detail=True)
@@ -186,10 +164,10 @@ def list_images(root_or_glob: str, storage_options: dict[str, Any] | None = None
             if _is_image_relpath(posixpath.basename(path)):
                 uris.append(base_static)
             continue
-        rel = _relative(path, fs_static)
+        rel = relative(path, fs_static)
         if rel is None:  # not expected from find/glob; fall back to the filesystem's own URL
             if _is_image_relpath(posixpath.basename(path)):
                 uris.append(path if isinstance(fs, LocalFileSystem) else fs.unstrip_protocol(path))
         elif _is_image_relpath(rel):
-            uris.append(_join(base_static, rel))
+            uris.append(join(base_static, rel))
     return sorted(uris)

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import posixpath
 from dataclasses import asdict, dataclass
 from typing import Any, Sequence
 
@@ -37,10 +36,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-from fsspec.implementations.local import LocalFileSystem
 
 from spade_ray.method.features import FeatureBatch
-from spade_ray.storage.outputs import write_bytes
+from spade_ray.storage.urls import join, read_bytes, relative, resolve, write_bytes
 
 __all__ = [
     "FEATURE_FORMAT_VERSION",
@@ -135,38 +133,6 @@ class FeatureMeta:
             )
         except KeyError as exc:
             raise ValueError(f"feature metadata lacks field {exc.args[0]!r}") from None
-
-
-# ----------------------------------------------------------------------------- URLs
-
-
-def _resolve(url: str, storage_options: dict[str, Any] | None) -> tuple[Any, str, str]:
-    """(filesystem, path as the filesystem names it, base for URLs we hand back).
-
-    Remote URLs keep the caller's own spelling (protocol, chained ``simplecache::`` URLs); local
-    paths become absolute so the strings do not depend on the working directory.  Same rule as
-    :func:`spade_ray.storage.datasets.list_images`.
-    """
-    fs, path = fsspec.core.url_to_fs(url, **(storage_options or {}))
-    if isinstance(fs, LocalFileSystem):
-        path = posixpath.normpath(path)
-        return fs, path, path
-    return fs, path.rstrip("/") or "/", url.rstrip("/")
-
-
-def _join(base: str, relpath: str) -> str:
-    return base + relpath if base.endswith("/") else f"{base}/{relpath}"
-
-
-def _relative(path: str, fs_root: str) -> str | None:
-    prefix = fs_root if fs_root.endswith("/") else fs_root + "/"
-    return path[len(prefix) :] if path.startswith(prefix) else None
-
-
-def _read_all(url: str, storage_options: dict[str, Any] | None) -> bytes:
-    """A whole file in one request (one GET on object stores)."""
-    fs, path = fsspec.core.url_to_fs(url, **(storage_options or {}))
-    return fs.cat_file(path)
 
 
 # ----------------------------------------------------------------------------- building a table
@@ -311,17 +277,17 @@ def list_feature_shards(prefix: str, storage_options: dict[str, Any] | None = No
     handed straight to the readers and to other machines.  Hidden entries (``.x``, ``_x``: temp
     files, ``_SUCCESS`` markers, checkpoints) are skipped.
     """
-    fs, fs_path, base = _resolve(prefix, storage_options)
+    fs, fs_path, base = resolve(prefix, storage_options)
     if fs.isfile(fs_path):
         return [base] if fs_path.endswith(".parquet") else []
     out = []
     for path in fs.find(fs_path):
-        rel = _relative(path, fs_path)
+        rel = relative(path, fs_path)
         if rel is None or not rel.endswith(".parquet"):
             continue
         if any(part.startswith((".", "_")) for part in rel.split("/")):
             continue
-        out.append(_join(base, rel))
+        out.append(join(base, rel))
     return sorted(out)
 
 
@@ -339,7 +305,7 @@ def read_features(
     tables: list[pa.Table] = []
     first: FeatureMeta | None = None
     for url in urls:
-        table = pq.read_table(pa.BufferReader(_read_all(url, storage_options)))
+        table = pq.read_table(pa.BufferReader(read_bytes(url, storage_options)))
         meta = _meta_from_schema(table.schema, url)
         if first is None:
             first = meta

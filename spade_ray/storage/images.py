@@ -26,9 +26,10 @@ import io
 import warnings
 from typing import Any
 
-import fsspec
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+
+from spade_ray.storage.urls import read_bytes
 
 __all__ = [
     "DEFAULT_MAX_PIXELS",
@@ -37,7 +38,6 @@ __all__ = [
     "decode_mask",
     "load_image",
     "load_mask",
-    "read_bytes",
     "set_pixel_limit",
 ]
 
@@ -236,12 +236,6 @@ def decode_mask(data: bytes, uri: str = "<bytes>", max_pixels: int = DEFAULT_MAX
         rgb = _to_rgb(img, uri)
         gray = np.array(Image.fromarray(rgb).convert("L"), dtype=np.uint8)
     return gray > 127
-
-
-def read_bytes(uri: str, storage_options: dict[str, Any] | None = None) -> bytes:
-    """Read a whole file from a local path or any fsspec URL (s3://, gs://, ...)."""
-    with fsspec.open(uri, "rb", **(storage_options or {})) as f:
-        return f.read()
 
 
 def load_image(uri: str, storage_options: dict[str, Any] | None = None, **kw: Any) -> np.ndarray:

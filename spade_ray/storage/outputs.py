@@ -1,26 +1,30 @@
 """Writing what a user looks at: binary masks, heatmap images and overlays, to any fsspec URL.
 
 Output keys come from the input's path relative to its root, so the same file name in two
-folders never collides, and a key can never climb out of the output prefix.  Local files are
-written to a temporary name and renamed (readers never see half a PNG); object stores get one PUT.
+folders never collides, and a key can never climb out of the output prefix.  Every file is
+written whole by :func:`spade_ray.storage.urls.write_bytes` (readers never see half a PNG).
 """
 
 from __future__ import annotations
 
 import io
-import os
 import posixpath
 import re
-import uuid
 from collections.abc import Iterable
 from typing import Any
 
-import fsspec
 import numpy as np
 from PIL import Image
 
-__all__ = ["encode_jpeg", "heatmap_rgb", "join_url", "output_key", "output_stem", "unique_output_stems", "write_bytes",
-           "write_jpeg", "write_npy", "write_png"]
+from spade_ray.storage.urls import join, write_bytes
+
+__all__ = ["encode_jpeg", "heatmap_rgb", "output_key", "output_stem", "unique_output_stems", "write_jpeg", "write_npy",
+           "write_png"]
+
+# ``join_url`` (and ``write_bytes``, imported above) stay importable from here only until
+# spade_ray/distributed/* and spade_ray/apps/evaluate.py import them from spade_ray.storage.urls;
+# then delete this alias: it is the same function under its old name, not a copy.
+join_url = join
 
 # Anchor colours of a perceptually ordered dark-to-bright map (black, purple, red, orange, yellow)
 _HEAT_ANCHORS = np.array(
@@ -66,24 +70,6 @@ def unique_output_stems(inputs: Iterable[tuple[str, str]]) -> dict[str, str]:
             for image_id in members:
                 stems[image_id] = f"{stems[image_id]}-{image_id[:8]}"
     return stems
-
-
-def join_url(base: str, key: str) -> str:
-    """Join an output prefix (local path or URL) and a relative key."""
-    return base.rstrip("/") + "/" + key.lstrip("/")
-
-
-def write_bytes(url: str, data: bytes, storage_options: dict[str, Any] | None = None) -> None:
-    """Write a whole file atomically: temp file + rename locally, a single PUT on object stores."""
-    fs, path = fsspec.core.url_to_fs(url, **(storage_options or {}))
-    if "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)):
-        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-        tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
-        with open(tmp, "wb") as fh:
-            fh.write(data)
-        os.replace(tmp, path)
-    else:
-        fs.pipe_file(path, data)
 
 
 def write_png(url: str, image: np.ndarray, storage_options: dict[str, Any] | None = None) -> None:
