@@ -25,6 +25,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from spade_ray.errors import error_reason
 from spade_ray.storage.images import decode_image, decode_mask, load_image, read_bytes
 from spade_ray.storage.outputs import join_url, write_bytes
 from spade_ray.storage.overlay import draw_outline, jpeg_data_uri, thumbnail
@@ -52,6 +53,7 @@ DEFAULT_REPORT_TOP = 24
 PANEL_SIDE = 256  # px: a 24-item report stays a few MB
 NEIGHBOUR_SIDE = 160
 MAX_ERRORS_SHOWN = 50
+MAX_REASON_CHARS = 200  # a panel's problem line, not a traceback
 
 
 @dataclass
@@ -110,11 +112,6 @@ def item_panels(image: np.ndarray, overlay: np.ndarray, mask: np.ndarray) -> dic
     }
 
 
-def _short_reason(exc: BaseException) -> str:
-    text = str(exc).splitlines()[0] if str(exc) else ""
-    return f"{type(exc).__name__}: {text}"[:200] if text else type(exc).__name__
-
-
 def neighbour_pictures(names_and_uris: Sequence[tuple[str, str]], storage_options: dict[str, Any] | None = None,
                        cache: dict[str, Neighbour] | None = None) -> list[Neighbour]:
     """Thumbnails of normal images where their source is reachable; the name and the reason where not.
@@ -129,7 +126,7 @@ def neighbour_pictures(names_and_uris: Sequence[tuple[str, str]], storage_option
                 picture = jpeg_data_uri(thumbnail(load_image(uri, storage_options), NEIGHBOUR_SIDE))
                 cache[uri] = Neighbour(name, uri, picture)
             except Exception as exc:  # moved, deleted or access denied: show who it was
-                cache[uri] = Neighbour(name, uri, None, _short_reason(exc))
+                cache[uri] = Neighbour(name, uri, None, error_reason(exc, MAX_REASON_CHARS))
         out.append(cache[uri])
     return out
 
@@ -265,7 +262,7 @@ def _score_item(row: dict[str, Any], preprocessor: Preprocessor, storage_options
             raise ValueError(f"image {image.shape[:2]}, overlay {overlay.shape[:2]} and mask {mask.shape} differ in size")
         item.panels = item_panels(image, overlay, mask)
     except Exception as exc:  # an output or the source went missing: keep the scores, say why
-        item.problem = _short_reason(exc)
+        item.problem = error_reason(exc, MAX_REASON_CHARS)
     return item
 
 
