@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pyarrow.parquet as pq
 import torch
 
 from spade_ray import Spade
@@ -32,6 +31,7 @@ from spade_ray.method.matching import DEFAULT_KAPPA
 from spade_ray.storage.datasets import MVTecDataset, load_mvtec
 from spade_ray.storage.images import load_mask
 from spade_ray.storage.outputs import output_key
+from spade_ray.storage.results import read_results
 from spade_ray.storage.sources import resolve_inputs
 
 
@@ -69,7 +69,7 @@ def _run_distributed(args: argparse.Namespace, work: Path, settings: dict[str, i
 
 def _distributed_outputs(args: argparse.Namespace, work: Path, data: MVTecDataset, pred: Any) -> dict[str, Any]:
     """The score job's image scores and maps, in test order, and their largest relative differences to ``pred``."""
-    rows = {r["uri"]: r for r in pq.read_table(str(work / "scored" / "results")).to_pylist()}
+    rows = {r["uri"]: r for r in read_results(str(work / "scored"), ["uri", "image_score"]).to_pylist()}
     rel = {i.uri: i.relpath for i in resolve_inputs(str(Path(args.dataset) / "test"))}
     d_scores, d_maps, score_diff, map_diff, worst = [], [], 0.0, 0.0, ""
     for sample, score, amap in zip(data.test, pred.image_scores, pred.maps):

@@ -19,11 +19,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import pyarrow.parquet as pq
 import pytest
 import ray
 
 from spade_ray.distributed.score_job import run_score
+from spade_ray.storage.results import read_results
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -50,7 +50,7 @@ def many(small_bank, tmp_path_factory) -> Path:
 
 
 def read_rows(out: Path) -> list[dict]:
-    return [row for f in sorted((out / "results").glob("*.parquet")) for row in pq.read_table(f).to_pylist()]
+    return read_results(str(out)).to_pylist()
 
 
 def committed(out: Path) -> int:

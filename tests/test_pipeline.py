@@ -7,16 +7,13 @@ skip what is done on a rerun, and run unchanged with every path on a real S3 ser
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import re
 import shutil
 from pathlib import Path
 
-import fsspec
 import numpy as np
-import pyarrow.parquet as pq
 import pytest
 import ray
 from PIL import Image
@@ -27,6 +24,7 @@ from spade_ray.storage.datasets import load_mvtec
 from spade_ray.distributed.build_bank_job import run_build_bank
 from spade_ray.distributed.extract_job import run_extract
 from spade_ray.distributed.score_job import run_score
+from spade_ray.storage.results import read_results
 from spade_ray.storage.sources import resolve_inputs
 
 pytestmark = pytest.mark.timeout(600)
@@ -71,13 +69,8 @@ def local_run(ray_with_s3_env, dataset, tmp_path_factory):
     return out, ex, bb, sc
 
 
-def read_results(prefix: str, storage_options=None) -> list[dict]:
-    fs, path = fsspec.core.url_to_fs(prefix, **(storage_options or {}))
-    rows = []
-    for f in sorted(fs.find(path)):
-        if f.endswith(".parquet"):
-            rows.extend(pq.read_table(io.BytesIO(fs.cat_file(f))).to_pylist())
-    return rows
+def result_rows(output: str, storage_options=None) -> list[dict]:
+    return read_results(output, None, storage_options).to_pylist()
 
 
 def test_every_stage_reports_counts(local_run) -> None:
@@ -99,7 +92,7 @@ def test_bank_has_three_verified_shards_and_a_manifest_written_last(local_run) -
 
 def test_one_result_row_per_input_with_the_design_columns(local_run, dataset) -> None:
     out, *_ = local_run
-    rows = read_results(str(out / "scored" / "results"))
+    rows = result_rows(str(out / "scored"))
     inputs = resolve_inputs(str(dataset / "test"))
     assert sorted(r["image_id"] for r in rows) == sorted(i.image_id for i in inputs)
     for col in ("uri", "image_id", "image_score", "pixel_max", "is_anomalous", "mask_uri", "heatmap_uri",
@@ -114,7 +107,7 @@ def test_one_result_row_per_input_with_the_design_columns(local_run, dataset) ->
 
 def test_every_scored_image_gets_an_overlay_aligned_at_its_own_size(local_run, dataset) -> None:
     out, *_ = local_run
-    ok = [r for r in read_results(str(out / "scored" / "results")) if r["status"] == "ok"]
+    ok = [r for r in result_rows(str(out / "scored")) if r["status"] == "ok"]
     assert len(ok) == 9
     for row in ok:
         key = row["relpath"].rsplit(".", 1)[0]
@@ -153,7 +146,7 @@ def test_distributed_scores_and_maps_equal_in_process_spade(local_run, dataset) 
         assert getattr(model.calibration, name) == pytest.approx(getattr(bank, name), rel=1e-5), name
     test = [s for s in data.test if not s.uri.endswith("broken.png")]
     pred = model.predict([s.uri for s in test])
-    rows = {r["uri"]: r for r in read_results(str(out / "scored" / "results"))}
+    rows = {r["uri"]: r for r in result_rows(str(out / "scored"))}
     for sample, knn, score, amap in zip(test, pred.knn_scores, pred.image_scores, pred.maps):
         row = rows[sample.uri]
         assert row["knn_score"] == pytest.approx(float(knn), rel=1e-3)
@@ -167,10 +160,10 @@ def test_rerun_skips_done_images_and_overwrite_redoes_them(local_run, dataset) -
     out, *_ = local_run
     again = run_score(str(dataset / "test"), str(out / "bank"), str(out / "scored"), batch_size=4)
     assert (again.ok, again.error, again.skipped) == (0, 0, 10)
-    assert len(read_results(str(out / "scored" / "results"))) == 10
+    assert len(result_rows(str(out / "scored"))) == 10
     redo = run_score(str(dataset / "test"), str(out / "bank"), str(out / "scored"), batch_size=4, overwrite=True)
     assert (redo.ok, redo.error, redo.skipped) == (9, 1, 0)
-    assert len(read_results(str(out / "scored" / "results"))) == 10
+    assert len(result_rows(str(out / "scored"))) == 10
 
 
 def test_add_to_makes_a_new_version_and_keeps_the_old_one(local_run, dataset, tmp_path) -> None:
@@ -205,7 +198,7 @@ def test_the_whole_pipeline_on_s3(ray_with_s3_env, dataset) -> None:
     bb = run_build_bank(f"{base}/features", f"{base}/bank", shards=3, calibration_samples=6, **SETTINGS)
     sc = run_score(f"{base}/ds/test", f"{base}/bank", f"{base}/out", batch_size=4)
     assert (ex.ok, bb.extra["n_images"], sc.ok, sc.error) == (18, 18, 9, 1)
-    rows = read_results(f"{base}/out/results")
+    rows = result_rows(f"{base}/out")
     assert len(rows) == 10
     ok = [r for r in rows if r["status"] == "ok"]
     assert all(r["mask_uri"].startswith(f"{base}/out/masks/") and fs.exists(r["mask_uri"]) for r in ok)
@@ -224,5 +217,5 @@ def test_scoring_with_other_settings_recalibrates_against_the_served_bank(local_
     assert other.extra["recalibrated"] is True and other.ok > 0
     # raw features are farther apart than the default aggregated ones: the normal thresholds follow the settings
     assert other.extra["pixel_threshold"] > sc.extra["pixel_threshold"]
-    rows = read_results(str(tmp_path / "other" / "results"))
+    rows = result_rows(str(tmp_path / "other"))
     assert all(r["image_score"] == pytest.approx(r["knn_score"]) for r in rows)  # knn: the image score is the kNN score

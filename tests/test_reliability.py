@@ -13,6 +13,7 @@ import struct
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import ray
@@ -21,6 +22,8 @@ from PIL import Image
 from spade_ray.apps.cli import main
 from spade_ray.distributed.score_job import run_score
 from spade_ray.distributed.shard_actors import BankLoadError
+from spade_ray.storage.parquet import read_columns
+from spade_ray.storage.results import read_results
 from spade_ray.storage.sources import resolve_inputs
 
 pytestmark = pytest.mark.timeout(300)
@@ -96,8 +99,8 @@ def inbox(small_bank, tmp_path_factory) -> Path:
     return root
 
 
-def read_rows(folder: Path) -> list[dict]:
-    return [row for f in sorted(folder.glob("*.parquet")) for row in pq.read_table(f).to_pylist()]
+def read_rows(output: Path) -> list[dict]:
+    return read_results(str(output)).to_pylist()
 
 
 @pytest.fixture(scope="module")
@@ -109,7 +112,7 @@ def scored(small_bank, inbox, tmp_path_factory):
 
 def test_every_input_ends_as_exactly_one_row(scored, inbox) -> None:
     out, summary = scored
-    rows = read_rows(out / "results")
+    rows = read_rows(out)
     assert (summary.ok, summary.error) == (len(GOOD), len(BAD))
     assert sorted(r["image_id"] for r in rows) == sorted(i.image_id for i in resolve_inputs(str(inbox)))
     by_rel = {r["relpath"]: r for r in rows}
@@ -119,14 +122,14 @@ def test_every_input_ends_as_exactly_one_row(scored, inbox) -> None:
 @pytest.mark.parametrize("relpath", sorted(BAD))
 def test_a_bad_file_is_an_error_row_naming_the_file_and_why(scored, relpath) -> None:
     out, _ = scored
-    [row] = [r for r in read_rows(out / "results") if r["relpath"] == relpath]
+    [row] = [r for r in read_rows(out) if r["relpath"] == relpath]
     assert row["status"] == "error" and row["image_score"] is None and row["mask_uri"] is None
     assert row["uri"] in row["error"] and BAD[relpath] in row["error"]
 
 
 def test_every_pixel_format_is_scored_and_masks_match_the_image_as_shown(scored) -> None:
     out, _ = scored
-    rows = {r["relpath"]: r for r in read_rows(out / "results")}
+    rows = {r["relpath"]: r for r in read_rows(out)}
     for rel in GOOD:
         assert np.isfinite(rows[rel]["image_score"]) and len(rows[rel]["neighbours"]) == 2
         assert Image.open(rows[rel]["mask_uri"]).size == ((64, 96) if rel == "good/rotated.jpg" else (64, 64))
@@ -136,7 +139,7 @@ def test_every_pixel_format_is_scored_and_masks_match_the_image_as_shown(scored)
 
 def test_outputs_never_collide_and_stay_below_the_output_prefix(scored) -> None:
     out, _ = scored
-    ok = [r for r in read_rows(out / "results") if r["status"] == "ok"]
+    ok = [r for r in read_rows(out) if r["status"] == "ok"]
     for column in ("mask_uri", "heatmap_uri"):
         uris = [r[column] for r in ok]
         assert len(set(uris)) == len(ok)  # same name in two folders, same stem with two extensions
@@ -165,7 +168,7 @@ def test_max_error_rate_fails_the_job_but_keeps_every_row(scored, inbox, small_b
     assert "6 of 16 images failed (37.5%), more than --max-error-rate 0.25" in captured.err
     assert main(args + ["--max-error-rate", "0.4"]) == 0
     assert main(args) == 0  # no limit: failed images never fail the job
-    assert len(read_rows(out / "results")) == 16
+    assert len(read_rows(out)) == 16
 
 
 def test_extract_records_bad_files_and_honours_max_error_rate(inbox, tmp_path, capsys) -> None:
@@ -173,7 +176,7 @@ def test_extract_records_bad_files_and_honours_max_error_rate(inbox, tmp_path, c
     code = main(["extract", str(inbox / "bad"), "--output", str(features), "--image-size", "64",
                  "--max-pixels", str(MAX_PIXELS), "--max-error-rate", "0.5", "--quiet"])
     assert code == 3 and "6 of 6 images failed (100.0%)" in capsys.readouterr().err
-    rows = read_rows(features)
+    rows = read_columns(str(features), pa.schema([(c, pa.string()) for c in ("uri", "status", "error")])).to_pylist()
     assert len(rows) == 6 and {r["status"] for r in rows} == {"error"}
     assert all(BAD["bad/" + Path(r["uri"]).name] in r["error"] for r in rows)
 
@@ -189,7 +192,7 @@ def test_retry_errors_rescores_only_the_failed_images_and_keeps_one_row_each(sco
     finally:
         fixed.write_bytes(b"")
     assert (summary.ok, summary.error, summary.skipped) == (1, 5, 10)
-    rows = read_rows(target / "results")
+    rows = read_rows(target)
     assert len(rows) == len({r["image_id"] for r in rows}) == 16
     assert {r["relpath"] for r in rows if r["status"] == "error"} == set(BAD) - {"bad/zero.png"}
 

@@ -97,7 +97,7 @@ def test_a_score_report_reads_every_run_in_the_output_and_says_why_pictures_are_
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from spade_ray.distributed.score_stage import RESULT_SCHEMA
+    from spade_ray.storage.results import RESULT_SCHEMA
     from spade_ray.method.preprocess import Preprocessor
     from spade_ray.report.report import score_report
 

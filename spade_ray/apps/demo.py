@@ -14,7 +14,6 @@ from collections.abc import Callable
 from typing import Any
 
 import numpy as np
-import pyarrow.parquet as pq
 
 from spade_ray.apps.synthetic import make_synthetic_dataset
 from spade_ray.distributed.build_bank_job import run_build_bank
@@ -27,8 +26,10 @@ from spade_ray.progress import Progress, no_progress
 from spade_ray.report.report import DEFAULT_REPORT_TOP
 from spade_ray.storage.datasets import MVTecDataset, load_mvtec
 from spade_ray.storage.images import load_mask
-from spade_ray.storage.outputs import output_key, write_bytes
+from spade_ray.storage.outputs import output_key
+from spade_ray.storage.results import read_results
 from spade_ray.storage.sources import resolve_inputs
+from spade_ray.storage.urls import write_bytes
 
 __all__ = ["DEMO_SCORING", "run_demo"]
 
@@ -40,7 +41,7 @@ DEMO_SCORING: dict[str, Any] = {"aggregate": 1, "margin": 1}
 
 def _measure_scored(output: str, dataset: str, data: MVTecDataset) -> dict[str, Any]:
     """Metrics of what the score job wrote (result rows, raw maps) against the ground truth; failed images are left out."""
-    rows = {r["uri"]: r for r in pq.read_table(os.path.join(output, "results")).to_pylist()}
+    rows = {r["uri"]: r for r in read_results(output, ["uri", "status", "image_score"]).to_pylist()}
     relpaths = {i.uri: i.relpath for i in resolve_inputs(os.path.join(dataset, "test"))}
     scores, maps, masks, labels = [], [], [], []
     for sample in data.test:

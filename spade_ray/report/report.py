@@ -13,21 +13,19 @@ builds its own from the predictions it holds in memory (:mod:`spade_ray.apps.eva
 from __future__ import annotations
 
 import datetime as _dt
-import io
 import posixpath
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from html import escape
 from typing import Any
 
-import fsspec
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from spade_ray.errors import error_reason
-from spade_ray.storage.images import decode_image, decode_mask, load_image, read_bytes
-from spade_ray.storage.outputs import join_url, write_bytes
+from spade_ray.storage.images import decode_image, decode_mask, load_image
+from spade_ray.storage.results import read_results
+from spade_ray.storage.urls import read_bytes, write_bytes
 from spade_ray.storage.overlay import draw_outline, jpeg_data_uri, thumbnail
 from spade_ray.method.decision import Thresholds
 from spade_ray.method.preprocess import Preprocessor
@@ -42,7 +40,6 @@ __all__ = [
     "most_anomalous",
     "neighbour_pictures",
     "now_utc",
-    "read_results",
     "render_report",
     "score_report",
     "severity",
@@ -222,29 +219,8 @@ def now_utc() -> str:
 # ----------------------------------------------------------------------------- from a score output folder
 
 
-_RESULT_COLUMNS = ("uri", "relpath", "status", "error", "image_score", "pixel_max", "is_anomalous",
+_REPORT_COLUMNS = ("uri", "relpath", "status", "error", "image_score", "pixel_max", "is_anomalous",
                    "mask_uri", "overlay_uri", "neighbours")
-
-
-def read_results(output: str, storage_options: dict[str, Any] | None = None,
-                 columns: Sequence[str] = _RESULT_COLUMNS) -> pa.Table:
-    """``columns`` of every result row under ``OUT/results`` (all runs into this output), as one Arrow table.
-
-    Columnar, so a report over a million rows costs tens of MB on the driver, not Python dicts;
-    a column missing from older files (e.g. ``overlay_uri``) reads as nulls.
-    """
-    fs, path = fsspec.core.url_to_fs(join_url(output, "results"), **(storage_options or {}))
-    files = sorted(f for f in fs.find(path) if f.endswith(".parquet")) if fs.exists(path) else []
-    tables = []
-    for file in files:
-        table = pq.read_table(io.BytesIO(fs.cat_file(file)))
-        missing = [c for c in columns if c not in table.column_names]
-        for name in missing:
-            table = table.append_column(name, pa.nulls(len(table), pa.list_(pa.string()) if name == "neighbours" else pa.string()))
-        tables.append(table.select(list(columns)))
-    if not tables:
-        return pa.table({c: pa.array([], pa.string()) for c in columns})
-    return pa.concat_tables(tables, promote_options="permissive")
 
 
 def _score_item(row: dict[str, Any], preprocessor: Preprocessor, storage_options: dict[str, Any] | None,
@@ -273,7 +249,7 @@ def score_report(output: str, *, source: str, bank_id: str, thresholds: Threshol
 
     ``preprocessor`` is the bank's geometry: it puts a source image into its map's frame.
     """
-    table = read_results(output, storage_options)
+    table = read_results(output, _REPORT_COLUMNS, storage_options)
     status = np.asarray(table.column("status").to_pylist(), dtype=object)
     ok = status == "ok"
     scores = np.asarray(table.column("image_score").to_numpy(zero_copy_only=False), dtype=np.float64)[ok]

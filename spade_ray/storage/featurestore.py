@@ -38,7 +38,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from spade_ray.method.features import FeatureBatch
-from spade_ray.storage.urls import join, read_bytes, relative, resolve, write_bytes
+from spade_ray.storage.parquet import list_parquet_files
+from spade_ray.storage.urls import read_bytes, write_bytes
 
 __all__ = [
     "FEATURE_FORMAT_VERSION",
@@ -271,24 +272,12 @@ def read_feature_meta(url: str, storage_options: dict[str, Any] | None = None) -
 
 
 def list_feature_shards(prefix: str, storage_options: dict[str, Any] | None = None) -> list[str]:
-    """Every ``*.parquet`` under a folder/prefix (recursively), sorted; a single file -> [it].
+    """Every feature shard under a folder/prefix (recursively), sorted; a single file -> [it].
 
-    Returned strings keep the caller's protocol (``s3://bucket/feat/a.parquet``) so they can be
-    handed straight to the readers and to other machines.  Hidden entries (``.x``, ``_x``: temp
-    files, ``_SUCCESS`` markers, checkpoints) are skipped.
+    The shards are the visible ``*.parquet`` files, listed by
+    :func:`spade_ray.storage.parquet.list_parquet_files` (URLs keep the caller's protocol).
     """
-    fs, fs_path, base = resolve(prefix, storage_options)
-    if fs.isfile(fs_path):
-        return [base] if fs_path.endswith(".parquet") else []
-    out = []
-    for path in fs.find(fs_path):
-        rel = relative(path, fs_path)
-        if rel is None or not rel.endswith(".parquet"):
-            continue
-        if any(part.startswith((".", "_")) for part in rel.split("/")):
-            continue
-        out.append(join(base, rel))
-    return sorted(out)
+    return list_parquet_files(prefix, storage_options)
 
 
 def read_features(
