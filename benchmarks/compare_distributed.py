@@ -25,9 +25,9 @@ from spade_ray.distributed.build_bank_job import run_build_bank
 from spade_ray.distributed.extract_job import run_extract
 from spade_ray.distributed.pipeline import JobSummary
 from spade_ray.distributed.score_job import run_score
-from spade_ray.method.metrics import compute_metrics
 from spade_ray.method.config import DEFAULT_IMAGE_K, DEFAULT_PIXEL_K, METHODS
 from spade_ray.method.matching import DEFAULT_KAPPA
+from spade_ray.method.metrics import compute_metrics
 from spade_ray.storage.datasets import MVTecDataset, load_mvtec
 from spade_ray.storage.images import load_mask
 from spade_ray.storage.outputs import output_key

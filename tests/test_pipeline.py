@@ -19,11 +19,11 @@ import ray
 from PIL import Image
 
 from spade_ray import Spade
-from spade_ray.method.calibration import Calibration
-from spade_ray.storage.datasets import load_mvtec
 from spade_ray.distributed.build_bank_job import run_build_bank
 from spade_ray.distributed.extract_job import run_extract
 from spade_ray.distributed.score_job import run_score
+from spade_ray.method.calibration import Calibration
+from spade_ray.storage.datasets import load_mvtec
 from spade_ray.storage.results import read_results
 from spade_ray.storage.sources import resolve_inputs
 

@@ -97,9 +97,9 @@ def test_a_score_report_reads_every_run_in_the_output_and_says_why_pictures_are_
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from spade_ray.storage.results import RESULT_SCHEMA
     from spade_ray.method.preprocess import Preprocessor
     from spade_ray.report.report import score_report
+    from spade_ray.storage.results import RESULT_SCHEMA
 
     def row(name: str, score: float | None, status: str = "ok") -> dict:
         return {"uri": str(tmp_path / "in" / name), "relpath": name, "image_id": name, "bank_id": "v0001-x",

@@ -8,8 +8,7 @@ import pytest
 
 import spade_ray.storage.parquet as parquet
 from spade_ray.storage.parquet import list_parquet_files, read_columns
-from spade_ray.storage.results import (RESULT_SCHEMA, batch_name, drop_error_rows, read_results, remove_results,
-                                       write_results)
+from spade_ray.storage.results import RESULT_SCHEMA, batch_name, drop_error_rows, read_results, remove_results, write_results
 
 
 def _row(image_id: str, status: str = "ok") -> dict:

@@ -29,15 +29,16 @@ import io
 import json
 import posixpath
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import faiss
 import numpy as np
 
+from spade_ray.method.retrieval import search_exact
 from spade_ray.storage.featurestore import FeatureMeta
 from spade_ray.storage.urls import join, read_bytes, resolve, write_bytes
-from spade_ray.method.retrieval import search_exact
 
 __all__ = [
     "BANK_FORMAT",

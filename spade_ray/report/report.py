@@ -23,13 +23,13 @@ import numpy as np
 import pyarrow as pa
 
 from spade_ray.errors import error_reason
-from spade_ray.storage.images import decode_image, decode_mask, load_image
-from spade_ray.storage.results import read_results
-from spade_ray.storage.urls import read_bytes, write_bytes
-from spade_ray.storage.overlay import draw_outline, jpeg_data_uri, thumbnail
 from spade_ray.method.decision import Thresholds
 from spade_ray.method.preprocess import Preprocessor
 from spade_ray.report.svgplot import Series, histogram_svg
+from spade_ray.storage.images import decode_image, decode_mask, load_image
+from spade_ray.storage.overlay import draw_outline, jpeg_data_uri, thumbnail
+from spade_ray.storage.results import read_results
+from spade_ray.storage.urls import read_bytes, write_bytes
 
 __all__ = [
     "DEFAULT_REPORT_TOP",
@@ -42,7 +42,6 @@ __all__ = [
     "now_utc",
     "render_report",
     "score_report",
-    "severity",
     "write_report",
 ]
 

@@ -13,8 +13,9 @@ from typing import Any
 import numpy as np
 
 from spade_ray.method.decision import Thresholds
-from spade_ray.storage.outputs import heatmap_rgb, join_url, write_jpeg, write_npy, write_png
+from spade_ray.storage.outputs import heatmap_rgb, write_jpeg, write_npy, write_png
 from spade_ray.storage.overlay import overlay_rgb
+from spade_ray.storage.urls import join
 
 __all__ = ["ArtifactWriter", "overlay_with_mask"]
 
@@ -43,13 +44,13 @@ class ArtifactWriter:
 
         ``anomaly_map`` and ``image`` are in the same output frame (the overlay draws one on the other).
         """
-        uris = {"mask_uri": join_url(self.output, f"masks/{stem}.png"),
-                "heatmap_uri": join_url(self.output, f"heatmaps/{stem}.png"),
-                "overlay_uri": join_url(self.output, f"overlays/{stem}.jpg")}
+        uris = {"mask_uri": join(self.output, f"masks/{stem}.png"),
+                "heatmap_uri": join(self.output, f"heatmaps/{stem}.png"),
+                "overlay_uri": join(self.output, f"overlays/{stem}.jpg")}
         overlay, mask = overlay_with_mask(image, anomaly_map, self.thresholds)
         write_png(uris["mask_uri"], (mask * 255).astype(np.uint8), self.storage_options)
         write_png(uris["heatmap_uri"], heatmap_rgb(anomaly_map, vmax=self.thresholds.heat_max), self.storage_options)
         write_jpeg(uris["overlay_uri"], overlay, self.storage_options)
         if self.save_maps:
-            write_npy(join_url(self.output, f"maps/{stem}.npy"), anomaly_map, self.storage_options)
+            write_npy(join(self.output, f"maps/{stem}.npy"), anomaly_map, self.storage_options)
         return uris

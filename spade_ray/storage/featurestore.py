@@ -28,8 +28,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import fsspec
 import numpy as np
@@ -109,7 +110,7 @@ class FeatureMeta:
         return json.dumps(data, sort_keys=True)
 
     @classmethod
-    def from_json(cls, text: str | bytes) -> "FeatureMeta":
+    def from_json(cls, text: str | bytes) -> FeatureMeta:
         """Parse :meth:`to_json` output; ValueError for another format version or missing fields."""
         try:
             data = json.loads(text)
