@@ -24,11 +24,12 @@ from spade_ray.model import Spade
 from spade_ray.progress import Progress, no_progress
 from spade_ray.report.evaluate_report import evaluation_report
 from spade_ray.report.report import DEFAULT_REPORT_TOP, write_report
-from spade_ray.storage.artifacts import ArtifactWriter
+from spade_ray.storage.artifacts import Artifacts
 from spade_ray.storage.datasets import MVTecDataset, load_mvtec
 from spade_ray.storage.featurestore import image_id_for
 from spade_ray.storage.images import DEFAULT_MAX_PIXELS, load_image, load_mask
-from spade_ray.storage.outputs import join_url, unique_output_stems, write_bytes
+from spade_ray.storage.outputs import unique_output_stems
+from spade_ray.storage.urls import join, write_bytes
 
 __all__ = ["evaluate", "format_summary"]
 
@@ -99,14 +100,16 @@ def _calibration_block(cal: Calibration | None, prediction: Prediction, labels: 
 
 def _write_artifacts(data: MVTecDataset, prediction: Prediction, model: Spade, thresholds: Thresholds, output: str,
                      storage_options: dict[str, Any] | None, max_pixels: int, progress: Progress) -> float:
-    """Masks, heatmaps and overlays of every test image (the score job's writer); returns the seconds taken."""
+    """Masks, heatmaps and overlays of every test image (the score job's artifacts); returns the seconds taken."""
     start = time.perf_counter()
     bar = progress(len(data.test), "write maps")
-    writer = ArtifactWriter(output, thresholds, storage_options)
+    artifacts = Artifacts(output, thresholds)
     stems = unique_output_stems((image_id_for(s.uri), s.relpath) for s in data.test)
     for sample, amap in zip(data.test, prediction.maps):
-        image = model.preprocessor.image_to_output(load_image(sample.uri, storage_options, max_pixels=max_pixels))
-        writer.write(stems[image_id_for(sample.uri)], amap, image)
+        def image(uri: str = sample.uri) -> np.ndarray:
+            return model.preprocessor.image_to_output(load_image(uri, storage_options, max_pixels=max_pixels))
+
+        artifacts.write(stems[image_id_for(sample.uri)], amap, image, flagged=True, storage_options=storage_options)
         bar.update(1)
     bar.close()
     return time.perf_counter() - start
@@ -200,12 +203,12 @@ def evaluate(
         "per_defect_type": per_type,
         "calibration": _calibration_block(model.calibration, prediction, labels, flagged),
         "timing": _timing(model, fit_seconds, test_seconds, metric_seconds, write_seconds, len(data.test)),
-        "report": join_url(output, "report.html"),
+        "report": join(output, "report.html"),
     }
     _write_report_and_metrics(result, data, prediction, labels, masks, thresholds, model, report_top, storage_options,
                               progress)
     result["timing"].update(total_seconds=round(time.perf_counter() - started, 3), peak_rss_mb=round(peak_rss_mb(), 1))
-    write_bytes(join_url(output, "metrics.json"), json.dumps(result, indent=2).encode(), storage_options)
+    write_bytes(join(output, "metrics.json"), json.dumps(result, indent=2).encode(), storage_options)
     return result
 
 

@@ -1,5 +1,11 @@
 """Read + decode + resize to the network input, in Ray Data tasks (no model needed).
 
+A batch's files are read concurrently (:func:`~spade_ray.storage.urls.read_many`): on an object
+store each read is a round trip of tens of milliseconds, and one after another they would cost
+the batch that many.  Each input is read once: when the score job may draw an overlay, the
+encoded file travels on with the batch (compressed, as stored) so the scorer never fetches it
+again; decoded full-size frames never enter the object store.
+
 A bad image never fails its batch: it becomes a row with ``status="error"`` and a reason naming
 the input, carried through to the job's results, so every input ends with exactly one row.
 """
@@ -10,27 +16,25 @@ from typing import Any
 
 import numpy as np
 
+from spade_ray.errors import error_reason
 from spade_ray.method.preprocess import Preprocessor
-from spade_ray.storage.images import DEFAULT_MAX_PIXELS, load_image
+from spade_ray.storage.images import DEFAULT_MAX_PIXELS, decode_image
+from spade_ray.storage.urls import read_many
 
-__all__ = ["Batch", "DecodeImages", "error_reason"]
+__all__ = ["Batch", "DecodeImages"]
 
 Batch = dict[str, np.ndarray]
 
 
-def error_reason(exc: BaseException) -> str:
-    text = str(exc).splitlines()[0] if str(exc) else ""
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
-
-
 class DecodeImages:
-    """Read + decode + resize to the network input, in Ray Data read tasks (no model needed)."""
+    """Read a batch's files at once, decode and resize each; with ``keep_encoded`` also pass the files on."""
 
     def __init__(self, preprocessor: Preprocessor, storage_options: dict[str, Any] | None = None,
-                 max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
+                 max_pixels: int = DEFAULT_MAX_PIXELS, keep_encoded: bool = False) -> None:
         self.preprocessor = preprocessor
         self.storage_options = storage_options
         self.max_pixels = max_pixels
+        self.keep_encoded = keep_encoded
 
     def __call__(self, batch: Batch) -> Batch:
         n = len(batch["uri"])
@@ -40,13 +44,20 @@ class DecodeImages:
         widths = np.zeros(n, dtype=np.int32)
         status = np.full(n, "ok", dtype=object)
         error = np.full(n, "", dtype=object)
-        for i, uri in enumerate(batch["uri"]):
+        encoded = np.full(n, b"", dtype=object)
+        uris = [str(uri) for uri in batch["uri"]]
+        for i, (uri, data) in enumerate(zip(uris, read_many(uris, self.storage_options))):
             try:
-                image = load_image(str(uri), self.storage_options, max_pixels=self.max_pixels)
+                if isinstance(data, Exception):
+                    raise data
+                image = decode_image(data, uri=uri, max_pixels=self.max_pixels)
                 heights[i], widths[i] = image.shape[:2]
                 pixels[i] = self.preprocessor.resize_rgb(image)
+                if self.keep_encoded:
+                    encoded[i] = data
             except Exception as exc:  # one bad image never kills the batch
                 status[i], error[i] = "error", error_reason(exc)
-        return {**batch, "pixels": pixels, "height": heights, "width": widths, "status": status, "error": error}
-
-
+        out = {**batch, "pixels": pixels, "height": heights, "width": widths, "status": status, "error": error}
+        if self.keep_encoded:
+            out["encoded"] = encoded
+        return out

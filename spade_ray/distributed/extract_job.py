@@ -5,14 +5,17 @@ from __future__ import annotations
 import time
 from typing import Any
 
+import pyarrow as pa
+
 from spade_ray.distributed.decode_stage import DecodeImages
 from spade_ray.distributed.extract_stage import ExtractFeatures
-from spade_ray.distributed.pipeline import JobSummary, new_run_id, read_rows, run_pipeline
+from spade_ray.distributed.pipeline import JobSummary, new_run_id, run_pipeline
 from spade_ray.distributed.runtime import init_ray
 from spade_ray.method.backbones import BACKBONES
 from spade_ray.method.preprocess import Preprocessor
 from spade_ray.progress import Progress, no_progress
 from spade_ray.storage.images import DEFAULT_MAX_PIXELS
+from spade_ray.storage.parquet import read_columns
 from spade_ray.storage.sources import resolve_inputs
 
 __all__ = ["run_extract"]
@@ -29,7 +32,8 @@ def run_extract(source: str, output: str, *, backbone: str = "lite0", weights: s
     """
     start = time.perf_counter()
     items = resolve_inputs(source, storage_options)
-    done = {row["image_id"]: row.get("status") for row in read_rows(output, storage_options, ["image_id", "status"])}
+    done_rows = read_columns(output, pa.schema([("image_id", pa.string()), ("status", pa.string())]), storage_options)
+    done = dict(zip(done_rows.column("image_id").to_pylist(), done_rows.column("status").to_pylist()))
     todo = [it for it in items if it.image_id not in done]
     summary = JobSummary("extract", skipped=len(items) - len(todo), output=output,
                          skipped_error=sum(1 for it in items if done.get(it.image_id, "ok") != "ok"))
@@ -43,6 +47,3 @@ def run_extract(source: str, output: str, *, backbone: str = "lite0", weights: s
                       batch_size, max_actors, summary, progress, "extract")
     summary.seconds = time.perf_counter() - start
     return summary
-
-
-# ----------------------------------------------------------------------------- build-bank

@@ -7,13 +7,13 @@ from typing import Any
 import numpy as np
 
 from spade_ray.distributed.decode_stage import Batch
-from spade_ray.distributed.pipeline import batch_name
 from spade_ray.distributed.runtime import set_worker_threads
 from spade_ray.method.backbones import load_backbone
 from spade_ray.method.features import features_from_tensor
 from spade_ray.method.preprocess import Preprocessor
 from spade_ray.storage.featurestore import FeatureMeta, features_to_table, write_feature_shard
-from spade_ray.storage.outputs import join_url
+from spade_ray.storage.results import batch_name
+from spade_ray.storage.urls import join
 
 __all__ = ["ExtractFeatures"]
 
@@ -54,7 +54,7 @@ class ExtractFeatures:
             features, meta, statuses=[str(s) for s in batch["status"]],
             errors=[str(e) or None for e in batch["error"]], relpaths=[str(r) for r in batch["relpath"]],
         )
-        url = join_url(self.output, batch_name(self.run_id, ids))
+        url = join(self.output, batch_name(self.run_id, ids))
         write_feature_shard(url, table, self.storage_options)
         return {"image_id": batch["image_id"], "status": batch["status"], "error": batch["error"]}
 

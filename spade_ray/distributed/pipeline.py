@@ -4,9 +4,9 @@ split and retry bounds, output file names, and the job summary.
 
 from __future__ import annotations
 
-import hashlib
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -14,13 +14,13 @@ import numpy as np
 import pyarrow.parquet as pq
 import ray
 
-from spade_ray.distributed.decode_stage import DecodeImages
+from spade_ray.distributed.decode_stage import Batch, DecodeImages
 from spade_ray.distributed.runtime import cluster_cpus, ray_data_output
 from spade_ray.progress import Progress, no_progress, shows_ray_data_bars
 from spade_ray.storage.outputs import output_stem
 from spade_ray.storage.sources import InputImage
 
-__all__ = ["DECODE_CPUS", "TASK_RETRIES", "JobSummary", "batch_name", "new_run_id", "read_rows", "run_pipeline"]
+__all__ = ["DECODE_CPUS", "TASK_RETRIES", "WRITE_CPUS", "JobSummary", "new_run_id", "read_rows", "run_pipeline"]
 
 
 @dataclass
@@ -78,6 +78,9 @@ def _actor_pool(n_items: int, batch_size: int, max_actors: int | None, reserved_
 
 
 DECODE_CPUS = 0.25
+# The write stage mostly waits on storage; a small reservation lets several batches' writes be in
+# flight without taking CPUs from the scorers (encoding already happened in the actors).
+WRITE_CPUS = 0.05
 
 
 # Fault tolerance of the pipeline (Ray Data's ray_remote_args): a UDF actor that dies (node lost,
@@ -93,10 +96,13 @@ TASK_RETRIES = 3
 
 def run_pipeline(items: list[InputImage], decode: DecodeImages, udf: type, udf_kwargs: dict[str, Any],
                   batch_size: int, max_actors: int | None, summary: JobSummary, progress: Progress, desc: str,
-                  reserved_cpus: float = 0.0, keys: dict[str, str] | None = None) -> None:
-    """from_items -> decode (tasks) -> UDF (actor pool); counts results as they stream back.
+                  reserved_cpus: float = 0.0, keys: dict[str, str] | None = None,
+                  write: Callable[[Batch], Batch] | None = None) -> None:
+    """from_items -> decode (tasks) -> UDF (actor pool) [-> write (tasks)]; counts results as they stream back.
 
     ``keys`` maps image ids to their output key stems (default: :func:`output_stem` of the relpath).
+    ``write`` stores what the UDF produced, in tasks of its own, so the actors' next batch overlaps
+    the previous one's requests.  The last stage returns ``image_id``, ``status``, ``error``.
     """
     # On a terminal Ray Data draws its own bars (one per operator); otherwise it stays silent and
     # so does the driver's bar.  Set before the dataset exists: a dataset keeps the context it was made with.
@@ -110,6 +116,8 @@ def run_pipeline(items: list[InputImage], decode: DecodeImages, udf: type, udf_k
     pool, per_actor = _actor_pool(len(items), batch_size, max_actors, reserved_cpus)
     ds = ds.map_batches(udf, fn_constructor_kwargs=udf_kwargs, batch_size=batch_size, num_cpus=per_actor, compute=pool,
                         max_restarts=-1, max_task_retries=TASK_RETRIES)
+    if write is not None:
+        ds = ds.map_batches(write, batch_size=None, num_cpus=WRITE_CPUS, max_retries=TASK_RETRIES)
     bar = no_progress(len(items), desc) if ray_bars else progress(len(items), desc)
     try:
         for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
@@ -142,13 +150,6 @@ def read_rows(prefix: str, storage_options: dict[str, Any] | None, columns: list
                 wanted = [c for c in columns if c in parquet.schema_arrow.names]
                 rows.extend(parquet.read(columns=wanted).to_pylist())
     return rows
-
-
-def batch_name(run_id: str, image_ids: np.ndarray | list[str]) -> str:
-    """A file name for one batch's output: unique per run and per batch content."""
-    digest = hashlib.sha256("\n".join(map(str, image_ids)).encode()).hexdigest()[:12]
-    return f"part-{run_id}-{digest}.parquet"
-
 
 
 def new_run_id() -> str:

@@ -1,63 +1,54 @@
-"""The score job's actor-pool stage: features, SPADE scores against the served bank, artifacts, result rows."""
+"""The score job's actor-pool stage: features, SPADE scores against the served bank, encoded artifacts.
+
+It writes nothing itself: each image leaves as its result row plus the encoded files it gets
+(mask, and as chosen heatmap, overlay, raw map), and the write stage
+(:mod:`spade_ray.distributed.write_stage`) stores them concurrently and commits the rows.  So the
+scorer's CPU goes straight on to the next batch while the previous one's files are in flight.
+"""
 
 from __future__ import annotations
 
-import io
+import json
 import time
 from typing import Any
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 import ray
 
 from spade_ray.bank.store import check_compatible
-from spade_ray.distributed.decode_stage import Batch, error_reason
-from spade_ray.distributed.pipeline import batch_name
+from spade_ray.distributed.decode_stage import Batch
 from spade_ray.distributed.remote_bank import RemoteBank
 from spade_ray.distributed.runtime import set_worker_threads
 from spade_ray.distributed.shard_actors import ServedBank
+from spade_ray.errors import error_reason
 from spade_ray.method.backbones import load_backbone
 from spade_ray.method.config import SpadeConfig
 from spade_ray.method.decision import Thresholds
 from spade_ray.method.features import features_from_tensor
 from spade_ray.method.preprocess import Preprocessor
-from spade_ray.method.scorer import Scorer
-from spade_ray.storage.artifacts import ArtifactWriter
-from spade_ray.storage.images import DEFAULT_MAX_PIXELS, load_image
-from spade_ray.storage.outputs import join_url, output_stem, write_bytes
+from spade_ray.method.scorer import Prediction, Scorer
+from spade_ray.storage.artifacts import ArtifactChoice, Artifacts
+from spade_ray.storage.images import DEFAULT_MAX_PIXELS, decode_image
+from spade_ray.storage.outputs import output_stem
 
-__all__ = ["RESULT_SCHEMA", "ScoreImages"]
+__all__ = ["ScoreImages"]
+
+_EMPTY_SCORES = {"image_score": None, "knn_score": None, "pixel_max": None, "is_anomalous": None, "mask_uri": None,
+                 "heatmap_uri": None, "overlay_uri": None, "neighbours": None}
 
 
-RESULT_SCHEMA = pa.schema([
-    ("uri", pa.string()),
-    ("relpath", pa.string()),
-    ("image_id", pa.string()),
-    ("image_score", pa.float32()),
-    ("knn_score", pa.float32()),
-    ("pixel_max", pa.float32()),
-    ("is_anomalous", pa.bool_()),
-    ("mask_uri", pa.string()),
-    ("heatmap_uri", pa.string()),
-    ("overlay_uri", pa.string()),
-    ("neighbours", pa.list_(pa.string())),
-    ("bank_id", pa.string()),
-    ("status", pa.string()),
-    ("error", pa.string()),
-    ("seconds", pa.float32()),
-])
+def _lists(values: list[list[Any]]) -> np.ndarray:
+    """A column whose cells are lists (of URLs or of file bytes), as Ray Data carries it between stages."""
+    column = np.empty(len(values), dtype=object)
+    column[:] = values
+    return column
 
 
 class ScoreImages:
-    """Actor-pool UDF: the backbone and a :class:`~spade_ray.method.scorer.Scorer` over the shard actors;
-    writes masks, heatmaps, overlays and result rows.
+    """Actor-pool UDF: the backbone and a :class:`~spade_ray.method.scorer.Scorer` over the shard actors.
 
-    The overlay needs the image at its own size, which the decode stage does not ship (it sends
-    only the network-size pixels), so the scorer reads the image again: one more GET per image,
-    small next to the scoring itself, and the object store never carries full-size frames.
-    Result rows are committed per batch (one Parquet file, written whole), so a crash loses only
-    the batches in flight.
+    Returns, per image, its result row as JSON (``row``: exact floats, and one column type however
+    many fields are null) and its encoded artifacts (``file_urls``, ``file_bytes``).
 
     A failure of the *infrastructure* (a shard actor that died for good, a lost object, a killed
     worker) is not a fact about the image, so it is never written down as its result (a rerun
@@ -65,10 +56,9 @@ class ScoreImages:
     on a restarted actor, and if that fails too the job stops and its rerun scores the batch.
     """
 
-    def __init__(self, bank: ServedBank, config: SpadeConfig, weights: str | None, output: str, run_id: str,
-                 thresholds: Thresholds, storage_options: dict[str, Any] | None = None,
-                 save_maps: bool = False, max_pixels: int = DEFAULT_MAX_PIXELS,
-                 scales: tuple[float, float] | None = None) -> None:
+    def __init__(self, bank: ServedBank, config: SpadeConfig, weights: str | None, output: str,
+                 thresholds: Thresholds, artifacts: ArtifactChoice | None = None,
+                 max_pixels: int = DEFAULT_MAX_PIXELS, scales: tuple[float, float] | None = None) -> None:
         set_worker_threads()
         self.max_pixels = max_pixels
         self.backbone = load_backbone(config.backbone, weights)
@@ -77,11 +67,8 @@ class ScoreImages:
         self.preprocessor = Preprocessor(config.image_size, config.protocol, spec.mean, spec.std)  # type: ignore[arg-type]
         remote = RemoteBank(bank, config.aggregate)
         self.scorer = Scorer(config, remote, remote, scales, thresholds)
-        self.writer = ArtifactWriter(output, thresholds, storage_options, save_maps)
+        self.artifacts = Artifacts(output, thresholds, artifacts or ArtifactChoice())
         self.bank_id = bank.bank_id
-        self.output = output
-        self.run_id = run_id
-        self.storage_options = storage_options
 
     def __call__(self, batch: Batch) -> Batch:
         start = time.perf_counter()
@@ -90,41 +77,44 @@ class ScoreImages:
         rows: list[dict[str, Any]] = [
             {"uri": str(batch["uri"][i]), "relpath": str(batch["relpath"][i]), "image_id": str(batch["image_id"][i]),
              "bank_id": self.bank_id, "status": str(batch["status"][i]), "error": str(batch["error"][i]) or None,
-             "image_score": None, "pixel_max": None, "is_anomalous": None, "mask_uri": None, "heatmap_uri": None,
-             "overlay_uri": None, "neighbours": None}
+             **_EMPTY_SCORES}
             for i in range(n)
         ]
+        files: list[dict[str, bytes]] = [{} for _ in range(n)]
         if ok.size:
             try:
-                self._score(batch, ok, rows)
+                self._score(batch, ok, rows, files)
             except ray.exceptions.RayError:
-                raise  # infrastructure, not the images: let Ray retry the batch (see the module docstring)
+                raise  # infrastructure, not the images: let Ray retry the batch (see the class docstring)
             except Exception as exc:  # a failure of the batch is recorded on each of its images
                 for i in ok:
-                    rows[i].update(status="error", error=error_reason(exc), image_score=None, knn_score=None, pixel_max=None,
-                                   is_anomalous=None, mask_uri=None, heatmap_uri=None, overlay_uri=None,
-                                   neighbours=None)
+                    rows[i].update(status="error", error=error_reason(exc), **_EMPTY_SCORES)
+                    files[i] = {}
         seconds = (time.perf_counter() - start) / max(n, 1)
         for row in rows:
             row["seconds"] = seconds
-        table = pa.Table.from_pylist(rows, schema=RESULT_SCHEMA)
-        buf = io.BytesIO()
-        pq.write_table(table, buf)
-        write_bytes(join_url(self.output, f"results/{batch_name(self.run_id, [r['image_id'] for r in rows])}"),
-                    buf.getvalue(), self.storage_options)
-        return {"image_id": batch["image_id"], "status": np.array([r["status"] for r in rows], dtype=object),
-                "error": np.array([r["error"] or "" for r in rows], dtype=object)}
+        return {"image_id": batch["image_id"], "row": np.array([json.dumps(r) for r in rows], dtype=object),
+                "file_urls": _lists([list(f) for f in files]), "file_bytes": _lists([list(f.values()) for f in files])}
 
-    def _score(self, batch: Batch, ok: np.ndarray, rows: list[dict[str, Any]]) -> None:
+    def _score(self, batch: Batch, ok: np.ndarray, rows: list[dict[str, Any]], files: list[dict[str, bytes]]) -> None:
         query = features_from_tensor(self.backbone, self.preprocessor.normalize(batch["pixels"][ok]))
         sizes = [(int(batch["height"][i]), int(batch["width"][i])) for i in ok]
         prediction = self.scorer.score(query, sizes, self.preprocessor)
-        assert prediction.is_anomalous is not None  # the scorer has thresholds
         for j, i in enumerate(ok):
+            rows[i].update(self._row(prediction, j))
             stem = str(batch["key"][i]) if "key" in batch else output_stem(str(batch["relpath"][i]))
-            image = self.preprocessor.image_to_output(
-                load_image(str(batch["uri"][i]), self.storage_options, max_pixels=self.max_pixels))
-            uris = self.writer.write(stem, prediction.maps[j], image)
-            rows[i].update(image_score=float(prediction.image_scores[j]), knn_score=float(prediction.knn_scores[j]),
-                           pixel_max=float(prediction.pixel_max[j]), is_anomalous=bool(prediction.is_anomalous[j]),
-                           neighbours=prediction.neighbours[j], **uris)
+            uris, files[i] = self.artifacts.encode(stem, prediction.maps[j], lambda i=i: self._image(batch, i),
+                                                   bool(rows[i]["is_anomalous"]))
+            rows[i].update(uris)
+
+    @staticmethod
+    def _row(prediction: Prediction, j: int) -> dict[str, Any]:
+        assert prediction.is_anomalous is not None  # the scorer has thresholds
+        return {"image_score": float(prediction.image_scores[j]), "knn_score": float(prediction.knn_scores[j]),
+                "pixel_max": float(prediction.pixel_max[j]), "is_anomalous": bool(prediction.is_anomalous[j]),
+                "neighbours": prediction.neighbours[j]}
+
+    def _image(self, batch: Batch, i: int) -> np.ndarray:
+        """The image in its map's output frame, decoded from the file the decode stage read (no second read)."""
+        image = decode_image(batch["encoded"][i], uri=str(batch["uri"][i]), max_pixels=self.max_pixels)
+        return self.preprocessor.image_to_output(image)

@@ -50,6 +50,7 @@ PANEL_SIDE = 256  # px: a 24-item report stays a few MB
 NEIGHBOUR_SIDE = 160
 MAX_ERRORS_SHOWN = 50
 MAX_REASON_CHARS = 200  # a panel's problem line, not a traceback
+NO_OVERLAY_NOTE = "no heatmap or overlay written for this image (score --visuals)"
 
 
 @dataclass
@@ -97,13 +98,16 @@ def most_anomalous(rows: Sequence[dict[str, Any]], n: int, thresholds: Threshold
     return scored[: max(n, 0)]
 
 
-def item_panels(image: np.ndarray, overlay: np.ndarray, mask: np.ndarray) -> dict[str, str | None]:
-    """original | heatmap overlay | mask outline, each downscaled to at most 256 px and JPEG-encoded."""
+def item_panels(image: np.ndarray, overlay: np.ndarray | None, mask: np.ndarray) -> dict[str, str | None]:
+    """original | heatmap overlay | mask outline, each downscaled to at most 256 px and JPEG-encoded.
+
+    ``overlay`` is None where the run wrote none for this image (``--visuals anomalous`` or ``none``).
+    """
     small = thumbnail(image, PANEL_SIDE)
     small_mask = thumbnail(mask, PANEL_SIDE, binary=True)
     return {
         "original": jpeg_data_uri(small),
-        "heatmap overlay": jpeg_data_uri(thumbnail(overlay, PANEL_SIDE)),
+        "heatmap overlay": jpeg_data_uri(thumbnail(overlay, PANEL_SIDE)) if overlay is not None else None,
         "mask outline": jpeg_data_uri(draw_outline(small, small_mask)),
     }
 
@@ -232,9 +236,15 @@ def _score_item(row: dict[str, Any], preprocessor: Preprocessor, storage_options
     try:
         image = preprocessor.image_to_output(load_image(row["uri"], storage_options))
         mask = decode_mask(read_bytes(row["mask_uri"], storage_options), row["mask_uri"])
-        overlay = decode_image(read_bytes(row["overlay_uri"], storage_options), row["overlay_uri"])
-        if not image.shape[:2] == overlay.shape[:2] == mask.shape:
-            raise ValueError(f"image {image.shape[:2]}, overlay {overlay.shape[:2]} and mask {mask.shape} differ in size")
+        overlay = None
+        if row.get("overlay_uri"):
+            overlay = decode_image(read_bytes(row["overlay_uri"], storage_options), row["overlay_uri"])
+            if not image.shape[:2] == overlay.shape[:2] == mask.shape:
+                raise ValueError(f"image {image.shape[:2]}, overlay {overlay.shape[:2]} and mask {mask.shape} differ in size")
+        else:
+            item.note = NO_OVERLAY_NOTE  # the legend says why the overlay panel is empty
+        if image.shape[:2] != mask.shape:
+            raise ValueError(f"image {image.shape[:2]} and mask {mask.shape} differ in size")
         item.panels = item_panels(image, overlay, mask)
     except Exception as exc:  # an output or the source went missing: keep the scores, say why
         item.problem = error_reason(exc, MAX_REASON_CHARS)

@@ -1,8 +1,9 @@
-"""Writing what a user looks at: binary masks, heatmap images and overlays, to any fsspec URL.
+"""What a user looks at, as files: output keys, and masks, heatmaps and overlays encoded as bytes.
 
 Output keys come from the input's path relative to its root, so the same file name in two
-folders never collides, and a key can never climb out of the output prefix.  Every file is
-written whole by :func:`spade_ray.storage.urls.write_bytes` (readers never see half a PNG).
+folders never collides, and a key can never climb out of the output prefix.  Encoding is kept
+apart from writing so a job can write a batch's files concurrently
+(:func:`spade_ray.storage.urls.write_many`), each whole (readers never see half a PNG).
 """
 
 from __future__ import annotations
@@ -11,19 +12,16 @@ import io
 import posixpath
 import re
 from collections.abc import Iterable
-from typing import Any
 
 import numpy as np
 from PIL import Image
 
-from spade_ray.storage.urls import join, write_bytes
+from spade_ray.storage.urls import join
 
-__all__ = ["encode_jpeg", "heatmap_rgb", "output_key", "output_stem", "unique_output_stems", "write_jpeg", "write_npy",
-           "write_png"]
+__all__ = ["encode_jpeg", "encode_npy", "encode_png", "heatmap_rgb", "output_key", "output_stem", "unique_output_stems"]
 
-# ``join_url`` (and ``write_bytes``, imported above) stay importable from here only until
-# spade_ray/distributed/* and spade_ray/apps/evaluate.py import them from spade_ray.storage.urls;
-# then delete this alias: it is the same function under its old name, not a copy.
+# ``join_url`` stays importable from here only until spade_ray/distributed/* import
+# spade_ray.storage.urls.join; then delete this alias: it is the same function under its old name.
 join_url = join
 
 # Anchor colours of a perceptually ordered dark-to-bright map (black, purple, red, orange, yellow)
@@ -72,10 +70,11 @@ def unique_output_stems(inputs: Iterable[tuple[str, str]]) -> dict[str, str]:
     return stems
 
 
-def write_png(url: str, image: np.ndarray, storage_options: dict[str, Any] | None = None) -> None:
+def encode_png(image: np.ndarray) -> bytes:
+    """PNG bytes of an HxW or HxWx3 uint8 image (masks and heatmaps: exact pixels, small for flat maps)."""
     buf = io.BytesIO()
     Image.fromarray(image).save(buf, format="PNG", optimize=False)
-    write_bytes(url, buf.getvalue(), storage_options)
+    return buf.getvalue()
 
 
 def encode_jpeg(image: np.ndarray, quality: int = 85) -> bytes:
@@ -85,15 +84,11 @@ def encode_jpeg(image: np.ndarray, quality: int = 85) -> bytes:
     return buf.getvalue()
 
 
-def write_jpeg(url: str, image: np.ndarray, storage_options: dict[str, Any] | None = None, quality: int = 85) -> None:
-    write_bytes(url, encode_jpeg(image, quality), storage_options)
-
-
-def write_npy(url: str, array: np.ndarray, storage_options: dict[str, Any] | None = None) -> None:
-    """A raw float anomaly map, for analysis and exact comparisons (no pickle)."""
+def encode_npy(array: np.ndarray) -> bytes:
+    """A raw float anomaly map as ``.npy`` bytes, for analysis and exact comparisons (no pickle)."""
     buf = io.BytesIO()
     np.save(buf, np.ascontiguousarray(array), allow_pickle=False)
-    write_bytes(url, buf.getvalue(), storage_options)
+    return buf.getvalue()
 
 
 def heatmap_rgb(amap: np.ndarray, vmax: float, vmin: float = 0.0) -> np.ndarray:
