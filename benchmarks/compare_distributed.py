@@ -118,7 +118,7 @@ def main() -> None:
         "max_relative_map_difference_image": dist["worst"],
         "calibrated_thresholds": {
             "in_process": _thresholds(model.calibration.__dict__ if model.calibration else None),
-            "distributed": _thresholds(open_bank(str(work / "bank"))[1].get("calibration")),
+            "distributed": _thresholds(open_bank(str(work / "bank"))[1].calibration),
         },
         "in_process": {k: round(v, 3) if v is not None else None for k, v in local_metrics.items()},
         "distributed": {k: round(v, 3) if v is not None else None for k, v in dist_metrics.items()},

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import uuid
@@ -11,8 +12,8 @@ import fsspec
 import numpy as np
 import pytest
 
+from spade_ray.bank.manifest import BANK_FORMAT_VERSION, BankManifest
 from spade_ray.bank.store import (
-    BANK_FORMAT_VERSION,
     check_compatible,
     feature_meta_of,
     list_versions,
@@ -24,8 +25,8 @@ from spade_ray.bank.store import (
     write_manifest,
     write_shard,
 )
-from spade_ray.storage.featurestore import FeatureMeta, image_id_for
 from spade_ray.method.matching import MatchSettings
+from spade_ray.storage.featurestore import FeatureMeta, image_id_for
 
 META = FeatureMeta("lite0", "ab" * 32, 64, "full", [(3, 8, 8), (5, 4, 4)], 6)
 
@@ -44,7 +45,7 @@ def _build(bank: str, n_shards: int = 2, n: int = 10, seed: int = 0, parent: dic
     version = next_version_name(bank)
     vurl = f"{bank.rstrip('/')}/{version}"
     ids, uris, global_, levels = _data(n, seed)
-    first = len(parent["shards"]) if parent else 0
+    first = len(parent.shards) if parent else 0
     assign = np.array([shard_for(i, n_shards) for i in ids])
     entries = []
     for s in range(n_shards):
@@ -52,10 +53,10 @@ def _build(bank: str, n_shards: int = 2, n: int = 10, seed: int = 0, parent: dic
         entries.append(
             write_shard(vurl, first + s, [ids[r] for r in rows], [uris[r] for r in rows], global_[rows], [lv[rows] for lv in levels])
         )
-    shards = (parent["shards"] if parent else []) + entries
+    shards = (list(parent.shards) if parent else []) + entries
     manifest = make_manifest(
         version, META, shards, build={"n_shards": n_shards}, calibration={"image_threshold": 1.5},
-        parent=f"v{parent['version']:04d}" if parent else None,
+        parent=f"v{parent.version:04d}" if parent else None,
     )
     write_manifest(vurl, manifest)
     return version, manifest, (ids, uris, global_, levels)
@@ -95,21 +96,21 @@ def test_write_open_load_round_trip(bank_url):
     assert list_versions(bank_url) == ["v0001"] and next_version_name(bank_url) == "v0002"
 
     root, m = open_bank(bank_url)
-    assert root == bank_url and m == json.loads(json.dumps(manifest))
-    assert m["format"] == "spade_ray.bank" and m["format_version"] == BANK_FORMAT_VERSION
-    assert m["n_images"] == 10 and m["parent"] is None and m["calibration"] == {"image_threshold": 1.5}
-    assert m["levels"] == [{"channels": 3, "height": 8, "width": 8}, {"channels": 5, "height": 4, "width": 4}]
+    assert root == bank_url and m == manifest
+    assert m.to_dict()["format"] == "spade_ray.bank" and m.format_version == BANK_FORMAT_VERSION
+    assert m.n_images == 10 and m.parent is None and m.calibration == {"image_threshold": 1.5}
+    assert m.to_dict()["levels"] == [{"channels": 3, "height": 8, "width": 8}, {"channels": 5, "height": 4, "width": 4}]
     assert feature_meta_of(m) == META
-    assert [s["path"] for s in m["shards"]] == ["v0001/shard-00000", "v0001/shard-00001"]
-    assert set(m["shards"][0]["files"]) == {"ids.json", "index.faiss", "global.npy", "level0.npy", "level1.npy"}
+    assert [s.path for s in m.shards] == ["v0001/shard-00000", "v0001/shard-00001"]
+    assert set(m.shards[0].files) == {"ids.json", "index.faiss", "global.npy", "level0.npy", "level1.npy"}
 
     root2, m2 = open_bank(f"{bank_url}/v0001/")
     assert root2 == bank_url and m2 == m
 
     seen = {}
-    for entry in m["shards"]:
+    for entry in m.shards:
         shard = load_shard(root, entry)
-        assert shard.name == entry["name"] and len(shard) == entry["n_images"]
+        assert shard.name == entry.name and len(shard) == entry.n_images
         assert shard.global_.dtype == np.float32 and all(lv.dtype == np.float16 for lv in shard.levels)
         for r, image_id in enumerate(shard.ids):
             seen[image_id] = True
@@ -124,7 +125,7 @@ def test_write_open_load_round_trip(bank_url):
 def test_shard_search_equals_brute_force(tmp_path):
     bank = str(tmp_path / "bank")
     _, manifest, _ = _build(bank, n_shards=1, n=25)
-    shard = load_shard(bank, manifest["shards"][0])
+    shard = load_shard(bank, manifest.shards[0])
     queries = np.random.default_rng(9).standard_normal((4, META.global_dim)).astype(np.float32)
     dists, rows = shard.search(queries, 5)
     brute = np.linalg.norm(queries[:, None, :] - shard.global_[None], axis=2)
@@ -143,7 +144,7 @@ def test_empty_shard_is_allowed(tmp_path):
     entry = write_shard(vurl, 0, [], [], np.zeros((0, 6), np.float32), [np.zeros((0,) + s, np.float16) for s in META.level_shapes])
     write_manifest(vurl, make_manifest(1, META, [entry]))
     root, m = open_bank(bank)
-    shard = load_shard(root, m["shards"][0])
+    shard = load_shard(root, m.shards[0])
     dists, rows = shard.search(np.zeros((2, 6), np.float32), 3)
     assert len(shard) == 0 and np.all(rows == -1) and np.all(np.isinf(dists))
 
@@ -155,7 +156,7 @@ def test_incomplete_version_is_ignored(bank_url):
     write_shard(f"{bank_url}/v0002", 0, ids, uris, global_, levels)
     assert list_versions(bank_url) == ["v0001"]
     root, m = open_bank(bank_url)
-    assert m["version"] == 1
+    assert m.version == 1
     with pytest.raises(FileNotFoundError, match=r"v0002.*no complete bank version"):
         open_bank(f"{bank_url}/v0002")
     assert next_version_name(bank_url) == "v0003"  # never reuses the crashed folder
@@ -172,18 +173,18 @@ def test_missing_bank_is_a_clear_error(bank_url):
 
 def test_tampered_file_is_refused(bank_url):
     _, manifest, _ = _build(bank_url)
-    entry = manifest["shards"][0]
-    url = f"{bank_url}/{entry['path']}/level0.npy"
+    entry = manifest.shards[0]
+    url = f"{bank_url}/{entry.path}/level0.npy"
     fs, path = _fs_path(url)
     data = bytearray(fs.cat_file(path))
     data[-1] ^= 0x01
     fs.pipe_file(path, bytes(data))
     with pytest.raises(ValueError, match=r"shard-00000/level0\.npy.*sha256") as info:
         load_shard(bank_url, entry)
-    assert entry["files"]["level0.npy"] in str(info.value)
+    assert entry.files["level0.npy"] in str(info.value)
     shard = load_shard(bank_url, entry, verify=False)  # explicit opt-out still parses
-    assert len(shard) == entry["n_images"]
-    load_shard(bank_url, manifest["shards"][1])  # the other shard is untouched
+    assert len(shard) == entry.n_images
+    load_shard(bank_url, manifest.shards[1])  # the other shard is untouched
 
 
 def test_wrong_format_is_refused(tmp_path):
@@ -201,7 +202,7 @@ def test_wrong_format_is_refused(tmp_path):
     with pytest.raises(ValueError, match="not valid JSON"):
         open_bank(str(bank))
     with pytest.raises(ValueError, match="version 2"):
-        write_manifest(str(bank / "v0001"), {**m, "version": 2})
+        write_manifest(str(bank / "v0001"), dataclasses.replace(BankManifest.from_dict(m), version=2))
 
 
 def test_check_compatible():
@@ -220,32 +221,32 @@ def test_check_compatible():
 def test_add_to_references_parent_shards(bank_url):
     _, parent, first = _build(bank_url, n_shards=2, n=10, seed=0)
     version, child, second = _build(bank_url, n_shards=2, n=6, seed=1, parent=parent)
-    assert version == "v0002" and child["parent"] == "v0001"
-    assert child["shards"][:2] == parent["shards"]
-    assert [s["path"] for s in child["shards"]] == ["v0001/shard-00000", "v0001/shard-00001", "v0002/shard-00002", "v0002/shard-00003"]
-    assert child["n_images"] == 16
+    assert version == "v0002" and child.parent == "v0001"
+    assert child.shards[:2] == parent.shards
+    assert [s.path for s in child.shards] == ["v0001/shard-00000", "v0001/shard-00001", "v0002/shard-00002", "v0002/shard-00003"]
+    assert child.n_images == 16
     assert list_versions(bank_url) == ["v0001", "v0002"]
 
     root, latest = open_bank(bank_url)
-    assert latest["version"] == 2
-    all_ids = [i for e in latest["shards"] for i in load_shard(root, e).ids]
+    assert latest.version == 2
+    all_ids = [i for e in latest.shards for i in load_shard(root, e).ids]
     assert sorted(all_ids) == sorted(first[0] + second[0])
 
     root1, old = open_bank(f"{bank_url}/v0001")
-    assert old["version"] == 1 and root1 == root
-    assert sorted(i for e in old["shards"] for i in load_shard(root1, e).ids) == sorted(first[0])
+    assert old.version == 1 and root1 == root
+    assert sorted(i for e in old.shards for i in load_shard(root1, e).ids) == sorted(first[0])
 
     with pytest.raises(ValueError, match="unique"):
-        make_manifest(3, META, parent["shards"] + parent["shards"][:1])
+        make_manifest(3, META, parent.shards + parent.shards[:1])
 
 
 def test_a_served_shard_keeps_one_copy_of_its_pyramids_in_the_setting_it_serves(bank_url):
+    from spade_ray.bank.shard_server import ShardServer
     from spade_ray.method.aggregation import aggregate_level
     from spade_ray.method.pyramid_bank import PyramidBank
-    from spade_ray.bank.shard_server import ShardServer
 
     _, manifest, (ids, _, _, levels) = _build(bank_url, n_shards=1, n=6)
-    entry = manifest["shards"][0]
+    entry = manifest.shards[0]
     server = ShardServer(bank_url, entry, offset=0, aggregate=3)
     shard_ids = server.shard.ids
     order = [ids.index(i) for i in shard_ids]

@@ -183,8 +183,8 @@ def test_add_to_makes_a_new_version_and_keeps_the_old_one(local_run, dataset, tm
     from spade_ray.bank.store import load_shard, open_bank
 
     root, v1 = open_bank(str(bank / "v0001"))
-    assert v1["n_images"] == 18 and sum(len(load_shard(root, e)) for e in v1["shards"]) == 18
-    assert open_bank(str(bank))[1]["version"] == 2
+    assert v1.n_images == 18 and sum(len(load_shard(root, e)) for e in v1.shards) == 18
+    assert open_bank(str(bank))[1].version == 2
 
 
 def test_the_whole_pipeline_on_s3(ray_with_s3_env, dataset) -> None:

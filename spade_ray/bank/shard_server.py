@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from spade_ray.bank.manifest import ShardEntry
 from spade_ray.bank.store import BankShard, load_shard
 from spade_ray.method.calibration import calibration_rows
 from spade_ray.method.matching import MatchSettings
@@ -36,7 +37,7 @@ class ShardServer:
     def __init__(
         self,
         bank_root: str,
-        entry: dict[str, Any],
+        entry: ShardEntry,
         offset: int,
         storage_options: dict[str, Any] | None = None,
         verify: bool = True,
@@ -56,7 +57,7 @@ class ShardServer:
             self.pyramids(aggregate)
 
     @classmethod
-    def from_shard(cls, shard: BankShard, offset: int) -> "ShardServer":
+    def from_shard(cls, shard: BankShard, offset: int) -> ShardServer:
         """A server over a shard already in memory (it serves the first setting asked for, and only that one)."""
         server = cls.__new__(cls)
         server.shard, server.offset, server._served = shard, int(offset), None

@@ -14,11 +14,11 @@ manifest lists its parent's shard entries unchanged (their ``path`` still points
 folder) next to its own new shards.  Readers of v0001 are therefore never disturbed by a writer of
 v0002, and nothing is copied to grow a bank.
 
-The manifest records every shard file's sha256; :func:`load_shard` checks each file against it
-before parsing, so a truncated upload or a file from another build is refused with a message
-naming the file rather than producing wrong scores.  Every file is written whole (temp file +
-rename locally, one PUT on object stores) and read in one request.  No pickle: JSON, ``.npy``
-with ``allow_pickle=False`` and FAISS's own serialisation.
+The manifest (:class:`spade_ray.bank.manifest.BankManifest`) records every shard file's sha256;
+:func:`load_shard` checks each file against it before parsing, so a truncated upload or a file
+from another build is refused with a message naming the file rather than producing wrong scores.
+Every file is written whole and read in one request (:mod:`spade_ray.storage.urls`).  No pickle:
+JSON, ``.npy`` with ``allow_pickle=False`` and FAISS's own serialisation.
 """
 
 from __future__ import annotations
@@ -36,13 +36,12 @@ from typing import Any
 import faiss
 import numpy as np
 
+from spade_ray.bank.manifest import BANK_FORMAT_VERSION, BankManifest, ShardEntry
 from spade_ray.method.retrieval import search_exact
 from spade_ray.storage.featurestore import FeatureMeta
 from spade_ray.storage.urls import join, read_bytes, resolve, write_bytes
 
 __all__ = [
-    "BANK_FORMAT",
-    "BANK_FORMAT_VERSION",
     "BankShard",
     "check_compatible",
     "feature_meta_of",
@@ -58,8 +57,6 @@ __all__ = [
     "write_shard",
 ]
 
-BANK_FORMAT = "spade_ray.bank"
-BANK_FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 _VERSION_RE = re.compile(r"^v(\d{4,})$")
 _LEVEL_RE = re.compile(r"^level(\d+)\.npy$")
@@ -117,13 +114,12 @@ def write_shard(
     global_: np.ndarray,
     levels: Sequence[np.ndarray],
     storage_options: dict[str, Any] | None = None,
-) -> dict[str, Any]:
+) -> ShardEntry:
     """Write one shard's files under ``version_url/shard-NNNNN/`` and return its manifest entry.
 
-    Entry: ``{"name", "path" (relative to the bank root, e.g. "v0001/shard-00000"), "n_images",
-    "files": {file name: sha256}}``.  Global vectors are stored float32 and levels float16
-    (converted if needed).  An empty shard (no images) is allowed: hashing small banks over many
-    shards can leave one empty, and its index simply returns no neighbours.
+    The entry's ``path`` is relative to the bank root (``"v0001/shard-00000"``).  Global vectors are
+    stored float32 and levels float16 (converted if needed).  An empty shard (no images) is allowed:
+    hashing small banks over many shards can leave one empty; its index returns no neighbours.
     """
     _, vname = _split_version_url(version_url)
     n = len(ids)
@@ -154,95 +150,75 @@ def write_shard(
     for file_name, data in files.items():
         write_bytes(join(shard_url, file_name), data, storage_options)
         hashes[file_name] = _sha256(data)
-    return {"name": name, "path": f"{vname}/{name}", "n_images": n, "files": hashes}
+    return ShardEntry(name=name, path=f"{vname}/{name}", n_images=n, files=hashes)
 
 
 def make_manifest(
     version: int | str,
     meta: FeatureMeta,
-    shards: Sequence[dict[str, Any]],
+    shards: Sequence[ShardEntry],
     build: dict[str, Any] | None = None,
     calibration: dict[str, Any] | None = None,
     parent: str | None = None,
     created: str | None = None,
-) -> dict[str, Any]:
-    """The manifest dict of a version (write it with :func:`write_manifest`, after every shard).
+) -> BankManifest:
+    """The manifest of a version (write it with :func:`write_manifest`, after every shard).
 
     ``meta`` is the features' :class:`FeatureMeta` (backbone, weights, size, protocol, shapes);
     ``shards`` the entries returned by :func:`write_shard` (for ``--add-to``: the parent's
     entries, unchanged, followed by the new ones); ``parent`` the parent version's name.  Shard
     names must be unique across the whole list, so number an add-to's new shards from
-    ``len(parent["shards"])``.
+    ``len(parent.shards)``.
     """
     if isinstance(version, str):
         match = _VERSION_RE.match(version)
         if not match:
             raise ValueError(f"version must be an int or a name like 'v0001'; got {version!r}")
         version = int(match.group(1))
-    names = [s["name"] for s in shards]
+    names = [s.name for s in shards]
     dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes:
         raise ValueError(f"shard names must be unique within a version; repeated: {dupes}")
-    return {
-        "format": BANK_FORMAT,
-        "format_version": BANK_FORMAT_VERSION,
-        "version": int(version),
-        "created": created or _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "backbone": meta.backbone,
-        "weights_sha256": meta.weights_sha256,
-        "image_size": meta.image_size,
-        "protocol": meta.protocol,
-        "levels": [{"channels": c, "height": h, "width": w} for c, h, w in meta.level_shapes],
-        "global_dim": meta.global_dim,
-        "n_images": int(sum(int(s["n_images"]) for s in shards)),
-        "build": dict(build or {}),
-        "calibration": calibration,
-        "parent": parent,
-        "shards": [dict(s) for s in shards],
-    }
-
-
-def feature_meta_of(manifest: dict[str, Any]) -> FeatureMeta:
-    """The :class:`FeatureMeta` a bank's features have: compare it with new features before ``--add-to``."""
-    return FeatureMeta(
-        backbone=manifest["backbone"],
-        weights_sha256=manifest["weights_sha256"],
-        image_size=manifest["image_size"],
-        protocol=manifest["protocol"],
-        level_shapes=[(lv["channels"], lv["height"], lv["width"]) for lv in manifest["levels"]],
-        global_dim=manifest["global_dim"],
+    return BankManifest(
+        format_version=BANK_FORMAT_VERSION,
+        version=int(version),
+        created=created or _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        backbone=meta.backbone,
+        weights_sha256=meta.weights_sha256,
+        image_size=meta.image_size,
+        protocol=meta.protocol,
+        levels=tuple(meta.level_shapes),
+        global_dim=meta.global_dim,
+        n_images=int(sum(s.n_images for s in shards)),
+        build=dict(build or {}),
+        calibration=calibration,
+        parent=parent,
+        shards=tuple(shards),
     )
 
 
-def _validate_manifest(manifest: Any, where: str) -> None:
-    if not isinstance(manifest, dict) or manifest.get("format") != BANK_FORMAT:
-        got = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
-        raise ValueError(f"{where} is not a spade_ray bank manifest (format {got!r}, expected {BANK_FORMAT!r})")
-    if manifest.get("format_version") != BANK_FORMAT_VERSION:
-        raise ValueError(
-            f"{where}: bank format version {manifest.get('format_version')!r} is not supported; "
-            f"this spade_ray reads version {BANK_FORMAT_VERSION}"
-        )
-    missing = [
-        k
-        for k in ("version", "backbone", "weights_sha256", "image_size", "protocol", "levels", "global_dim", "n_images", "shards")
-        if k not in manifest
-    ]
-    if missing:
-        raise ValueError(f"{where}: manifest lacks {', '.join(missing)}")
+def feature_meta_of(manifest: BankManifest) -> FeatureMeta:
+    """The :class:`FeatureMeta` a bank's features have: compare it with new features before ``--add-to``."""
+    return FeatureMeta(
+        backbone=manifest.backbone,
+        weights_sha256=manifest.weights_sha256,
+        image_size=manifest.image_size,
+        protocol=manifest.protocol,
+        level_shapes=list(manifest.levels),
+        global_dim=manifest.global_dim,
+    )
 
 
-def write_manifest(version_url: str, manifest: dict[str, Any], storage_options: dict[str, Any] | None = None) -> None:
+def write_manifest(version_url: str, manifest: BankManifest, storage_options: dict[str, Any] | None = None) -> None:
     """Write ``version_url/manifest.json`` atomically; call it last, when every shard file is written.
 
     Its appearance is what makes the version exist for readers.  The manifest's ``version`` must
     match the folder's name, so a manifest can never describe another folder.
     """
     _, vname = _split_version_url(version_url)
-    _validate_manifest(manifest, f"manifest for {version_url}")
-    if version_name(manifest["version"]) != vname:
-        raise ValueError(f"manifest says version {manifest['version']} but is being written to {version_url}")
-    data = json.dumps(manifest, indent=1, sort_keys=True).encode("utf-8")
+    if version_name(manifest.version) != vname:
+        raise ValueError(f"manifest says version {manifest.version} but is being written to {version_url}")
+    data = json.dumps(manifest.to_dict(), indent=1, sort_keys=True).encode("utf-8")
     write_bytes(join(version_url, MANIFEST), data, storage_options)
 
 
@@ -279,16 +255,15 @@ def next_version_name(bank_url: str, storage_options: dict[str, Any] | None = No
     return version_name(folders[-1][0] + 1 if folders else 1)
 
 
-def _read_manifest(fs: Any, fs_path: str, where: str) -> dict[str, Any]:
+def _read_manifest(fs: Any, fs_path: str, where: str) -> BankManifest:
     try:
-        manifest = json.loads(fs.cat_file(fs_path))
+        data = json.loads(fs.cat_file(fs_path))
     except json.JSONDecodeError as exc:
         raise ValueError(f"{where} is not valid JSON: {exc}") from None
-    _validate_manifest(manifest, where)
-    return manifest
+    return BankManifest.from_dict(data, where)
 
 
-def open_bank(url: str, storage_options: dict[str, Any] | None = None) -> tuple[str, dict[str, Any]]:
+def open_bank(url: str, storage_options: dict[str, Any] | None = None) -> tuple[str, BankManifest]:
     """(bank root URL, manifest) for a bank root (its latest complete version) or a version folder.
 
     The root URL is what shard entry paths are relative to (pass it to :func:`load_shard`); it
@@ -304,8 +279,8 @@ def open_bank(url: str, storage_options: dict[str, Any] | None = None) -> tuple[
                 f"{url}: no complete bank version (no {MANIFEST}); the build that wrote it did not finish"
             )
         manifest = _read_manifest(fs, manifest_path, join(base, MANIFEST))
-        if version_name(manifest["version"]) != name:
-            raise ValueError(f"{join(base, MANIFEST)} says version {manifest['version']} but lies in {name}/")
+        if version_name(manifest.version) != name:
+            raise ValueError(f"{join(base, MANIFEST)} says version {manifest.version} but lies in {name}/")
         return root, manifest
     versions = list_versions(url, storage_options)
     if not versions:
@@ -316,13 +291,13 @@ def open_bank(url: str, storage_options: dict[str, Any] | None = None) -> tuple[
     return base, manifest
 
 
-def check_compatible(manifest: dict[str, Any], backbone: str, weights_sha256: str, image_size: int, protocol: str) -> None:
+def check_compatible(manifest: BankManifest, backbone: str, weights_sha256: str, image_size: int, protocol: str) -> None:
     """Refuse to score with features that are not comparable to the bank's.
 
     Distances between features of different backbones, weights, input sizes or preprocessing
     protocols are meaningless yet look plausible, so any difference is an error.
     """
-    theirs = (manifest.get("backbone"), manifest.get("weights_sha256"), manifest.get("image_size"), manifest.get("protocol"))
+    theirs = (manifest.backbone, manifest.weights_sha256, manifest.image_size, manifest.protocol)
     ours = (backbone, weights_sha256, int(image_size), protocol)
     if theirs[:2] != ours[:2]:
         raise ValueError(
@@ -375,7 +350,7 @@ def _safe_relpath(path: str) -> str:
 
 
 def load_shard(
-    bank_root: str, entry: dict[str, Any], verify: bool = True, storage_options: dict[str, Any] | None = None
+    bank_root: str, entry: ShardEntry, verify: bool = True, storage_options: dict[str, Any] | None = None
 ) -> BankShard:
     """Load one shard named by a manifest entry; every file is fetched once (one GET each).
 
@@ -383,12 +358,12 @@ def load_shard(
     mismatch (corrupt upload, file replaced by another build) raises ValueError naming the file
     and both hashes.
     """
-    files: dict[str, str] = entry["files"]
+    files = entry.files
     missing = [f for f in _REQUIRED_FILES if f not in files]
     level_files = sorted(((int(m.group(1)), f) for f in files if (m := _LEVEL_RE.match(f))), key=lambda t: t[0])
     if missing or not level_files or [i for i, _ in level_files] != list(range(len(level_files))):
-        raise ValueError(f"manifest entry of shard {entry.get('name')!r} lists files {sorted(files)}; expected {list(_REQUIRED_FILES)} + level0.npy, level1.npy, ...")
-    shard_url = join(bank_root, _safe_relpath(entry["path"]))
+        raise ValueError(f"manifest entry of shard {entry.name!r} lists files {sorted(files)}; expected {list(_REQUIRED_FILES)} + level0.npy, level1.npy, ...")
+    shard_url = join(bank_root, _safe_relpath(entry.path))
 
     def fetch(file_name: str) -> bytes:
         url = join(shard_url, file_name)
@@ -420,6 +395,6 @@ def load_shard(
     sizes = {"uris": len(uris), "index.faiss": int(index.ntotal), "global.npy": len(global_)}
     sizes.update({f: len(level) for (_, f), level in zip(level_files, levels)})
     wrong = {k: v for k, v in sizes.items() if v != n}
-    if wrong or int(entry.get("n_images", n)) != n:
-        raise ValueError(f"shard {shard_url} is inconsistent: {n} ids but {wrong or {'manifest n_images': entry.get('n_images')}}")
-    return BankShard(entry["name"], ids, uris, global_, levels, index)
+    if wrong or entry.n_images != n:
+        raise ValueError(f"shard {shard_url} is inconsistent: {n} ids but {wrong or {'manifest n_images': entry.n_images}}")
+    return BankShard(entry.name, ids, uris, global_, levels, index)

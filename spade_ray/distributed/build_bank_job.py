@@ -10,6 +10,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import ray
 
+from spade_ray.bank.manifest import BankManifest, ShardEntry
 from spade_ray.bank.store import (
     feature_meta_of,
     load_shard,
@@ -115,14 +116,14 @@ def run_build_bank(features: str, output: str | None, *, shards: int = 1, add_to
     if not files:
         raise ValueError(f"no feature shards (*.parquet) found under {features!r}; run `spade-ray extract` first")
     meta = read_feature_meta(files[0], storage_options)
-    parent_manifest: dict[str, Any] | None = None
+    parent_manifest: BankManifest | None = None
     exclude: set[str] = set()
     if add_to:
         bank_root, parent_manifest = open_bank(add_to, storage_options)
         if feature_meta_of(parent_manifest) != meta:
             raise ValueError(f"features under {features} ({meta.backbone}, {meta.image_size}px, {meta.protocol}) do not match "
-                             f"bank {add_to} ({parent_manifest['backbone']}, {parent_manifest['image_size']}px, {parent_manifest['protocol']})")
-        for entry in parent_manifest["shards"]:
+                             f"bank {add_to} ({parent_manifest.backbone}, {parent_manifest.image_size}px, {parent_manifest.protocol})")
+        for entry in parent_manifest.shards:
             exclude.update(load_shard(bank_root, entry, verify=False, storage_options=storage_options).ids)
     elif output:
         bank_root = output.rstrip("/")
@@ -137,8 +138,8 @@ def run_build_bank(features: str, output: str | None, *, shards: int = 1, add_to
     summary = JobSummary("build-bank", ok=n_new, error=n_errors, skipped=n_duplicates + len(exclude), output=version_url)
 
     init_ray(address)
-    first_index = len(parent_manifest["shards"]) if parent_manifest else 0
-    new_entries: list[dict[str, Any]] = []
+    first_index = len(parent_manifest.shards) if parent_manifest else 0
+    new_entries: list[ShardEntry] = []
     if n_new:
         bar = progress(shards, "build-bank (shards)")
         parts = [_split_feature_file.options(num_returns=shards).remote(url, rows, shards, meta.to_json(), storage_options)
@@ -152,9 +153,9 @@ def run_build_bank(features: str, output: str | None, *, shards: int = 1, add_to
             bar.update(len(ready))
         bar.close()
         new_entries = ray.get(order)
-    entries = (list(parent_manifest["shards"]) if parent_manifest else []) + new_entries
+    entries = (list(parent_manifest.shards) if parent_manifest else []) + new_entries
     config = SpadeConfig(meta.backbone, meta.image_size, meta.protocol, image_k, pixel_k, kappa, sigma).with_scoring(scoring or {})
-    draft = make_manifest(version, meta, entries, parent=version_name(parent_manifest["version"]) if parent_manifest else None)
+    draft = make_manifest(version, meta, entries, parent=version_name(parent_manifest.version) if parent_manifest else None)
     served = start_shard_actors(bank_root, draft, storage_options, num_cpus=shard_actor_cpus(len(entries)),
                                 aggregate=config.aggregate)
     try:
@@ -164,21 +165,21 @@ def run_build_bank(features: str, output: str | None, *, shards: int = 1, add_to
     build = {"shards": shards, **config.scoring(), "calibration_samples": calibration_samples, "target_fpr": target_fpr, "features": features}
     manifest = make_manifest(version, meta, entries, build=build,
                              calibration=asdict(calibration) if calibration else None,
-                             parent=version_name(parent_manifest["version"]) if parent_manifest else None)
+                             parent=version_name(parent_manifest.version) if parent_manifest else None)
     write_manifest(version_url, manifest, storage_options)  # last: the version is complete from now on
     bank_bytes = sum(served_bytes for served_bytes in _entry_bytes(meta, manifest))
-    summary.extra.update(version=version, n_images=manifest["n_images"], shards=len(entries),
-                         bytes_per_image=round(bank_bytes / max(manifest["n_images"], 1)),
+    summary.extra.update(version=version, n_images=manifest.n_images, shards=len(entries),
+                         bytes_per_image=round(bank_bytes / max(manifest.n_images, 1)),
                          image_threshold=calibration.image_threshold if calibration else None,
                          pixel_threshold=calibration.pixel_threshold if calibration else None)
     summary.seconds = time.perf_counter() - start
     return summary
 
 
-def _entry_bytes(meta: FeatureMeta, manifest: dict[str, Any]) -> list[int]:
+def _entry_bytes(meta: FeatureMeta, manifest: BankManifest) -> list[int]:
     """In-memory bytes per shard: float32 global vectors + float16 pyramids (what a shard actor holds)."""
     per_image = 4 * meta.global_dim + 2 * sum(c * h * w for c, h, w in meta.level_shapes)
-    return [per_image * int(entry["n_images"]) for entry in manifest["shards"]]
+    return [per_image * entry.n_images for entry in manifest.shards]
 
 
 # ----------------------------------------------------------------------------- score

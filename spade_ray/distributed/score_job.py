@@ -8,16 +8,17 @@ from typing import Any
 
 import pyarrow.parquet as pq
 
+from spade_ray.bank.manifest import BankManifest
 from spade_ray.bank.store import check_compatible, open_bank
 from spade_ray.distributed.decode_stage import DecodeImages
 from spade_ray.distributed.pipeline import JobSummary, new_run_id, read_rows, run_pipeline
 from spade_ray.distributed.remote_bank import calibrate_served
 from spade_ray.distributed.runtime import init_ray
 from spade_ray.distributed.score_stage import ScoreImages
-from spade_ray.distributed.shard_actors import ServedBank, bank_id_of, shard_actor_cpus, start_shard_actors
+from spade_ray.distributed.shard_actors import ServedBank, shard_actor_cpus, start_shard_actors
 from spade_ray.method.backbones import BACKBONES
 from spade_ray.method.calibration import Calibration
-from spade_ray.method.config import LEGACY_SCORING, SpadeConfig
+from spade_ray.method.config import SpadeConfig
 from spade_ray.method.decision import Thresholds
 from spade_ray.method.preprocess import Preprocessor
 from spade_ray.progress import Progress, no_progress
@@ -71,23 +72,7 @@ def _drop_error_rows(output: str, storage_options: dict[str, Any] | None) -> int
     return dropped
 
 
-def _bank_config(manifest: dict[str, Any]) -> SpadeConfig:
-    """The scoring settings a bank was built (and calibrated) with; keys a bank predates take their old behaviour."""
-    build = {**LEGACY_SCORING, **(manifest.get("build") or {})}
-    return SpadeConfig(manifest["backbone"], int(manifest["image_size"]), manifest["protocol"]).with_scoring(build)
-
-
-def _bank_calibration(manifest: dict[str, Any]) -> Calibration | None:
-    """The bank's calibration, with the settings it was made with (older manifests: the build's)."""
-    saved = manifest.get("calibration")
-    if not saved:
-        return None
-    if saved.get("settings") is None:
-        saved = {**saved, "settings": _bank_config(manifest).calibration_settings()}
-    return Calibration(**saved)
-
-
-def _check_weights_on_driver(manifest: dict[str, Any], config: SpadeConfig, weights: str | None) -> None:
+def _check_weights_on_driver(manifest: BankManifest, config: SpadeConfig, weights: str | None) -> None:
     """Refuse a bank of another backbone or other weights before any worker starts.
 
     The scorer actors check again (they are what really loads the weights); this check only makes
@@ -173,14 +158,14 @@ def run_score(source: str, bank_url: str, output: str, *, weights: str | None = 
     """
     start = time.perf_counter()
     bank_root, manifest = open_bank(bank_url, storage_options)
-    config = _bank_config(manifest).with_scoring({"image_k": image_k, "pixel_k": pixel_k, "kappa": kappa, **(scoring or {})})
-    calibration = _bank_calibration(manifest)
+    config = manifest.built_config().with_scoring({"image_k": image_k, "pixel_k": pixel_k, "kappa": kappa, **(scoring or {})})
+    calibration = manifest.built_calibration()
     if calibration is None and (threshold is None or image_threshold is None or config.image_scoring != "knn"):
         raise ValueError(f"bank {bank_url} has no calibration; pass --threshold and --image-threshold "
                          "(and --image-scoring knn: the knn+map score needs the normal scales)")
     _check_weights_on_driver(manifest, config, weights)
     items = resolve_inputs(source, storage_options)
-    bank_id = bank_id_of(bank_root, manifest)
+    bank_id = manifest.bank_id
     done = _done_images(output, bank_id, overwrite, retry_errors, storage_options)
     todo = [it for it in items if it.image_id not in done]
     summary = JobSummary("score", skipped=len(items) - len(todo), output=output,
@@ -192,7 +177,7 @@ def run_score(source: str, bank_url: str, output: str, *, weights: str | None = 
     served, shard_cpus = None, 0.0
     if recalibrate or todo:
         init_ray(address)
-        shard_cpus = shard_actor_cpus(len(manifest["shards"]))
+        shard_cpus = shard_actor_cpus(len(manifest.shards))
         served = start_shard_actors(bank_root, manifest, storage_options, num_cpus=shard_cpus, aggregate=config.aggregate)
     try:
         thresholds, calibration = _decision(served, config, calibration, threshold, image_threshold, batch_size, progress)
@@ -203,7 +188,7 @@ def run_score(source: str, bank_url: str, output: str, *, weights: str | None = 
                          {"bank": served, "config": config, "weights": weights, "output": output, "run_id": new_run_id(),
                           "thresholds": thresholds, "scales": calibration.scales if calibration else None,
                           "storage_options": storage_options, "save_maps": save_maps},
-                         batch_size, max_actors, summary, progress, "score", reserved_cpus=shard_cpus * len(manifest["shards"]),
+                         batch_size, max_actors, summary, progress, "score", reserved_cpus=shard_cpus * len(manifest.shards),
                          keys=keys)
     finally:
         if served is not None:

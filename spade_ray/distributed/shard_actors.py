@@ -6,26 +6,25 @@ and shut them down in one ``finally``.
 
 from __future__ import annotations
 
-import hashlib
-import json
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import ray
 
-from spade_ray.bank.store import open_bank, version_name
+from spade_ray.bank.manifest import BankManifest, ShardEntry
 from spade_ray.bank.shard_server import ShardServer
+from spade_ray.bank.store import open_bank
 from spade_ray.distributed.runtime import cluster_cpus, set_worker_threads
 
-__all__ = ["BankLoadError", "ServedBank", "bank_id_of", "creation_error_reason", "serve_bank", "start_shard_actors"]
+__all__ = ["BankLoadError", "ServedBank", "creation_error_reason", "serve_bank", "start_shard_actors"]
 
 
 @ray.remote(max_restarts=3, max_task_retries=3)
 class ShardActor(ShardServer):
     """A bank shard in a Ray actor; restarts reload and re-verify the shard from storage."""
 
-    def __init__(self, bank_root: str, entry: dict[str, Any], offset: int, storage_options: dict[str, Any] | None = None,
+    def __init__(self, bank_root: str, entry: ShardEntry, offset: int, storage_options: dict[str, Any] | None = None,
                  aggregate: int | None = None) -> None:
         threads = set_worker_threads()
         super().__init__(bank_root, entry, offset, storage_options, verify=True, threads=threads, aggregate=aggregate)
@@ -34,26 +33,19 @@ class ShardActor(ShardServer):
         return True
 
 
-def bank_id_of(bank_root: str, manifest: dict[str, Any]) -> str:
-    """A short identity of one bank version: its version name plus a hash of its manifest."""
-    digest = hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()[:12]
-    version = manifest["version"]
-    return f"{version_name(version) if isinstance(version, int) else version}-{digest}"
-
-
 @dataclass
 class ServedBank:
     """Handles of a bank's shard actors plus what a scorer needs to know about the bank."""
 
     bank_root: str
-    manifest: dict[str, Any]
+    manifest: BankManifest
     actors: list[Any]
     offsets: list[int]
     sizes: list[int]
 
     @property
     def bank_id(self) -> str:
-        return bank_id_of(self.bank_root, self.manifest)
+        return self.manifest.bank_id
 
     @property
     def n_images(self) -> int:
@@ -73,7 +65,7 @@ def shard_actor_cpus(n_shards: int) -> float:
     return float(min(1.0, max(0.05, cluster_cpus() / (2 * max(n_shards, 1)))))
 
 
-def start_shard_actors(bank_root: str, manifest: dict[str, Any], storage_options: dict[str, Any] | None = None,
+def start_shard_actors(bank_root: str, manifest: BankManifest, storage_options: dict[str, Any] | None = None,
                        num_cpus: float | None = None, aggregate: int | None = None) -> ServedBank:
     """One shard actor per manifest entry; returns once every shard is loaded and verified.
 
@@ -81,13 +73,13 @@ def start_shard_actors(bank_root: str, manifest: dict[str, Any], storage_options
     keep only that copy of their pyramids).
     """
     if num_cpus is None:
-        num_cpus = shard_actor_cpus(len(manifest["shards"]))
+        num_cpus = shard_actor_cpus(len(manifest.shards))
     actors, offsets, sizes, offset = [], [], [], 0
-    for entry in manifest["shards"]:
+    for entry in manifest.shards:
         actors.append(ShardActor.options(num_cpus=num_cpus).remote(bank_root, entry, offset, storage_options, aggregate))
         offsets.append(offset)
-        sizes.append(int(entry["n_images"]))
-        offset += int(entry["n_images"])
+        sizes.append(entry.n_images)
+        offset += entry.n_images
     try:
         ray.get([a.ping.remote() for a in actors])  # surfaces load/verification errors now
     except ray.exceptions.RayActorError as exc:
