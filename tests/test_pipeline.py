@@ -23,6 +23,7 @@ from spade_ray.distributed.build_bank_job import run_build_bank
 from spade_ray.distributed.extract_job import run_extract
 from spade_ray.distributed.score_job import run_score
 from spade_ray.method.calibration import Calibration
+from spade_ray.storage.artifacts import ArtifactChoice
 from spade_ray.storage.datasets import load_mvtec
 from spade_ray.storage.results import read_results
 from spade_ray.storage.sources import resolve_inputs
@@ -65,7 +66,8 @@ def local_run(ray_with_s3_env, dataset, tmp_path_factory):
     out = tmp_path_factory.mktemp("run")
     ex = run_extract(str(dataset / "train" / "good"), str(out / "features"), image_size=IMAGE_SIZE, batch_size=8)
     bb = run_build_bank(str(out / "features"), str(out / "bank"), shards=3, calibration_samples=6, **SETTINGS)
-    sc = run_score(str(dataset / "test"), str(out / "bank"), str(out / "scored"), batch_size=4, save_maps=True)
+    sc = run_score(str(dataset / "test"), str(out / "bank"), str(out / "scored"), batch_size=4, save_maps=True,
+                   artifacts=ArtifactChoice(visuals="all"))
     return out, ex, bb, sc
 
 
@@ -202,7 +204,14 @@ def test_the_whole_pipeline_on_s3(ray_with_s3_env, dataset) -> None:
     assert len(rows) == 10
     ok = [r for r in rows if r["status"] == "ok"]
     assert all(r["mask_uri"].startswith(f"{base}/out/masks/") and fs.exists(r["mask_uri"]) for r in ok)
-    assert all(r["overlay_uri"].startswith(f"{base}/out/overlays/") and fs.exists(r["overlay_uri"]) for r in ok)
+    # the nightly default: pictures for the flagged images only, masks for all
+    assert any(r["is_anomalous"] for r in ok) and not all(r["is_anomalous"] for r in ok)
+    for r in ok:
+        if r["is_anomalous"]:
+            assert r["overlay_uri"].startswith(f"{base}/out/overlays/") and fs.exists(r["overlay_uri"])
+            assert fs.exists(r["heatmap_uri"])
+        else:
+            assert r["overlay_uri"] is None and r["heatmap_uri"] is None
     report = fs.cat_file(f"{bucket}/out/report.html").decode()
     assert report.count('<figure class="nb"><img src="data:') == 9 * SETTINGS["image_k"]  # normals read from S3
     assert fs.exists(f"{bucket}/bank/v0001/manifest.json")

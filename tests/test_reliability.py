@@ -22,6 +22,7 @@ from PIL import Image
 from spade_ray.apps.cli import main
 from spade_ray.distributed.score_job import run_score
 from spade_ray.distributed.shard_actors import BankLoadError
+from spade_ray.storage.artifacts import ArtifactChoice
 from spade_ray.storage.parquet import read_columns
 from spade_ray.storage.results import read_results
 from spade_ray.storage.sources import resolve_inputs
@@ -106,7 +107,8 @@ def read_rows(output: Path) -> list[dict]:
 @pytest.fixture(scope="module")
 def scored(small_bank, inbox, tmp_path_factory):
     out = tmp_path_factory.mktemp("scored") / "out"
-    summary = run_score(str(inbox), str(small_bank["bank"]), str(out), batch_size=4, max_pixels=MAX_PIXELS)
+    summary = run_score(str(inbox), str(small_bank["bank"]), str(out), batch_size=4, max_pixels=MAX_PIXELS,
+                        artifacts=ArtifactChoice(visuals="all"))
     return out, summary
 
 

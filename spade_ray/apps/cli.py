@@ -25,6 +25,7 @@ from typing import Any
 from spade_ray.apps.cli_parser import build_parser
 from spade_ray.apps.logs import configure_logging, fields, get_logger
 from spade_ray.method.config import METHODS
+from spade_ray.storage.artifacts import ArtifactChoice
 from spade_ray.progress import Progress, terminal_progress
 
 __all__ = ["EXIT_TOO_MANY_ERRORS", "build_parser", "main"]
@@ -182,8 +183,8 @@ def _cmd_score(args: argparse.Namespace) -> int:
     summary = run_score(args.input, args.bank, args.output, weights=args.weights, image_k=args.image_k,
                         pixel_k=args.pixel_k, kappa=args.kappa, scoring=_scoring(args), threshold=args.threshold,
                         image_threshold=args.image_threshold, batch_size=args.batch_size, max_actors=args.max_actors,
-                        overwrite=args.overwrite, retry_errors=args.retry_errors, save_maps=args.save_maps,
-                        max_pixels=args.max_pixels, storage_options=_storage_options(args.storage_options),
+                        overwrite=args.overwrite, retry_errors=args.retry_errors,
+                        artifacts=ArtifactChoice.parse(args.write, args.visuals, args.save_maps), max_pixels=args.max_pixels, storage_options=_storage_options(args.storage_options),
                         address=args.address, progress=_progress(args), report_top=args.report_top)
     if args.log_format == "text":
         get_logger().info(f"report {summary.extra['report']}")

@@ -16,6 +16,7 @@ from spade_ray.method.preprocess import PROTOCOLS
 from spade_ray.method.config import DEFAULT_IMAGE_K, DEFAULT_PIXEL_K, METHODS, SpadeConfig
 from spade_ray.method.matching import DEFAULT_KAPPA
 from spade_ray.report.report import DEFAULT_REPORT_TOP
+from spade_ray.storage.artifacts import ARTIFACT_KINDS, VISUALS
 from spade_ray.storage.images import DEFAULT_MAX_PIXELS
 
 __all__ = ["build_parser"]
@@ -33,6 +34,13 @@ def _positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1; got {text}")
     return value
+
+
+def _artifact_kinds(text: str) -> str:
+    unknown = {k.strip() for k in text.split(",") if k.strip()} - set(ARTIFACT_KINDS)
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown artifacts {', '.join(sorted(unknown))}; choose among {', '.join(ARTIFACT_KINDS)}")
+    return text
 
 
 def _add_max_pixels(parser: argparse.ArgumentParser) -> None:
@@ -222,6 +230,12 @@ def _add_score_command(sub: argparse._SubParsersAction) -> None:
                         "storage outage); their error rows are removed first, so each image keeps exactly one row")
     parser.add_argument("--save-maps", action="store_true",
                         help="also write the raw float anomaly maps as OUT/maps/<relative path>.npy")
+    parser.add_argument("--write", type=_artifact_kinds, metavar="KINDS",
+                        help="artifacts to write, comma-separated among " + ", ".join(ARTIFACT_KINDS) +
+                        " (default masks,heatmaps,overlays; masks and result rows are always written)")
+    parser.add_argument("--visuals", choices=list(VISUALS), default="anomalous",
+                        help="which images get a heatmap and an overlay: all, anomalous (default: the flagged ones, "
+                        "which the report shows; every image still gets its mask and row) or none")
     parser.add_argument("--max-actors", type=int, help="upper bound of the scorer actor pool (default: fit the cluster)")
     parser.add_argument("--weights", help="backbone weights file (the bank records which weights it needs)")
     parser.add_argument("--image-k", type=int, help="override the bank's image_k")

@@ -24,7 +24,7 @@ from spade_ray.model import Spade
 from spade_ray.progress import Progress, no_progress
 from spade_ray.report.evaluate_report import evaluation_report
 from spade_ray.report.report import DEFAULT_REPORT_TOP, write_report
-from spade_ray.storage.artifacts import Artifacts
+from spade_ray.storage.artifacts import ArtifactChoice, Artifacts
 from spade_ray.storage.datasets import MVTecDataset, load_mvtec
 from spade_ray.storage.featurestore import image_id_for
 from spade_ray.storage.images import DEFAULT_MAX_PIXELS, load_image, load_mask
@@ -103,7 +103,7 @@ def _write_artifacts(data: MVTecDataset, prediction: Prediction, model: Spade, t
     """Masks, heatmaps and overlays of every test image (the score job's artifacts); returns the seconds taken."""
     start = time.perf_counter()
     bar = progress(len(data.test), "write maps")
-    artifacts = Artifacts(output, thresholds)
+    artifacts = Artifacts(output, thresholds, ArtifactChoice(visuals="all"))
     stems = unique_output_stems((image_id_for(s.uri), s.relpath) for s in data.test)
     for sample, amap in zip(data.test, prediction.maps):
         def image(uri: str = sample.uri) -> np.ndarray:

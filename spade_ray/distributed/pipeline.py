@@ -11,7 +11,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-import pyarrow.parquet as pq
 import ray
 
 from spade_ray.distributed.decode_stage import Batch, DecodeImages
@@ -20,7 +19,7 @@ from spade_ray.progress import Progress, no_progress, shows_ray_data_bars
 from spade_ray.storage.outputs import output_stem
 from spade_ray.storage.sources import InputImage
 
-__all__ = ["DECODE_CPUS", "TASK_RETRIES", "WRITE_CPUS", "JobSummary", "new_run_id", "read_rows", "run_pipeline"]
+__all__ = ["DECODE_CPUS", "TASK_RETRIES", "WRITE_CPUS", "JobSummary", "new_run_id", "run_pipeline"]
 
 
 @dataclass
@@ -133,23 +132,6 @@ def run_pipeline(items: list[InputImage], decode: DecodeImages, udf: type, udf_k
 
 
 # ----------------------------------------------------------------------------- extract
-
-
-def read_rows(prefix: str, storage_options: dict[str, Any] | None, columns: list[str]) -> list[dict[str, Any]]:
-    """The given columns of every Parquet file under ``prefix`` (none when it does not exist)."""
-    import fsspec
-
-    fs, path = fsspec.core.url_to_fs(prefix, **(storage_options or {}))
-    if not fs.exists(path):
-        return []
-    rows: list[dict[str, Any]] = []
-    for file in sorted(fs.find(path)):
-        if file.endswith(".parquet") and "/." not in file:
-            with fs.open(file, "rb") as fh:  # reads only the wanted column chunks, not the features
-                parquet = pq.ParquetFile(fh)
-                wanted = [c for c in columns if c in parquet.schema_arrow.names]
-                rows.extend(parquet.read(columns=wanted).to_pylist())
-    return rows
 
 
 def new_run_id() -> str:

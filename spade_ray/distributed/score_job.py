@@ -2,20 +2,18 @@
 
 from __future__ import annotations
 
-import io
 import time
 from typing import Any
-
-import pyarrow.parquet as pq
 
 from spade_ray.bank.manifest import BankManifest
 from spade_ray.bank.store import check_compatible, open_bank
 from spade_ray.distributed.decode_stage import DecodeImages
-from spade_ray.distributed.pipeline import JobSummary, new_run_id, read_rows, run_pipeline
+from spade_ray.distributed.pipeline import JobSummary, new_run_id, run_pipeline
 from spade_ray.distributed.remote_bank import calibrate_served
 from spade_ray.distributed.runtime import init_ray
 from spade_ray.distributed.score_stage import ScoreImages
 from spade_ray.distributed.shard_actors import ServedBank, shard_actor_cpus, start_shard_actors
+from spade_ray.distributed.write_stage import WriteResults
 from spade_ray.method.backbones import BACKBONES
 from spade_ray.method.calibration import Calibration
 from spade_ray.method.config import SpadeConfig
@@ -24,52 +22,13 @@ from spade_ray.method.preprocess import Preprocessor
 from spade_ray.progress import Progress, no_progress
 from spade_ray.report.report import DEFAULT_REPORT_TOP, score_report, write_report
 from spade_ray.storage.images import DEFAULT_MAX_PIXELS
-from spade_ray.storage.outputs import join_url, unique_output_stems, write_bytes
+from spade_ray.storage.artifacts import ArtifactChoice
+from spade_ray.storage.outputs import unique_output_stems
+from spade_ray.storage.results import drop_error_rows, read_results, remove_results
+from spade_ray.storage.urls import join
 from spade_ray.storage.sources import resolve_inputs
 
 __all__ = ["run_score"]
-
-
-def _remove_results(output: str, storage_options: dict[str, Any] | None) -> None:
-    import fsspec
-
-    fs, path = fsspec.core.url_to_fs(join_url(output, "results"), **(storage_options or {}))
-    if fs.exists(path):
-        for file in fs.find(path):
-            if file.endswith(".parquet"):
-                fs.rm_file(file)
-
-
-def _drop_error_rows(output: str, storage_options: dict[str, Any] | None) -> int:
-    """Rewrite each result file that holds error rows without them; returns how many rows went.
-
-    Done before scoring so the images are simply "not done" again: a crash at any point leaves
-    every image with one row or none (the next run scores it), never two.  Each file is
-    replaced whole (atomic write), and a file left with no rows is removed.
-    """
-    import fsspec
-    import pyarrow.compute as pc
-
-    fs, path = fsspec.core.url_to_fs(join_url(output, "results"), **(storage_options or {}))
-    if not fs.exists(path):
-        return 0
-    dropped = 0
-    for file in sorted(fs.find(path)):
-        if not file.endswith(".parquet") or "/." in file:
-            continue
-        with fs.open(file, "rb") as fh:
-            table = pq.read_table(fh)
-        kept = table.filter(pc.equal(table.column("status"), "ok"))
-        if kept.num_rows == table.num_rows:
-            continue
-        if kept.num_rows:
-            buf = io.BytesIO()
-            pq.write_table(kept, buf)
-            write_bytes(fs.unstrip_protocol(file), buf.getvalue(), storage_options)
-        else:
-            fs.rm_file(file)
-        dropped += table.num_rows - kept.num_rows
-    return dropped
 
 
 def _check_weights_on_driver(manifest: BankManifest, config: SpadeConfig, weights: str | None) -> None:
@@ -95,15 +54,15 @@ def _done_images(output: str, bank_id: str, overwrite: bool, retry_errors: bool,
     of another bank in the same output are refused, so it always holds one row per image.
     """
     if overwrite:
-        _remove_results(output, storage_options)
+        remove_results(output, storage_options)
         return {}
-    existing = read_rows(join_url(output, "results"), storage_options, ["image_id", "bank_id", "status"])
+    existing = read_results(output, ["image_id", "bank_id", "status"], storage_options).to_pylist()
     others = {r["bank_id"] for r in existing} - {bank_id}
     if others:
         raise ValueError(f"{output} holds results scored against another bank ({', '.join(sorted(others))}); "
                          f"use --overwrite to replace them or choose another --output")
     if retry_errors and any(r["status"] != "ok" for r in existing):
-        _drop_error_rows(output, storage_options)
+        drop_error_rows(output, storage_options)
         existing = [r for r in existing if r["status"] == "ok"]
     return {r["image_id"]: r["status"] for r in existing}
 
@@ -137,7 +96,7 @@ def _write_report(output: str, source: str, bank_id: str, thresholds: Thresholds
                               progress=bar.update)
     finally:
         bar.close()
-    summary.extra["report"] = join_url(output, "report.html")
+    summary.extra["report"] = join(output, "report.html")
     summary.extra["anomalous"] = report.counts["anomalous"]
     write_report(summary.extra["report"], report, storage_options)
 
@@ -146,15 +105,17 @@ def run_score(source: str, bank_url: str, output: str, *, weights: str | None = 
               pixel_k: int | None = None, kappa: int | None = None, scoring: dict[str, Any] | None = None,
               threshold: float | None = None, image_threshold: float | None = None, batch_size: int = 16,
               max_actors: int | None = None, overwrite: bool = False, retry_errors: bool = False, save_maps: bool = False,
-              max_pixels: int = DEFAULT_MAX_PIXELS, storage_options: dict[str, Any] | None = None,
-              address: str | None = None, progress: Progress = no_progress,
+              artifacts: ArtifactChoice | None = None, max_pixels: int = DEFAULT_MAX_PIXELS,
+              storage_options: dict[str, Any] | None = None, address: str | None = None, progress: Progress = no_progress,
               report_top: int = DEFAULT_REPORT_TOP) -> JobSummary:
     """Score every image under ``source`` against a served bank; masks, heatmaps, overlays and result rows to ``output``.
 
     Images already scored into ``output`` against the same bank are skipped (``overwrite`` redoes
     them all, ``retry_errors`` only those whose row is an error); the mask threshold defaults to
-    the bank's normal-only calibration.  Finally ``output/report.html`` shows everything scored
-    into ``output``, with the ``report_top`` most anomalous images.
+    the bank's normal-only calibration.  ``artifacts`` chooses the pictures written (default: masks
+    for every image, heatmaps and overlays for the flagged ones); ``save_maps`` adds the raw maps.
+    Finally ``output/report.html`` shows everything scored into ``output``, with the
+    ``report_top`` most anomalous images.
     """
     start = time.perf_counter()
     bank_root, manifest = open_bank(bank_url, storage_options)
@@ -184,12 +145,15 @@ def run_score(source: str, bank_url: str, output: str, *, weights: str | None = 
         summary.extra.update(pixel_threshold=thresholds.pixel, image_threshold=thresholds.image, recalibrated=recalibrate)
         if todo:
             keys = unique_output_stems((it.image_id, it.relpath) for it in items)  # all inputs: same keys on a rerun
-            run_pipeline(todo, DecodeImages(pre, storage_options, max_pixels), ScoreImages,
-                         {"bank": served, "config": config, "weights": weights, "output": output, "run_id": new_run_id(),
-                          "thresholds": thresholds, "scales": calibration.scales if calibration else None,
-                          "storage_options": storage_options, "save_maps": save_maps},
+            choice = artifacts or ArtifactChoice()
+            if save_maps:
+                choice = ArtifactChoice(choice.kinds | {"maps"}, choice.visuals)
+            run_pipeline(todo, DecodeImages(pre, storage_options, max_pixels, keep_encoded=choice.may_need_images),
+                         ScoreImages, {"bank": served, "config": config, "weights": weights, "output": output,
+                                       "thresholds": thresholds, "artifacts": choice, "max_pixels": max_pixels,
+                                       "scales": calibration.scales if calibration else None},
                          batch_size, max_actors, summary, progress, "score", reserved_cpus=shard_cpus * len(manifest.shards),
-                         keys=keys)
+                         keys=keys, write=WriteResults(output, new_run_id(), storage_options))
     finally:
         if served is not None:
             served.shutdown()

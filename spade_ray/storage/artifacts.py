@@ -48,11 +48,13 @@ class ArtifactChoice:
 
     ``kinds`` among :data:`ARTIFACT_KINDS` (``masks`` is always included); ``visuals`` says which
     images get their heatmap and overlay: ``all``, only the ``anomalous`` ones (flagged by the
-    decision), or ``none``.
+    decision), or ``none``.  The default is the nightly job's: masks for every image, pictures for
+    the flagged ones, which are what a person opens (the report shows every flagged image's
+    overlay; an unflagged image in its top list shows its original and mask).
     """
 
     kinds: frozenset[str] = field(default_factory=lambda: frozenset({"masks", "heatmaps", "overlays"}))
-    visuals: str = "all"
+    visuals: str = "anomalous"
 
     def __post_init__(self) -> None:
         unknown = set(self.kinds) - set(ARTIFACT_KINDS)
@@ -66,7 +68,7 @@ class ArtifactChoice:
     def parse(cls, write: str | None, visuals: str | None, save_maps: bool = False) -> ArtifactChoice:
         """From ``--write masks,heatmaps,overlays`` and ``--visuals``; ``--save-maps`` adds the raw maps."""
         kinds = {k.strip() for k in write.split(",") if k.strip()} if write else {"masks", "heatmaps", "overlays"}
-        return cls(frozenset(kinds | ({"maps"} if save_maps else set())), visuals or "all")
+        return cls(frozenset(kinds | ({"maps"} if save_maps else set())), visuals or "anomalous")
 
     def kinds_for(self, flagged: bool) -> list[str]:
         """The artifacts an image gets, given whether it was flagged."""
