@@ -35,7 +35,7 @@ def run_extract(source: str, output: str, *, backbone: str = "lite0", weights: s
     done_rows = read_columns(output, pa.schema([("image_id", pa.string()), ("status", pa.string())]), storage_options)
     done = dict(zip(done_rows.column("image_id").to_pylist(), done_rows.column("status").to_pylist()))
     todo = [it for it in items if it.image_id not in done]
-    summary = JobSummary("extract", skipped=len(items) - len(todo), output=output,
+    summary = JobSummary("extract", started=start, skipped=len(items) - len(todo), output=output,
                          skipped_error=sum(1 for it in items if done.get(it.image_id, "ok") != "ok"))
     if todo:
         init_ray(address)

@@ -10,7 +10,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 import ray
 
 from spade_ray.distributed.decode_stage import Batch, DecodeImages
@@ -35,6 +34,19 @@ class JobSummary:
     output: str = ""
     errors: list[tuple[str, str]] = field(default_factory=list)
     extra: dict[str, Any] = field(default_factory=dict)
+    started: float = field(default_factory=time.perf_counter)  # when the job began (perf_counter)
+    startup_seconds: float | None = None  # from the job's start to its first result
+    steady_seconds_per_image: float | None = None  # between the first and the last result
+
+    def stream_timing(self, first_at: float, first_images: int, last_at: float, total_images: int) -> None:
+        """Start-up (until the first batch of results) and steady state (after it), from when results arrived.
+
+        A nightly job's cost per image is its steady state; start-up (Ray, actors loading the bank
+        and the backbone) is paid once per run, however many images follow.
+        """
+        self.startup_seconds = first_at - self.started
+        if total_images > first_images and last_at > first_at:
+            self.steady_seconds_per_image = (last_at - first_at) / (total_images - first_images)
 
     @property
     def images_per_second(self) -> float:
@@ -57,9 +69,11 @@ class JobSummary:
 
     def fields(self) -> dict[str, Any]:
         """The summary as flat JSON-ready fields, for structured logs."""
+        timing = {k: round(v, 4) for k, v in (("startup_seconds", self.startup_seconds),
+                                               ("steady_seconds_per_image", self.steady_seconds_per_image)) if v is not None}
         return {"stage": self.job, "ok": self.ok, "error": self.error, "skipped": self.skipped,
                 "seconds": round(self.seconds, 3), "images_per_second": round(self.images_per_second, 3),
-                "output": self.output, **self.extra}
+                "output": self.output, **timing, **self.extra}
 
 
 
@@ -118,8 +132,12 @@ def run_pipeline(items: list[InputImage], decode: DecodeImages, udf: type, udf_k
     if write is not None:
         ds = ds.map_batches(write, batch_size=None, num_cpus=WRITE_CPUS, max_retries=TASK_RETRIES)
     bar = no_progress(len(items), desc) if ray_bars else progress(len(items), desc)
+    first: tuple[float, int] | None = None
+    done = 0
     try:
         for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+            done += len(batch["image_id"])
+            first = first or (time.perf_counter(), done)
             for image_id, status, error in zip(batch["image_id"], batch["status"], batch["error"]):
                 if status == "ok":
                     summary.ok += 1
@@ -129,6 +147,8 @@ def run_pipeline(items: list[InputImage], decode: DecodeImages, udf: type, udf_k
             bar.update(len(batch["image_id"]))
     finally:
         bar.close()
+    if first is not None:
+        summary.stream_timing(first[0], first[1], time.perf_counter(), done)
 
 
 # ----------------------------------------------------------------------------- extract

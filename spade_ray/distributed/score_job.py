@@ -129,7 +129,7 @@ def run_score(source: str, bank_url: str, output: str, *, weights: str | None = 
     bank_id = manifest.bank_id
     done = _done_images(output, bank_id, overwrite, retry_errors, storage_options)
     todo = [it for it in items if it.image_id not in done]
-    summary = JobSummary("score", skipped=len(items) - len(todo), output=output,
+    summary = JobSummary("score", started=start, skipped=len(items) - len(todo), output=output,
                          skipped_error=sum(1 for it in items if done.get(it.image_id, "ok") != "ok"),
                          extra={"bank_id": bank_id})
     spec = BACKBONES[config.backbone]
