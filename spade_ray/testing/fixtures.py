@@ -11,7 +11,7 @@ server without pytest installed.  Register it with one line in ``tests/conftest.
     ``"s3://<fresh bucket>"`` on that server.
 ``fault_proxy`` (function)
     A :class:`~spade_ray.testing.tcpproxy.FaultProxy` in front of that server, with no faults set; closed
-    after the test.  ``fault_proxy.storage_options(s3_server)`` reaches the server through it.
+    after the test.  ``{**s3_server.storage_options, "endpoint_url": fault_proxy.endpoint_url}`` goes through it.
 """
 
 from __future__ import annotations

@@ -13,8 +13,8 @@ flows, from any thread:
     the response to the next ``n`` requests (or to each request with that probability) is cut after
     half of its first chunk and the connection closed: a short read for the client.
 ``throttle(share)``
-    that share of HTTP requests (spread evenly: 0.5 is every second one) is answered by the proxy with
-    S3's ``503 SlowDown`` XML error and ``Connection: close``; the server never sees them.
+    that share of HTTP requests (spread evenly, starting with the next: 0.5 is every second one) is answered with
+    S3's ``503 SlowDown`` XML error and ``Connection: close`` by the proxy; the server never sees them.
 ``counts()``, ``reset_counts()``
     requests seen client->server, by kind (GET, PUT, HEAD, POST, DELETE, LIST) and by path.
 
@@ -461,12 +461,12 @@ class FaultProxy:
             self._drops_left += n
 
     def throttle(self, share: float) -> None:
-        """Answer ``share`` (0..1) of the requests with ``503 SlowDown``, spread evenly; 0 stops it."""
+        """Answer ``share`` (0..1) of the requests with ``503 SlowDown``, spread evenly from the next one; 0 stops it."""
         if not 0.0 <= share <= 1.0:
             raise ValueError(f"throttle share must be in [0, 1], not {share}")
         with self._lock:
             self._throttle_share = share
-            self._throttle_credit = 0.0
+            self._throttle_credit = 1.0 - share  # the next request is the first one throttled
 
     # ------------------------------------------------------------------ counts
 
@@ -499,7 +499,7 @@ class FaultProxy:
             self._kinds[request.kind] += 1
             self._paths.setdefault(request.path, Counter())[request.kind] += 1
             self._throttle_credit += self._throttle_share
-            if self._throttle_credit >= 1.0 - 1e-9:
+            if self._throttle_share > 0 and self._throttle_credit >= 1.0 - 1e-9:
                 self._throttle_credit -= 1.0
                 self._events["throttled"] += 1
                 return True
