@@ -29,7 +29,7 @@ def lite0():
     from spade_ray.method.backbones import load_backbone
 
     return load_backbone("lite0", device="cpu")
-pytest_plugins = ["s3server"]
+pytest_plugins = ["spade_ray.testing.fixtures"]
 
 
 @pytest.fixture(scope="session")

@@ -22,6 +22,7 @@ LAYERS = [
     ("model and bank", ["spade_ray/model.py", "spade_ray/bank"]),
     ("report", ["spade_ray/report"]),
     ("distributed", ["spade_ray/distributed"]),
+    ("testing services", ["spade_ray/testing"]),
     ("apps", ["spade_ray/apps", "spade_ray/__main__.py"]),
 ]
 
@@ -89,3 +90,17 @@ def test_every_module_belongs_to_a_layer() -> None:
     loose = [str(p.relative_to(PACKAGE.parent)) for p in PACKAGE.rglob("*.py")
              if _layer_of(p) is None and p != PACKAGE / "__init__.py"]
     assert not loose, f"modules outside every layer (add them to LAYERS and docs/DESIGN.md): {loose}"
+
+
+def test_only_the_apps_use_the_testing_services() -> None:
+    """spade_ray/testing (a local S3 server, a fault proxy) is for tests and the benchmark, never for the jobs."""
+    users = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        rel = path.relative_to(PACKAGE.parent).as_posix()
+        if rel.startswith(("spade_ray/testing/", "spade_ray/apps/")):
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [node.module or ""] if isinstance(node, ast.ImportFrom) else (
+                [a.name for a in node.names] if isinstance(node, ast.Import) else [])
+            users += [f"{rel} imports {n}" for n in names if n == "spade_ray.testing" or n.startswith("spade_ray.testing.")]
+    assert not users, "\n".join(users)

@@ -1,4 +1,4 @@
-"""The SeaweedFS test server (tests/s3server.py) is a real S3 endpoint that s3fs, fsspec and workers reach."""
+"""The SeaweedFS test server (spade_ray/testing/s3server.py) is a real S3 endpoint that s3fs, fsspec and workers reach."""
 
 from __future__ import annotations
 
@@ -7,17 +7,10 @@ import subprocess
 import sys
 import textwrap
 
-from typing import TYPE_CHECKING
-
 import fsspec
 import pytest
 
-if TYPE_CHECKING:
-    from s3server import S3Server
-
-# Registers the s3_server / s3_bucket fixtures even if tests/conftest.py does not (a plugin is loaded once).
-# s3server itself is imported lazily below, so that pytest imports it first (as a plugin, assert-rewritten).
-pytest_plugins = ["s3server"]
+from spade_ray.testing.s3server import S3Server, processes_running, run_s3_server, wait_port_closed
 
 
 def test_write_and_read_back(s3_server: S3Server, s3_bucket: str) -> None:
@@ -140,8 +133,6 @@ def test_wrong_credentials_rejected(s3_server: S3Server, s3_bucket: str, overrid
 
 def test_server_stops_without_leftovers(s3_server: S3Server, tmp_path) -> None:
     """A second server (the session's holds the default ports, so it moves to free ones) stops completely."""
-    from s3server import processes_running, run_s3_server, wait_port_closed
-
     with run_s3_server(tmp_path / "second") as second:
         assert second.endpoint_url != s3_server.endpoint_url
         assert second.access_key != s3_server.access_key

