@@ -54,15 +54,25 @@ def relative(path: str, fs_root: str) -> str | None:
     return path[len(prefix) :] if path.startswith(prefix) else None
 
 
+# Per filesystem, what makes ``cat_file`` a single request (measured at a counting proxy: s3fs
+# sends HEAD + GET by default, one GET with ``max_concurrency=1``).
+_ONE_REQUEST: dict[str, dict[str, Any]] = {"s3": {"max_concurrency": 1}}
+
+
+def _protocol(fs: Any) -> str:
+    return fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+
+
 def read_bytes(url: str, storage_options: dict[str, Any] | None = None) -> bytes:
     """A whole file from a local path or any fsspec URL, in one request (one GET on object stores).
 
     Everything this package reads (images, masks, feature shards, result files, bank files) is read
-    whole and parsed from memory, so one plain GET is the cheapest way to get it (opening a file
-    object would add a HEAD for its size first).
+    whole and parsed from memory, so one plain GET is the cheapest way to get it.  s3fs would first
+    ask for the size with a HEAD (to split large objects into concurrent ranged GETs): a second
+    round trip for every image, so it is told to read in one request.
     """
     fs, path = fsspec.core.url_to_fs(url, **(storage_options or {}))
-    return fs.cat_file(path)
+    return fs.cat_file(path, **_ONE_REQUEST.get(_protocol(fs), {}))
 
 
 def write_bytes(url: str, data: bytes, storage_options: dict[str, Any] | None = None) -> None:
@@ -75,7 +85,7 @@ def write_bytes(url: str, data: bytes, storage_options: dict[str, Any] | None = 
     appears only when its PUT completes.
     """
     fs, path = fsspec.core.url_to_fs(url, **(storage_options or {}))
-    if "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)):
+    if _protocol(fs) in ("file", "local"):
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
         tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
         with open(tmp, "wb") as fh:
