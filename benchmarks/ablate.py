@@ -23,10 +23,10 @@ import numpy as np
 import torch
 
 from spade_ray.method.aggregation import aggregate_level
+from spade_ray.method.config import METHODS
 from spade_ray.method.features import FeatureBatch
 from spade_ray.method.image_scoring import combine_image_scores
 from spade_ray.method.metrics import compute_metrics
-from spade_ray.method.config import METHODS
 from spade_ray.model import Spade
 from spade_ray.storage.datasets import MVTecDataset, load_mvtec
 from spade_ray.storage.images import load_mask

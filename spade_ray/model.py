@@ -136,7 +136,8 @@ class Spade:
         def prepare(batch: Sequence[object]) -> tuple[list[tuple[int, int]], np.ndarray]:
             with self.timer.stage("decode"):
                 decoded = [_as_image(item, self.storage_options, self.max_pixels) for item in batch]
-                return [(im.shape[0], im.shape[1]) for im in decoded], np.stack([self.preprocessor.resize_rgb(im) for im in decoded])
+                sizes = [(im.shape[0], im.shape[1]) for im in decoded]
+                return sizes, np.stack([self.preprocessor.resize_rgb(im) for im in decoded])
 
         batches = _batches(images, self.batch_size)
         with ThreadPoolExecutor(1, thread_name_prefix="spade-decode") as pool:
@@ -150,7 +151,8 @@ class Spade:
         with self.timer.stage("forward"):
             return features_from_tensor(self.backbone, self.preprocessor.normalize(resized), level_dtype)
 
-    def extract(self, images: Sequence[object], level_dtype: type = np.float32, progress: Callable[[int], None] | None = None) -> tuple[FeatureBatch, list[tuple[int, int]]]:
+    def extract(self, images: Sequence[object], level_dtype: type = np.float32,
+                progress: Callable[[int], None] | None = None) -> tuple[FeatureBatch, list[tuple[int, int]]]:
         """Features and original (height, width) of every image."""
         parts, sizes = [], []
         for batch_sizes, resized in self._input_batches(images):
@@ -178,7 +180,9 @@ class Spade:
         """
         if len(images) == 0:
             raise ValueError("fit needs at least one normal image")
-        ids = list(ids) if ids is not None else [os.fspath(x) if not isinstance(x, np.ndarray) else str(i) for i, x in enumerate(images)]
+        if ids is None:
+            ids = [str(i) if isinstance(x, np.ndarray) else os.fspath(x) for i, x in enumerate(images)]  # type: ignore[arg-type]
+        ids = list(ids)
         if len(ids) != len(images):
             raise ValueError(f"got {len(ids)} ids for {len(images)} images")
         features, _ = self.extract(images, np.float16, progress)
@@ -195,7 +199,8 @@ class Spade:
     def bank_ids(self) -> list[str]:
         return self.bank.ids if self.bank is not None else []
 
-    def calibrate(self, samples: int = 64, target_fpr: float = 0.01, progress: Callable[[int], None] | None = None) -> Calibration:
+    def calibrate(self, samples: int = 64, target_fpr: float = 0.01,
+                  progress: Callable[[int], None] | None = None) -> Calibration:
         """Leave-one-out scores of up to ``samples`` bank images -> scales and thresholds
         (:func:`spade_ray.method.calibration.calibrate`, the routine the sharded bank uses too)."""
         bank = self._require_fitted()
@@ -269,7 +274,8 @@ class Spade:
         return out
 
     @classmethod
-    def load(cls, directory: str | os.PathLike[str], weights: str | None = None, device: str | None = None, batch_size: int = 16) -> Spade:
+    def load(cls, directory: str | os.PathLike[str], weights: str | None = None, device: str | None = None,
+             batch_size: int = 16) -> Spade:
         """Load a model written by :meth:`save`; the backbone weights must have the same sha256."""
         src = Path(directory)
         meta_path = src / "spade.json"

@@ -21,7 +21,8 @@ def magnetic_tile() -> Path:
 def synthetic_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from spade_ray.apps.synthetic import make_synthetic_dataset
 
-    return make_synthetic_dataset(tmp_path_factory.mktemp("synthetic") / "ds", n_train=16, n_test_good=4, n_test_per_defect=3, size=128, seed=1)
+    return make_synthetic_dataset(tmp_path_factory.mktemp("synthetic") / "ds", n_train=16, n_test_good=4,
+                                  n_test_per_defect=3, size=128, seed=1)
 
 
 @pytest.fixture(scope="session")
@@ -61,9 +62,9 @@ def small_bank(tmp_path_factory: pytest.TempPathFactory) -> dict:
     """
     import ray
 
+    from spade_ray.apps.synthetic import make_synthetic_dataset
     from spade_ray.distributed.build_bank_job import run_build_bank
     from spade_ray.distributed.extract_job import run_extract
-    from spade_ray.apps.synthetic import make_synthetic_dataset
 
     work = tmp_path_factory.mktemp("small-bank")
     dataset = make_synthetic_dataset(work / "ds", n_train=10, n_test_good=3, n_test_per_defect=1, size=64, seed=5)

@@ -13,11 +13,11 @@ import numpy as np
 import pytest
 
 from spade_ray.bank.manifest import BANK_FORMAT_VERSION, BankManifest
+from spade_ray.bank.shard_loader import load_shard
 from spade_ray.bank.store import (
     check_compatible,
     feature_meta_of,
     list_versions,
-    load_shard,
     make_manifest,
     next_version_name,
     open_bank,
@@ -51,7 +51,8 @@ def _build(bank: str, n_shards: int = 2, n: int = 10, seed: int = 0, parent: dic
     for s in range(n_shards):
         rows = np.flatnonzero(assign == s)
         entries.append(
-            write_shard(vurl, first + s, [ids[r] for r in rows], [uris[r] for r in rows], global_[rows], [lv[rows] for lv in levels])
+            write_shard(vurl, first + s, [ids[r] for r in rows], [uris[r] for r in rows], global_[rows],
+                        [lv[rows] for lv in levels])
         )
     shards = (list(parent.shards) if parent else []) + entries
     manifest = make_manifest(
@@ -141,7 +142,8 @@ def test_shard_search_equals_brute_force(tmp_path):
 def test_empty_shard_is_allowed(tmp_path):
     bank = str(tmp_path / "bank")
     vurl = f"{bank}/v0001"
-    entry = write_shard(vurl, 0, [], [], np.zeros((0, 6), np.float32), [np.zeros((0,) + s, np.float16) for s in META.level_shapes])
+    entry = write_shard(vurl, 0, [], [], np.zeros((0, 6), np.float32),
+                        [np.zeros((0,) + s, np.float16) for s in META.level_shapes])
     write_manifest(vurl, make_manifest(1, META, [entry]))
     root, m = open_bank(bank)
     shard = load_shard(root, m.shards[0])

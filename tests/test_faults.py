@@ -144,7 +144,8 @@ def test_a_killed_actor_restarts_and_the_run_completes_undisturbed(actor, small_
     assert_complete_and_undisturbed(out, undisturbed)
 
 
-def test_a_rerun_after_the_driver_is_killed_completes_the_rest_without_duplicates(small_bank, many, undisturbed, tmp_path) -> None:
+def test_a_rerun_after_the_driver_is_killed_completes_the_rest_without_duplicates(small_bank, many, undisturbed,
+                                                                                   tmp_path) -> None:
     out = tmp_path / "out"  # the killed driver starts its own local Ray, next to this idle one
     proc = subprocess.Popen(
         [sys.executable, "-m", "spade_ray.apps.cli", "score", str(many), "--bank", str(small_bank["bank"]),

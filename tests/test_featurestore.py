@@ -40,7 +40,8 @@ def _uris(n: int, prefix: str = "s3://bucket/img") -> list[str]:
     return [f"{prefix}/{i:03d}.png" for i in range(n)]
 
 
-def _table(n: int, seed: int = 0, meta: FeatureMeta = META, prefix: str = "s3://bucket/img") -> tuple[pa.Table, FeatureBatch, list[str]]:
+def _table(n: int, seed: int = 0, meta: FeatureMeta = META,
+           prefix: str = "s3://bucket/img") -> tuple[pa.Table, FeatureBatch, list[str]]:
     uris = _uris(n, prefix)
     batch = _batch(n, seed)
     table = features_to_table(

@@ -3,9 +3,9 @@
 import numpy as np
 import pytest
 
-from spade_ray.method.image_scoring import combine_image_scores, normal_scales
 from spade_ray.method.calibration import Calibration, calibration_rows
 from spade_ray.method.config import SpadeConfig
+from spade_ray.method.image_scoring import combine_image_scores, normal_scales
 
 
 def test_knn_is_the_retrieval_distance_alone() -> None:

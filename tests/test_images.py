@@ -179,7 +179,8 @@ def tiff_with_unsupported_layout() -> bytes:
         # would have reported a truncated file instead
         pytest.param(png_header_only(1_000, 1_000), {"max_pixels": 999_999}, "> max_pixels", id="big-header-only"),
         # PIL's own bomb guard follows max_pixels and fires inside Image.open above twice it
-        pytest.param(png_header_only(20_000, 20_000), {}, "max_pixels=100000000), refused as a decompression bomb", id="pil-bomb"),
+        pytest.param(png_header_only(20_000, 20_000), {}, "max_pixels=100000000), refused as a decompression bomb",
+                     id="pil-bomb"),
         pytest.param(png_header_only(300, 300), {"max_pixels": 40_000}, "decompression bomb", id="pil-bomb-follows-max-pixels"),
     ],
 )

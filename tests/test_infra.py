@@ -142,7 +142,9 @@ def render_composition(name: str) -> list[dict[str, Any]]:
     if name not in _COMPOSED:
         base, components = extra_compositions()[name]
         root = Path(tempfile.mkdtemp(prefix="spade-ray-kustomize-"))
-        rel = lambda p: os.path.relpath(K8S / p, root)
+        def rel(p: str, root: Path = root) -> str:
+            return os.path.relpath(K8S / p, root)
+
         (root / "kustomization.yaml").write_text(yaml.safe_dump({
             "apiVersion": "kustomize.config.k8s.io/v1beta1", "kind": "Kustomization",
             "resources": [rel(base)], "components": [rel(c) for c in components]}))
@@ -347,7 +349,8 @@ def test_every_overlay_renders() -> None:
     assert {"cpu", "gpu", "cpu-raycronjob", "gpu-raycronjob"} <= names
     for name, docs in all_renderings().items():
         kinds = {d["kind"] for d in docs}
-        assert {"Namespace", "ConfigMap", "ServiceAccount", "Role", "RoleBinding", "CronJob", "RayJob", "RayCluster"} <= kinds, name
+        wanted = {"Namespace", "ConfigMap", "ServiceAccount", "Role", "RoleBinding", "CronJob", "RayJob", "RayCluster"}
+        assert wanted <= kinds, name
         assert len(by_kind(docs, "RayJob")) == 2, name
         assert ("RayCronJob" in kinds) == name.endswith("raycronjob"), name
 
@@ -413,7 +416,8 @@ def test_kuberay_rules_and_sizes(name: str) -> None:
             assert spec["authOptions"] == {"mode": "token"}
             head = spec["headGroupSpec"]
             assert head["rayStartParams"]["num-cpus"] == "0", "actors and tasks belong on the workers"
-            assert {p["name"] for p in head["template"]["spec"]["containers"][0]["ports"]} >= {"gcs-server", "dashboard", "client"}
+            ports = {p["name"] for p in head["template"]["spec"]["containers"][0]["ports"]}
+            assert ports >= {"gcs-server", "dashboard", "client"}
             assert {"configMapRef": {"name": PARAMS}} in head["template"]["spec"]["containers"][0]["envFrom"]
             for group in spec["workerGroupSpecs"]:
                 assert group["minReplicas"] <= group["replicas"] <= group["maxReplicas"]
@@ -428,7 +432,8 @@ def test_kuberay_rules_and_sizes(name: str) -> None:
                     f"{meta_name}/{group['groupName']}: {limits['memory']} < {needed / GIB:.1f} GiB for {cpus:g} actors"
                 assert ("nvidia.com/gpu" in limits) == gpu
                 if gpu:
-                    assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in group["template"]["spec"]["tolerations"]
+                    toleration = {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
+                    assert toleration in group["template"]["spec"]["tolerations"]
         for role, pod in pod_specs(doc):
             for c in pod["containers"]:
                 images.add(c["image"])
@@ -453,7 +458,9 @@ def _builtin_errors(doc: dict[str, Any], docs: list[dict[str, Any]]) -> list[str
     pattern = DNS1123_LABEL if kind in ("Namespace", "CronJob") else DNS1123_SUBDOMAIN
     if not pattern.match(name) or len(name) > (52 if kind == "CronJob" else 63 if kind == "Namespace" else 253):
         errors.append(f"invalid name {name!r}")
-    names = lambda k: {d["metadata"]["name"] for d in docs if d["kind"] == k}
+    def names(kind: str) -> set[str]:
+        return {d["metadata"]["name"] for d in docs if d["kind"] == kind}
+
     if kind == "ConfigMap":
         if not all(isinstance(v, str) for v in (doc.get("data") or {}).values()):
             errors.append("ConfigMap data values must be strings")
@@ -472,7 +479,8 @@ def _builtin_errors(doc: dict[str, Any], docs: list[dict[str, Any]]) -> list[str
                     errors.append(f"rule without {field}")
     elif kind == "RoleBinding":
         ref = doc.get("roleRef") or {}
-        if ref.get("apiGroup") != "rbac.authorization.k8s.io" or ref.get("kind") != "Role" or ref.get("name") not in names("Role"):
+        if (ref.get("apiGroup") != "rbac.authorization.k8s.io" or ref.get("kind") != "Role"
+                or ref.get("name") not in names("Role")):
             errors.append(f"roleRef {ref} does not name a Role of this kustomization")
         if not doc.get("subjects"):
             errors.append("no subjects")
@@ -572,7 +580,8 @@ def test_examples_are_valid_and_hold_no_secrets() -> None:
     for key, value in secret["stringData"].items():
         if "SECRET" in key or "KEY_ID" in key:
             assert value.startswith("REPLACE_"), f"{key} looks like a real value"
-    assert set(secret["stringData"]) <= {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_REGION", "AWS_ENDPOINT_URL", "AWS_SESSION_TOKEN"}
+    allowed = {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_REGION", "AWS_ENDPOINT_URL", "AWS_SESSION_TOKEN"}
+    assert set(secret["stringData"]) <= allowed
 
 
 def test_params_can_be_overridden_in_an_overlay_keeping_their_name(tmp_path) -> None:
@@ -673,7 +682,8 @@ def test_entrypoints_expand_the_configmap_into_arguments_that_parse() -> None:
     args = build_parser().parse_args(["score", *argv[1:]])
     assert args.input == f"{values['INPUT_PREFIX']}/2026-11-28/"
     assert args.output == f"{values['OUTPUT_PREFIX']}/2026-11-28"
-    assert (args.bank, args.batch_size, args.max_actors) == (values["BANK"], int(values["SCORE_BATCH_SIZE"]), int(values["SCORE_MAX_ACTORS"]))
+    assert (args.bank, args.batch_size, args.max_actors) == (values["BANK"], int(values["SCORE_BATCH_SIZE"]),
+                                                             int(values["SCORE_MAX_ACTORS"]))
     assert args.storage_options == "" and args.quiet
     # no ARCHIVE_DATE (the RayCronJob): yesterday (UTC), the same day for input and output
     argv = expand(eps["jobs/score_archive.py"], {**values, "ARCHIVE_DATE": ""})
@@ -691,8 +701,10 @@ def test_entrypoints_expand_the_configmap_into_arguments_that_parse() -> None:
     argv = expand(eps["jobs/rebuild_bank.py"], values)
     assert argv[0] == "jobs/rebuild_bank.py"
     own, extra = rebuild["parse"](argv[1:])
-    assert (own.input, own.features, own.output, own.shards) == (values["NORMALS_INPUT"], values["FEATURES_PREFIX"], values["BANK"], values["BANK_SHARDS"])
-    assert (own.backbone, own.image_size, own.batch_size) == (values["BACKBONE"], values["IMAGE_SIZE"], values["EXTRACT_BATCH_SIZE"])
+    assert (own.input, own.features, own.output, own.shards) == (values["NORMALS_INPUT"], values["FEATURES_PREFIX"],
+                                                                 values["BANK"], values["BANK_SHARDS"])
+    assert (own.backbone, own.image_size, own.batch_size) == (values["BACKBONE"], values["IMAGE_SIZE"],
+                                                              values["EXTRACT_BATCH_SIZE"])
     bb = build_parser().parse_args(["build-bank", own.features, "--output", own.output, "--shards", own.shards, *extra])
     assert (bb.calibration_samples, bb.target_fpr, bb.image_k, bb.pixel_k) == (
         int(values["CALIBRATION_SAMPLES"]), float(values["TARGET_FPR"]), int(values["IMAGE_K"]), int(values["PIXEL_K"]))
@@ -702,7 +714,8 @@ def test_a_missing_parameter_stops_the_submitter_with_its_name() -> None:
     values = params()
     del values["BANK"]
     entrypoint = entrypoints()["jobs/score_archive.py"]
-    proc = subprocess.run(["bash", "-ce", f"printf '%s\\0' {entrypoint}"], check=False, env={"PATH": os.environ["PATH"], **values},
+    proc = subprocess.run(["bash", "-ce", f"printf '%s\\0' {entrypoint}"], check=False,
+                          env={"PATH": os.environ["PATH"], **values},
                           capture_output=True, text=True, timeout=30)
     assert proc.returncode != 0 and "BANK: missing in spade-ray-params" in proc.stderr
 
@@ -1032,4 +1045,7 @@ def test_rayjob_entrypoints_run_end_to_end_on_a_token_auth_head(tmp_path) -> Non
     assert all(r["status"] == "ok" for r in rows), [r["error"] for r in rows if r["status"] != "ok"]
     for row in rows:
         assert Path(row["mask_uri"]).is_file() and Path(row["mask_uri"]).is_relative_to(out / "masks"), row
-        assert Path(row["heatmap_uri"]).is_file() and Path(row["heatmap_uri"]).is_relative_to(out / "heatmaps"), row
+        if row["is_anomalous"]:  # the nightly default (--visuals anomalous): pictures of the flagged images
+            assert Path(row["heatmap_uri"]).is_file() and Path(row["heatmap_uri"]).is_relative_to(out / "heatmaps"), row
+        else:
+            assert row["heatmap_uri"] is None and row["overlay_uri"] is None, row

@@ -12,8 +12,8 @@ import struct
 import termios
 
 from spade_ray.apps.cli import _finish
-from spade_ray.distributed.pipeline import JobSummary
 from spade_ray.apps.logs import configure_logging, fields, get_logger
+from spade_ray.distributed.pipeline import JobSummary
 from spade_ray.progress import no_progress, shows_ray_data_bars, terminal_progress
 
 

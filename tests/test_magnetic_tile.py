@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 
 from spade_ray import Spade
+from spade_ray.method.metrics import compute_metrics
 from spade_ray.storage.datasets import load_mvtec
 from spade_ray.storage.images import load_mask
-from spade_ray.method.metrics import compute_metrics
 
 pytestmark = pytest.mark.slow
 

@@ -18,7 +18,6 @@ from spade_ray.method.metrics import (
     pixel_f1_max,
 )
 
-
 # ---------------------------------------------------------------- references
 
 

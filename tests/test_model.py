@@ -10,9 +10,9 @@ import torch
 from PIL import Image
 
 from spade_ray import Spade
+from spade_ray.method.metrics import compute_metrics
 from spade_ray.storage.datasets import load_mvtec
 from spade_ray.storage.images import load_mask
-from spade_ray.method.metrics import compute_metrics
 
 
 @pytest.fixture(scope="module")
@@ -91,7 +91,8 @@ def test_a_folder_without_spade_json_is_not_a_model(tmp_path) -> None:
 
 def test_paper_protocol_maps_are_in_the_224_crop_frame(synthetic_dataset, tmp_path) -> None:
     data = load_mvtec(str(synthetic_dataset))
-    model = Spade(protocol="paper", image_k=1, pixel_k=2, image_scoring="knn").fit([s.uri for s in data.train[:4]], calibration_samples=0)
+    model = Spade(protocol="paper", image_k=1, pixel_k=2, image_scoring="knn")
+    model.fit([s.uri for s in data.train[:4]], calibration_samples=0)
     img = np.asarray(Image.open(data.test[0].uri).convert("RGB").resize((300, 200)))
     assert model.predict([img]).maps[0].shape == (224, 224)
 

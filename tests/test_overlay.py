@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from skimage import data as skdata
 
+from spade_ray.method.preprocess import Preprocessor
 from spade_ray.storage.outputs import heatmap_rgb, output_key
 from spade_ray.storage.overlay import (
     OUTLINE_RGB,
@@ -14,7 +15,6 @@ from spade_ray.storage.overlay import (
     overlay_rgb,
     thumbnail,
 )
-from spade_ray.method.preprocess import Preprocessor
 
 
 @pytest.fixture

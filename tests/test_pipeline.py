@@ -182,7 +182,8 @@ def test_add_to_makes_a_new_version_and_keeps_the_old_one(local_run, dataset, tm
     v2 = json.loads((bank / "v0002" / "manifest.json").read_text())
     assert v2["parent"] == "v0001" and len(v2["shards"]) == 4
     # the old version stays complete and readable, and the latest version is the new one
-    from spade_ray.bank.store import load_shard, open_bank
+    from spade_ray.bank.shard_loader import load_shard
+    from spade_ray.bank.store import open_bank
 
     root, v1 = open_bank(str(bank / "v0001"))
     assert v1.n_images == 18 and sum(len(load_shard(root, e)) for e in v1.shards) == 18

@@ -64,10 +64,11 @@ def test_shards_merge_by_the_exact_distance_not_a_float32_rounding_of_it() -> No
 
 
 def test_a_sharded_bank_serves_the_same_neighbours_as_one_index() -> None:
-    from spade_ray.bank.store import BankShard
+    import faiss
+
+    from spade_ray.bank.shard_loader import BankShard
     from spade_ray.bank.shard_server import ShardServer
     from spade_ray.method.retrieval import merge_topk
-    import faiss
 
     rng = np.random.default_rng(5)
     bank = rng.normal(size=(120, 32)).astype(np.float32)

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
+from spade_ray.apps.synthetic import DEFECT_TYPES, make_synthetic_dataset
 from spade_ray.storage.datasets import load_mvtec
 from spade_ray.storage.images import load_image, load_mask
-from spade_ray.apps.synthetic import DEFECT_TYPES, make_synthetic_dataset
 
 
 @pytest.fixture(scope="module")

@@ -209,8 +209,8 @@ def _time_exact_predict(model: Spade, protocol: str, scoring: dict[str, Any] | N
 def _run_score_job(test_list: str, work: Path, shards: int, address: str | None, progress: Progress,
                    log: Callable[[str], None]) -> tuple[JobSummary, ProcessPeaks]:
     """(d): the distributed score job against the sharded bank, with its actors' peak memory."""
-    from spade_ray.distributed.score_job import run_score
     from spade_ray.distributed.runtime import init_ray
+    from spade_ray.distributed.score_job import run_score
 
     log(f"(d) distributed scoring with {shards} shard actors ...")
     init_ray(address)

@@ -24,9 +24,10 @@ from typing import Any
 
 from spade_ray.apps.cli_parser import build_parser
 from spade_ray.apps.logs import configure_logging, fields, get_logger
+from spade_ray.errors import error_message
 from spade_ray.method.config import METHODS
-from spade_ray.storage.artifacts import ArtifactChoice
 from spade_ray.progress import Progress, terminal_progress
+from spade_ray.storage.artifacts import ArtifactChoice
 
 __all__ = ["EXIT_TOO_MANY_ERRORS", "build_parser", "main"]
 
@@ -184,7 +185,8 @@ def _cmd_score(args: argparse.Namespace) -> int:
                         pixel_k=args.pixel_k, kappa=args.kappa, scoring=_scoring(args), threshold=args.threshold,
                         image_threshold=args.image_threshold, batch_size=args.batch_size, max_actors=args.max_actors,
                         overwrite=args.overwrite, retry_errors=args.retry_errors,
-                        artifacts=ArtifactChoice.parse(args.write, args.visuals, args.save_maps), max_pixels=args.max_pixels, storage_options=_storage_options(args.storage_options),
+                        artifacts=ArtifactChoice.parse(args.write, args.visuals, args.save_maps), max_pixels=args.max_pixels,
+                        storage_options=_storage_options(args.storage_options),
                         address=args.address, progress=_progress(args), report_top=args.report_top)
     if args.log_format == "text":
         get_logger().info(f"report {summary.extra['report']}")
@@ -224,7 +226,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as exc:  # one-line reason, no traceback, for operators and CI logs
         if os.environ.get("SPADE_RAY_DEBUG"):
             raise
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        reason = error_message(exc)
         log.error(f"spade-ray {args.command}: error: {reason}", **fields(stage=args.command, reason=reason))
         return 1
 

@@ -10,11 +10,10 @@ import argparse
 
 from spade_ray.apps.logs import LOG_FORMATS
 from spade_ray.method.backbones import BACKBONES
-from spade_ray.method.image_scoring import IMAGE_SCORINGS
-from spade_ray.method.matching import MATCHING
-from spade_ray.method.preprocess import PROTOCOLS
 from spade_ray.method.config import DEFAULT_IMAGE_K, DEFAULT_PIXEL_K, METHODS, SpadeConfig
-from spade_ray.method.matching import DEFAULT_KAPPA
+from spade_ray.method.image_scoring import IMAGE_SCORINGS
+from spade_ray.method.matching import DEFAULT_KAPPA, MATCHING
+from spade_ray.method.preprocess import PROTOCOLS
 from spade_ray.report.report import DEFAULT_REPORT_TOP
 from spade_ray.storage.artifacts import ARTIFACT_KINDS, VISUALS
 from spade_ray.storage.images import DEFAULT_MAX_PIXELS
@@ -39,7 +38,8 @@ def _positive_int(text: str) -> int:
 def _artifact_kinds(text: str) -> str:
     unknown = {k.strip() for k in text.split(",") if k.strip()} - set(ARTIFACT_KINDS)
     if unknown:
-        raise argparse.ArgumentTypeError(f"unknown artifacts {', '.join(sorted(unknown))}; choose among {', '.join(ARTIFACT_KINDS)}")
+        raise argparse.ArgumentTypeError(f"unknown artifacts {', '.join(sorted(unknown))}; "
+                                         f"choose among {', '.join(ARTIFACT_KINDS)}")
     return text
 
 

@@ -24,6 +24,7 @@ from spade_ray.method.metrics import compute_metrics
 from spade_ray.method.timing import peak_rss_mb
 from spade_ray.progress import Progress, no_progress
 from spade_ray.report.report import DEFAULT_REPORT_TOP
+from spade_ray.storage.artifacts import ArtifactChoice
 from spade_ray.storage.datasets import MVTecDataset, load_mvtec
 from spade_ray.storage.images import load_mask
 from spade_ray.storage.outputs import output_key
@@ -79,6 +80,7 @@ def run_demo(output: str, *, seed: int = 0, image_size: int = 224, image_k: int 
                                     batch_size=batch_size, address=address, progress=progress, **model_args))
     log(summaries[-1].line())
     summaries.append(run_score(os.path.join(dataset, "test"), os.path.join(output, "bank"), output, save_maps=True,
+                               artifacts=ArtifactChoice(visuals="all"),
                                overwrite=True, batch_size=batch_size, address=address, progress=progress,
                                report_top=report_top))
     log(summaries[-1].line())

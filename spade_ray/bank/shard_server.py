@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from spade_ray.bank.manifest import ShardEntry
-from spade_ray.bank.store import BankShard, load_shard
+from spade_ray.bank.shard_loader import BankShard, load_shard
 from spade_ray.method.calibration import calibration_rows
 from spade_ray.method.matching import MatchSettings
 from spade_ray.method.pyramid_bank import PyramidBank

@@ -15,7 +15,7 @@ folder) next to its own new shards.  Readers of v0001 are therefore never distur
 v0002, and nothing is copied to grow a bank.
 
 The manifest (:class:`spade_ray.bank.manifest.BankManifest`) records every shard file's sha256;
-:func:`load_shard` checks each file against it before parsing, so a truncated upload or a file
+:func:`spade_ray.bank.shard_loader.load_shard` checks each file against it before parsing, so a truncated upload or a file
 from another build is refused with a message naming the file rather than producing wrong scores.
 Every file is written whole and read in one request (:mod:`spade_ray.storage.urls`).  No pickle:
 JSON, ``.npy`` with ``allow_pickle=False`` and FAISS's own serialisation.
@@ -30,23 +30,19 @@ import json
 import posixpath
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import faiss
 import numpy as np
 
 from spade_ray.bank.manifest import BANK_FORMAT_VERSION, BankManifest, ShardEntry
-from spade_ray.method.retrieval import search_exact
 from spade_ray.storage.featurestore import FeatureMeta
-from spade_ray.storage.urls import join, read_bytes, resolve, write_bytes
+from spade_ray.storage.urls import join, resolve, write_bytes
 
 __all__ = [
-    "BankShard",
     "check_compatible",
     "feature_meta_of",
     "list_versions",
-    "load_shard",
     "make_manifest",
     "next_version_name",
     "open_bank",
@@ -59,8 +55,6 @@ __all__ = [
 
 MANIFEST = "manifest.json"
 _VERSION_RE = re.compile(r"^v(\d{4,})$")
-_LEVEL_RE = re.compile(r"^level(\d+)\.npy$")
-_REQUIRED_FILES = ("ids.json", "index.faiss", "global.npy")
 
 
 def shard_for(image_id: str, n_shards: int) -> int:
@@ -266,7 +260,7 @@ def _read_manifest(fs: Any, fs_path: str, where: str) -> BankManifest:
 def open_bank(url: str, storage_options: dict[str, Any] | None = None) -> tuple[str, BankManifest]:
     """(bank root URL, manifest) for a bank root (its latest complete version) or a version folder.
 
-    The root URL is what shard entry paths are relative to (pass it to :func:`load_shard`); it
+    The root URL is what shard entry paths are relative to (pass it to :func:`~spade_ray.bank.shard_loader.load_shard`); it
     keeps the caller's protocol, and local paths come back absolute.
     """
     fs, fs_path, base = resolve(url, storage_options)
@@ -309,92 +303,3 @@ def check_compatible(manifest: BankManifest, backbone: str, weights_sha256: str,
         raise ValueError(f"bank was built with image size {theirs[2]}, this scorer uses {ours[2]}; use --image-size {theirs[2]}")
     if theirs[3] != ours[3]:
         raise ValueError(f"bank was built with protocol {theirs[3]!r}, this scorer uses {ours[3]!r}; use --protocol {theirs[3]}")
-
-
-# ----------------------------------------------------------------------------- loading a shard
-
-
-@dataclass
-class BankShard:
-    """One shard in memory: ids/uris, global vectors float32 (n, D), levels float16 (n, C, H, W), FAISS index.
-
-    Row ``r`` of every array, of ``ids``/``uris`` and of the index is the same image.
-    """
-
-    name: str
-    ids: list[str]
-    uris: list[str]
-    global_: np.ndarray
-    levels: list[np.ndarray]
-    index: faiss.Index
-
-    def __len__(self) -> int:
-        return len(self.ids)
-
-    def search(self, queries: np.ndarray, k: int, exclude: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """This shard's ``k`` nearest rows per query: (Euclidean distances, local rows), (B, k) ascending.
-
-        Exact and deterministic (see :func:`spade_ray.method.retrieval.search_exact`), so per-shard
-        results merge with :func:`spade_ray.method.retrieval.merge_topk` (after mapping rows to global
-        ids) into exactly what one index over the whole bank returns.  Missing neighbours have
-        row -1 and distance inf; ``exclude`` (B,) local rows to leave out (-1: none).
-        """
-        return search_exact(self.index, self.global_, queries, k, exclude)
-
-
-def _safe_relpath(path: str) -> str:
-    parts = path.split("/")
-    if path.startswith("/") or any(p in ("", ".", "..") for p in parts):
-        raise ValueError(f"shard path {path!r} in the manifest must be a plain relative path")
-    return path
-
-
-def load_shard(
-    bank_root: str, entry: ShardEntry, verify: bool = True, storage_options: dict[str, Any] | None = None
-) -> BankShard:
-    """Load one shard named by a manifest entry; every file is fetched once (one GET each).
-
-    With ``verify`` each file's sha256 is checked against the manifest before it is parsed: a
-    mismatch (corrupt upload, file replaced by another build) raises ValueError naming the file
-    and both hashes.
-    """
-    files = entry.files
-    missing = [f for f in _REQUIRED_FILES if f not in files]
-    level_files = sorted(((int(m.group(1)), f) for f in files if (m := _LEVEL_RE.match(f))), key=lambda t: t[0])
-    if missing or not level_files or [i for i, _ in level_files] != list(range(len(level_files))):
-        raise ValueError(f"manifest entry of shard {entry.name!r} lists files {sorted(files)}; expected {list(_REQUIRED_FILES)} + level0.npy, level1.npy, ...")
-    shard_url = join(bank_root, _safe_relpath(entry.path))
-
-    def fetch(file_name: str) -> bytes:
-        url = join(shard_url, file_name)
-        try:
-            data = read_bytes(url, storage_options)
-        except FileNotFoundError:
-            raise FileNotFoundError(f"bank file {url} listed in the manifest is missing") from None
-        if verify:
-            got = _sha256(data)
-            if got != files[file_name]:
-                raise ValueError(
-                    f"bank file {url} is corrupt or was replaced: sha256 {got} != {files[file_name]} recorded in the manifest"
-                )
-        return data
-
-    def load_npy(file_name: str) -> np.ndarray:
-        try:
-            return np.load(io.BytesIO(fetch(file_name)), allow_pickle=False)
-        except ValueError as exc:
-            raise ValueError(f"bank file {join(shard_url, file_name)} is not a valid .npy: {exc}") from None
-
-    ids_doc = json.loads(fetch("ids.json"))
-    ids, uris = list(ids_doc["ids"]), list(ids_doc["uris"])
-    index = faiss.deserialize_index(np.frombuffer(fetch("index.faiss"), dtype=np.uint8))
-    global_ = load_npy("global.npy")
-    levels = [load_npy(f) for _, f in level_files]
-
-    n = len(ids)
-    sizes = {"uris": len(uris), "index.faiss": int(index.ntotal), "global.npy": len(global_)}
-    sizes.update({f: len(level) for (_, f), level in zip(level_files, levels)})
-    wrong = {k: v for k, v in sizes.items() if v != n}
-    if wrong or entry.n_images != n:
-        raise ValueError(f"shard {shard_url} is inconsistent: {n} ids but {wrong or {'manifest n_images': entry.n_images}}")
-    return BankShard(entry.name, ids, uris, global_, levels, index)

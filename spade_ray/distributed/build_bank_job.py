@@ -11,9 +11,9 @@ import pyarrow.parquet as pq
 import ray
 
 from spade_ray.bank.manifest import BankManifest, ShardEntry
+from spade_ray.bank.shard_loader import load_shard
 from spade_ray.bank.store import (
     feature_meta_of,
-    load_shard,
     make_manifest,
     next_version_name,
     open_bank,
@@ -32,7 +32,7 @@ from spade_ray.method.fusion import DEFAULT_SIGMA
 from spade_ray.method.matching import DEFAULT_KAPPA
 from spade_ray.progress import Progress, no_progress
 from spade_ray.storage.featurestore import FeatureMeta, list_feature_shards, read_feature_meta
-from spade_ray.storage.outputs import join_url
+from spade_ray.storage.urls import join
 
 __all__ = ["run_build_bank"]
 
@@ -74,7 +74,8 @@ def _write_bank_shard(version_url: str, shard_index: int, storage_options: dict[
                        global_[order], [level[order] for level in levels], storage_options)
 
 
-def _select_rows(files: list[str], storage_options: dict[str, Any] | None, exclude: set[str]) -> tuple[dict[str, list[int]], int, int]:
+def _select_rows(files: list[str], storage_options: dict[str, Any] | None,
+                 exclude: set[str]) -> tuple[dict[str, list[int]], int, int]:
     """Which rows of which file enter the bank: ok rows, first occurrence of each image id."""
     import fsspec
 
@@ -98,9 +99,44 @@ def _select_rows(files: list[str], storage_options: dict[str, Any] | None, exclu
     return keep, errors, duplicates
 
 
+def _target(features: str, output: str | None, add_to: str | None, meta: FeatureMeta,
+            storage_options: dict[str, Any] | None) -> tuple[str, BankManifest | None, set[str]]:
+    """(bank root, parent version's manifest or None, ids already in the parent) of the version to write."""
+    if add_to:
+        bank_root, parent = open_bank(add_to, storage_options)
+        if feature_meta_of(parent) != meta:
+            raise ValueError(f"features under {features} ({meta.backbone}, {meta.image_size}px, {meta.protocol}) do not match "
+                             f"bank {add_to} ({parent.backbone}, {parent.image_size}px, {parent.protocol})")
+        exclude: set[str] = set()
+        for entry in parent.shards:
+            exclude.update(load_shard(bank_root, entry, verify=False, storage_options=storage_options).ids)
+        return bank_root, parent, exclude
+    if output:
+        return output.rstrip("/"), None, set()
+    raise ValueError("build-bank needs --output BANK or --add-to BANK")
+
+
+def _write_shards(keep: dict[str, list[int]], version_url: str, first_index: int, shards: int, meta: FeatureMeta,
+                  storage_options: dict[str, Any] | None, progress: Progress) -> list[ShardEntry]:
+    """The shuffle: one task per feature file cuts its rows by shard, one task per shard writes it."""
+    bar = progress(shards, "build-bank (shards)")
+    parts = [_split_feature_file.options(num_returns=shards).remote(url, rows, shards, meta.to_json(), storage_options)
+             for url, rows in keep.items()]
+    parts = [p if isinstance(p, list) else [p] for p in parts]
+    pending = [_write_bank_shard.remote(version_url, first_index + s, storage_options, *[p[s] for p in parts])
+               for s in range(shards)]
+    order = list(pending)
+    while pending:
+        ready, pending = ray.wait(pending, num_returns=1)
+        bar.update(len(ready))
+    bar.close()
+    return ray.get(order)
+
+
 def run_build_bank(features: str, output: str | None, *, shards: int = 1, add_to: str | None = None,
-                   image_k: int = DEFAULT_IMAGE_K, pixel_k: int = DEFAULT_PIXEL_K, kappa: int = DEFAULT_KAPPA, sigma: float = DEFAULT_SIGMA,
-                   scoring: dict[str, Any] | None = None, calibration_samples: int = 64, target_fpr: float = 0.01, batch_size: int = 16,
+                   image_k: int = DEFAULT_IMAGE_K, pixel_k: int = DEFAULT_PIXEL_K, kappa: int = DEFAULT_KAPPA,
+                   sigma: float = DEFAULT_SIGMA, scoring: dict[str, Any] | None = None, calibration_samples: int = 64,
+                   target_fpr: float = 0.01, batch_size: int = 16,
                    storage_options: dict[str, Any] | None = None, address: str | None = None,
                    progress: Progress = no_progress) -> JobSummary:
     """Parquet feature shards -> a new bank version (``output``, or a new version of ``add_to``).
@@ -116,45 +152,21 @@ def run_build_bank(features: str, output: str | None, *, shards: int = 1, add_to
     if not files:
         raise ValueError(f"no feature shards (*.parquet) found under {features!r}; run `spade-ray extract` first")
     meta = read_feature_meta(files[0], storage_options)
-    parent_manifest: BankManifest | None = None
-    exclude: set[str] = set()
-    if add_to:
-        bank_root, parent_manifest = open_bank(add_to, storage_options)
-        if feature_meta_of(parent_manifest) != meta:
-            raise ValueError(f"features under {features} ({meta.backbone}, {meta.image_size}px, {meta.protocol}) do not match "
-                             f"bank {add_to} ({parent_manifest.backbone}, {parent_manifest.image_size}px, {parent_manifest.protocol})")
-        for entry in parent_manifest.shards:
-            exclude.update(load_shard(bank_root, entry, verify=False, storage_options=storage_options).ids)
-    elif output:
-        bank_root = output.rstrip("/")
-    else:
-        raise ValueError("build-bank needs --output BANK or --add-to BANK")
+    bank_root, parent_manifest, exclude = _target(features, output, add_to, meta, storage_options)
     keep, n_errors, n_duplicates = _select_rows(files, storage_options, exclude)
     n_new = sum(len(v) for v in keep.values())
     if n_new == 0 and not parent_manifest:
         raise ValueError(f"no usable normal images in {features!r} ({n_errors} error rows)")
     version = next_version_name(bank_root, storage_options)
-    version_url = join_url(bank_root, version)
+    version_url = join(bank_root, version)
     summary = JobSummary("build-bank", ok=n_new, error=n_errors, skipped=n_duplicates + len(exclude), output=version_url)
 
     init_ray(address)
     first_index = len(parent_manifest.shards) if parent_manifest else 0
-    new_entries: list[ShardEntry] = []
-    if n_new:
-        bar = progress(shards, "build-bank (shards)")
-        parts = [_split_feature_file.options(num_returns=shards).remote(url, rows, shards, meta.to_json(), storage_options)
-                 for url, rows in keep.items()]
-        parts = [p if isinstance(p, list) else [p] for p in parts]
-        pending = [_write_bank_shard.remote(version_url, first_index + s, storage_options, *[p[s] for p in parts])
-                   for s in range(shards)]
-        order = list(pending)
-        while pending:
-            ready, pending = ray.wait(pending, num_returns=1)
-            bar.update(len(ready))
-        bar.close()
-        new_entries = ray.get(order)
+    new_entries = _write_shards(keep, version_url, first_index, shards, meta, storage_options, progress) if n_new else []
     entries = (list(parent_manifest.shards) if parent_manifest else []) + new_entries
-    config = SpadeConfig(meta.backbone, meta.image_size, meta.protocol, image_k, pixel_k, kappa, sigma).with_scoring(scoring or {})
+    config = SpadeConfig(meta.backbone, meta.image_size, meta.protocol, image_k, pixel_k, kappa,
+                         sigma).with_scoring(scoring or {})
     draft = make_manifest(version, meta, entries, parent=version_name(parent_manifest.version) if parent_manifest else None)
     served = start_shard_actors(bank_root, draft, storage_options, num_cpus=shard_actor_cpus(len(entries)),
                                 aggregate=config.aggregate)
@@ -162,7 +174,8 @@ def run_build_bank(features: str, output: str | None, *, shards: int = 1, add_to
         calibration = calibrate_served(served, config, calibration_samples, target_fpr, batch_size, progress)
     finally:
         served.shutdown()
-    build = {"shards": shards, **config.scoring(), "calibration_samples": calibration_samples, "target_fpr": target_fpr, "features": features}
+    build = {"shards": shards, **config.scoring(), "calibration_samples": calibration_samples, "target_fpr": target_fpr,
+             "features": features}
     manifest = make_manifest(version, meta, entries, build=build,
                              calibration=asdict(calibration) if calibration else None,
                              parent=version_name(parent_manifest.version) if parent_manifest else None)

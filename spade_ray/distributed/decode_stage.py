@@ -47,9 +47,11 @@ class DecodeImages:
         encoded = np.full(n, b"", dtype=object)
         uris = [str(uri) for uri in batch["uri"]]
         for i, (uri, data) in enumerate(zip(uris, read_many(uris, self.storage_options))):
+            if isinstance(data, Exception):  # unreadable: the reason names the input, whatever the store said
+                reason = error_reason(data)
+                status[i], error[i] = "error", reason if uri in reason else f"{reason} ({uri})"
+                continue
             try:
-                if isinstance(data, Exception):
-                    raise data
                 image = decode_image(data, uri=uri, max_pixels=self.max_pixels)
                 heights[i], widths[i] = image.shape[:2]
                 pixels[i] = self.preprocessor.resize_rgb(image)

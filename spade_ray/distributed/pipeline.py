@@ -6,13 +6,12 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import ray
 
-from spade_ray.distributed.decode_stage import Batch, DecodeImages
+from spade_ray.distributed.decode_stage import DecodeImages
 from spade_ray.distributed.runtime import cluster_cpus, ray_data_output
 from spade_ray.progress import Progress, no_progress, shows_ray_data_bars
 from spade_ray.storage.outputs import output_stem
@@ -77,7 +76,8 @@ class JobSummary:
 
 
 
-def _actor_pool(n_items: int, batch_size: int, max_actors: int | None, reserved_cpus: float = 0.0) -> tuple[ray.data.ActorPoolStrategy, float]:
+def _actor_pool(n_items: int, batch_size: int, max_actors: int | None,
+                reserved_cpus: float = 0.0) -> tuple[ray.data.ActorPoolStrategy, float]:
     """The UDF actor pool and the CPUs per actor, leaving room for the decode tasks.
 
     A pool that takes every CPU starves Ray Data's read/decode tasks and the job hangs, so the
@@ -91,9 +91,19 @@ def _actor_pool(n_items: int, batch_size: int, max_actors: int | None, reserved_
 
 
 DECODE_CPUS = 0.25
-# The write stage mostly waits on storage; a small reservation lets several batches' writes be in
-# flight without taking CPUs from the scorers (encoding already happened in the actors).
+# The writers mostly wait on storage; a small reservation lets them run beside the scorers
+# without taking their CPUs (encoding already happened in the scorers).
 WRITE_CPUS = 0.05
+
+
+def _writers() -> int:
+    """Writer actors: a few per node's worth of CPUs, each with many requests in flight.
+
+    Actors, started with the pipeline, rather than tasks: a task may need a new worker process
+    (seconds to import the package) while the scorers race ahead; an actor keeps its process and
+    its storage client's connections for the whole run.
+    """
+    return max(1, cluster_cpus() // 8)
 
 
 # Fault tolerance of the pipeline (Ray Data's ray_remote_args): a UDF actor that dies (node lost,
@@ -110,12 +120,13 @@ TASK_RETRIES = 3
 def run_pipeline(items: list[InputImage], decode: DecodeImages, udf: type, udf_kwargs: dict[str, Any],
                   batch_size: int, max_actors: int | None, summary: JobSummary, progress: Progress, desc: str,
                   reserved_cpus: float = 0.0, keys: dict[str, str] | None = None,
-                  write: Callable[[Batch], Batch] | None = None) -> None:
+                  write: tuple[type, dict[str, Any]] | None = None) -> None:
     """from_items -> decode (tasks) -> UDF (actor pool) [-> write (tasks)]; counts results as they stream back.
 
     ``keys`` maps image ids to their output key stems (default: :func:`output_stem` of the relpath).
-    ``write`` stores what the UDF produced, in tasks of its own, so the actors' next batch overlaps
-    the previous one's requests.  The last stage returns ``image_id``, ``status``, ``error``.
+    ``write`` (a class and its constructor arguments) stores what the UDF produced, in a small pool
+    of I/O actors of its own, so the scorers' next batch overlaps the previous one's requests.  The
+    last stage returns ``image_id``, ``status``, ``error``.
     """
     # On a terminal Ray Data draws its own bars (one per operator); otherwise it stays silent and
     # so does the driver's bar.  Set before the dataset exists: a dataset keeps the context it was made with.
@@ -126,11 +137,15 @@ def run_pipeline(items: list[InputImage], decode: DecodeImages, udf: type, udf_k
                                "key": keys.get(it.image_id) or output_stem(it.relpath)} for it in items],
                              override_num_blocks=max(1, -(-len(items) // batch_size)))
     ds = ds.map_batches(decode, batch_size=batch_size, num_cpus=DECODE_CPUS, max_retries=TASK_RETRIES)
-    pool, per_actor = _actor_pool(len(items), batch_size, max_actors, reserved_cpus)
+    writer_cpus = WRITE_CPUS * _writers() if write is not None else 0.0
+    pool, per_actor = _actor_pool(len(items), batch_size, max_actors, reserved_cpus + writer_cpus)
     ds = ds.map_batches(udf, fn_constructor_kwargs=udf_kwargs, batch_size=batch_size, num_cpus=per_actor, compute=pool,
                         max_restarts=-1, max_task_retries=TASK_RETRIES)
     if write is not None:
-        ds = ds.map_batches(write, batch_size=None, num_cpus=WRITE_CPUS, max_retries=TASK_RETRIES)
+        writer, writer_kwargs = write
+        ds = ds.map_batches(writer, fn_constructor_kwargs=writer_kwargs, batch_size=None, num_cpus=WRITE_CPUS,
+                            compute=ray.data.ActorPoolStrategy(size=_writers()), max_restarts=-1,
+                            max_task_retries=TASK_RETRIES)
     bar = no_progress(len(items), desc) if ray_bars else progress(len(items), desc)
     first: tuple[float, int] | None = None
     done = 0

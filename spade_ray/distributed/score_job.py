@@ -21,12 +21,12 @@ from spade_ray.method.decision import Thresholds
 from spade_ray.method.preprocess import Preprocessor
 from spade_ray.progress import Progress, no_progress
 from spade_ray.report.report import DEFAULT_REPORT_TOP, score_report, write_report
-from spade_ray.storage.images import DEFAULT_MAX_PIXELS
 from spade_ray.storage.artifacts import ArtifactChoice
+from spade_ray.storage.images import DEFAULT_MAX_PIXELS
 from spade_ray.storage.outputs import unique_output_stems
 from spade_ray.storage.results import drop_error_rows, read_results, remove_results
-from spade_ray.storage.urls import join
 from spade_ray.storage.sources import resolve_inputs
+from spade_ray.storage.urls import join
 
 __all__ = ["run_score"]
 
@@ -153,7 +153,8 @@ def run_score(source: str, bank_url: str, output: str, *, weights: str | None = 
                                        "thresholds": thresholds, "artifacts": choice, "max_pixels": max_pixels,
                                        "scales": calibration.scales if calibration else None},
                          batch_size, max_actors, summary, progress, "score", reserved_cpus=shard_cpus * len(manifest.shards),
-                         keys=keys, write=WriteResults(output, new_run_id(), storage_options))
+                         keys=keys, write=(WriteResults, {"output": output, "run_id": new_run_id(),
+                                                         "storage_options": storage_options}))
     finally:
         if served is not None:
             served.shutdown()

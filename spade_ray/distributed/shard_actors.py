@@ -9,7 +9,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import ray
 
 from spade_ray.bank.manifest import BankManifest, ShardEntry

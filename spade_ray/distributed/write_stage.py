@@ -1,6 +1,6 @@
 """The score job's last stage: store each batch's artifacts, then commit its result rows.
 
-Ray Data tasks, so the writes of one batch overlap the scoring of the next.  Within a batch the
+A small pool of I/O actors, so the writes of one batch overlap the scoring of the next.  Within a batch the
 files are written concurrently (:func:`~spade_ray.storage.urls.write_many`), and the batch's
 result file goes last, only after every artifact is stored: a row never points at a missing
 object.  A write that fails raises, so Ray retries the task (the same keys, overwritten whole);
@@ -14,11 +14,12 @@ from typing import Any
 
 import numpy as np
 
-from spade_ray.distributed.decode_stage import Batch
 from spade_ray.storage.results import batch_name, write_results
 from spade_ray.storage.urls import write_many
 
 __all__ = ["WriteResults"]
+
+Batch = dict[str, np.ndarray]
 
 
 class WriteResults:

@@ -13,7 +13,7 @@ keeps raw features (one bank serves every setting).
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch

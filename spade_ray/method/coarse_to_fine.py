@@ -46,7 +46,7 @@ def coarse_to_fine_distances(
     """
     if coarse_k < 1 or margin < 0:
         raise ValueError(f"coarse_k must be >= 1 and margin >= 0; got {coarse_k}, {margin}")
-    coarse = min(range(len(query_levels)), key=lambda l: query_levels[l].shape[1] * query_levels[l].shape[2])
+    coarse = min(range(len(query_levels)), key=lambda i: query_levels[i].shape[1] * query_levels[i].shape[2])
     qc, gc = query_levels[coarse].float(), gallery_levels[coarse]
     channels, hc, wc = qc.shape
     n_images = gc.shape[0]
@@ -191,7 +191,8 @@ def _restricted_level_gather(
             k = min(kappa, n_cand)
             values, idx = d2.topk(k, dim=2, largest=False)
             if k < kappa:
-                values = torch.cat([values, torch.full((*values.shape[:2], kappa - k), float("inf"), device=values.device)], dim=2)
+                pad = torch.full((*values.shape[:2], kappa - k), float("inf"), device=values.device)
+                values = torch.cat([values, pad], dim=2)
                 idx = torch.cat([idx, idx[..., :1].expand(-1, -1, kappa - k)], dim=2)
         best_d2[start : start + step] = values
         best_row[start : start + step] = cand.gather(1, idx.reshape(idx.shape[0], -1)).reshape(idx.shape)

@@ -84,7 +84,8 @@ class SpadeConfig:
 
     def with_scoring(self, settings: dict[str, Any]) -> SpadeConfig:
         """This config with the scoring settings found in ``settings`` (None values and other keys ignored)."""
-        return replace(self, **{k: type(getattr(self, k))(v) for k, v in settings.items() if k in SCORING_SETTINGS and v is not None})
+        given = {k: v for k, v in settings.items() if k in SCORING_SETTINGS and v is not None}
+        return replace(self, **{k: type(getattr(self, k))(v) for k, v in given.items()})
 
 
 SCORING_SETTINGS = ("image_k", "pixel_k", "kappa", "sigma", "matching", "coarse_k", "margin", "aggregate", "image_scoring")

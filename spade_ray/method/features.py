@@ -27,11 +27,11 @@ class FeatureBatch:
     def __len__(self) -> int:
         return int(self.global_.shape[0])
 
-    def select(self, rows: np.ndarray | list[int] | slice) -> "FeatureBatch":
+    def select(self, rows: np.ndarray | list[int] | slice) -> FeatureBatch:
         return FeatureBatch(self.global_[rows], [level[rows] for level in self.levels])
 
     @staticmethod
-    def concat(batches: list["FeatureBatch"]) -> "FeatureBatch":
+    def concat(batches: list[FeatureBatch]) -> FeatureBatch:
         if not batches:
             raise ValueError("no feature batches to concatenate")
         return FeatureBatch(

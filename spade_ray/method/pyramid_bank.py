@@ -50,7 +50,7 @@ class PyramidBank:
         self.n_images = int(levels[0].shape[0])
         self.shapes = [tuple(int(s) for s in level.shape[1:]) for level in levels]
         self.aggregate = aggregate
-        self.coarse = min(range(len(levels)), key=lambda l: self.shapes[l][1] * self.shapes[l][2])
+        self.coarse = min(range(len(levels)), key=lambda i: self.shapes[i][1] * self.shapes[i][2])
         _, hc, wc = self.shapes[self.coarse]
         self.grid = (hc, wc)
         self.cell_major = all(h % hc == 0 and w % wc == 0 for _, h, w in self.shapes)

@@ -13,13 +13,10 @@ from typing import Any
 
 import numpy as np
 
-from spade_ray.storage.datasets import MVTecDataset
-from spade_ray.storage.images import load_image
-from spade_ray.method.metrics import pixel_roc_curve, pro_curve, roc_curve
 from spade_ray.method.decision import Thresholds
-from spade_ray.method.scorer import Prediction
-from spade_ray.storage.artifacts import overlay_with_mask
+from spade_ray.method.metrics import pixel_roc_curve, pro_curve, roc_curve
 from spade_ray.method.preprocess import Preprocessor
+from spade_ray.method.scorer import Prediction
 from spade_ray.report.report import (
     DEFAULT_REPORT_TOP,
     Neighbour,
@@ -31,6 +28,9 @@ from spade_ray.report.report import (
     now_utc,
 )
 from spade_ray.report.svgplot import Series, curves_svg, histogram_svg
+from spade_ray.storage.artifacts import overlay_with_mask
+from spade_ray.storage.datasets import MVTecDataset
+from spade_ray.storage.images import load_image
 
 __all__ = ["evaluation_report"]
 

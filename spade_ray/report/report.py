@@ -171,7 +171,8 @@ def _item_html(rank: int, item: ReportItem) -> str:
             f"{' · ' + escape(item.problem) if item.problem else ''}</div>")
     panels = "".join(_figure(name, uri, item.problem) for name, uri in item.panels.items())
     neighbours = "".join(_figure(f"{k + 1}. {n.name}", n.picture, n.problem, "nb") for k, n in enumerate(item.neighbours))
-    strip = (f'<div class="sep"></div><div><div class="legend">nearest normal images</div><div class="row">{neighbours}</div></div>'
+    strip = (f'<div class="sep"></div><div><div class="legend">nearest normal images</div>'
+             f'<div class="row">{neighbours}</div></div>'
              if item.neighbours else "")
     return f'<section class="item">{head}<div class="row">{panels}{strip}</div></section>'
 
@@ -252,7 +253,8 @@ def _score_item(row: dict[str, Any], preprocessor: Preprocessor, storage_options
 
 
 def score_report(output: str, *, source: str, bank_id: str, thresholds: Thresholds,
-                 preprocessor: Preprocessor, skipped: int = 0, top: int = DEFAULT_REPORT_TOP, storage_options: dict[str, Any] | None = None,
+                 preprocessor: Preprocessor, skipped: int = 0, top: int = DEFAULT_REPORT_TOP,
+                 storage_options: dict[str, Any] | None = None,
                  progress: Callable[[int], None] | None = None) -> Report:
     """The report of everything scored into ``output`` (all runs), from its result rows and outputs.
 

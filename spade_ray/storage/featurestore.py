@@ -159,6 +159,42 @@ def _fixed_size_list(flat: np.ndarray, size: int, null_mask: np.ndarray | None) 
     return pa.FixedSizeListArray.from_arrays(values, size, mask=mask)
 
 
+def _checked_statuses(n: int, uris: Sequence[str], heights: Sequence[int | None], widths: Sequence[int | None],
+                      statuses: Sequence[str] | None, errors: Sequence[str | None] | None,
+                      relpaths: Sequence[str | None] | None) -> list[str]:
+    """The rows' statuses (default all ok), after checking that every per-row list has ``n`` entries."""
+    for name, seq in (("uris", uris), ("heights", heights), ("widths", widths), ("statuses", statuses),
+                      ("errors", errors), ("relpaths", relpaths)):
+        if seq is not None and len(seq) != n:
+            raise ValueError(f"{name} has {len(seq)} entries for {n} ids")
+    status_list = [STATUS_OK] * n if statuses is None else [str(s) for s in statuses]
+    bad = sorted(set(status_list) - _STATUSES)
+    if bad:
+        raise ValueError(f"status must be 'ok' or 'error'; got {bad}")
+    return status_list
+
+
+def _checked_features(features: FeatureBatch | None, meta: FeatureMeta, n: int, n_ok: int) -> tuple[np.ndarray, list[np.ndarray]]:
+    """(global vectors, levels) of every row or of the ok rows, checked against ``meta``'s shapes."""
+    if features is None:
+        if n_ok:
+            raise ValueError(f"{n_ok} rows have status 'ok' but no features were given")
+        global_ = np.zeros((0, meta.global_dim), dtype=np.float32)
+        levels = [np.zeros((0,) + shape, dtype=np.float16) for shape in meta.level_shapes]
+    else:
+        global_, levels = features.global_, features.levels
+        if len(global_) not in (n, n_ok):
+            raise ValueError(f"features have {len(global_)} rows; expected {n} (all rows) or {n_ok} (ok rows)")
+    if global_.ndim != 2 or global_.shape[1] != meta.global_dim:
+        raise ValueError(f"global vectors have shape {global_.shape}; meta says (N, {meta.global_dim})")
+    if len(levels) != len(meta.level_shapes):
+        raise ValueError(f"{len(levels)} pyramid levels; meta describes {len(meta.level_shapes)}")
+    for i, (level, shape) in enumerate(zip(levels, meta.level_shapes)):
+        if tuple(level.shape[1:]) != shape or len(level) != len(global_):
+            raise ValueError(f"level{i} has shape {level.shape}; meta says (N, {', '.join(map(str, shape))})")
+    return global_, levels
+
+
 def features_to_table(
     ids: Sequence[str],
     uris: Sequence[str],
@@ -178,41 +214,10 @@ def features_to_table(
     column is null on ok rows).  Shapes must match ``meta``: a shard's metadata must describe it.
     """
     n = len(ids)
-    for name, seq in (("uris", uris), ("heights", heights), ("widths", widths)):
-        if len(seq) != n:
-            raise ValueError(f"{name} has {len(seq)} entries for {n} ids")
-    status_list = [STATUS_OK] * n if statuses is None else [str(s) for s in statuses]
-    if len(status_list) != n:
-        raise ValueError(f"statuses has {len(status_list)} entries for {n} ids")
-    bad = sorted(set(status_list) - _STATUSES)
-    if bad:
-        raise ValueError(f"status must be 'ok' or 'error'; got {bad}")
-    if errors is not None and len(errors) != n:
-        raise ValueError(f"errors has {len(errors)} entries for {n} ids")
-    if relpaths is not None and len(relpaths) != n:
-        raise ValueError(f"relpaths has {len(relpaths)} entries for {n} ids")
-
+    status_list = _checked_statuses(n, uris, heights, widths, statuses, errors, relpaths)
     error_mask = np.array([s == STATUS_ERROR for s in status_list], dtype=bool)
     ok_rows = np.flatnonzero(~error_mask)
-    n_ok = len(ok_rows)
-
-    if features is None:
-        if n_ok:
-            raise ValueError(f"{n_ok} rows have status 'ok' but no features were given")
-        global_ = np.zeros((0, meta.global_dim), dtype=np.float32)
-        levels = [np.zeros((0,) + shape, dtype=np.float16) for shape in meta.level_shapes]
-    else:
-        global_, levels = features.global_, features.levels
-        if len(global_) not in (n, n_ok):
-            raise ValueError(f"features have {len(global_)} rows; expected {n} (all rows) or {n_ok} (ok rows)")
-    if global_.ndim != 2 or global_.shape[1] != meta.global_dim:
-        raise ValueError(f"global vectors have shape {global_.shape}; meta says (N, {meta.global_dim})")
-    if len(levels) != len(meta.level_shapes):
-        raise ValueError(f"{len(levels)} pyramid levels; meta describes {len(meta.level_shapes)}")
-    for i, (level, shape) in enumerate(zip(levels, meta.level_shapes)):
-        if tuple(level.shape[1:]) != shape or len(level) != len(global_):
-            raise ValueError(f"level{i} has shape {level.shape}; meta says (N, {', '.join(map(str, shape))})")
-
+    global_, levels = _checked_features(features, meta, n, len(ok_rows))
     null_mask = error_mask if error_mask.any() else None
     columns: dict[str, pa.Array] = {
         "image_id": pa.array(list(ids), type=pa.string()),
@@ -222,7 +227,8 @@ def features_to_table(
         "width": pa.array([None if w is None else int(w) for w in widths], type=pa.int32()),
         "status": pa.array(status_list, type=pa.string()),
         "error": pa.array(
-            [None if (errors is None or s == STATUS_OK or errors[i] is None) else str(errors[i]) for i, s in enumerate(status_list)],
+            [None if (errors is None or s == STATUS_OK or errors[i] is None) else str(errors[i])
+             for i, s in enumerate(status_list)],
             type=pa.string(),
         ),
         "global": _fixed_size_list(

@@ -16,13 +16,8 @@ from collections.abc import Iterable
 import numpy as np
 from PIL import Image
 
-from spade_ray.storage.urls import join
-
 __all__ = ["encode_jpeg", "encode_npy", "encode_png", "heatmap_rgb", "output_key", "output_stem", "unique_output_stems"]
 
-# ``join_url`` stays importable from here only until spade_ray/distributed/* import
-# spade_ray.storage.urls.join; then delete this alias: it is the same function under its old name.
-join_url = join
 
 # Anchor colours of a perceptually ordered dark-to-bright map (black, purple, red, orange, yellow)
 _HEAT_ANCHORS = np.array(

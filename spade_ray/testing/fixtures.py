@@ -16,7 +16,7 @@ server without pytest installed.  Register it with one line in ``tests/conftest.
 
 from __future__ import annotations
 
-from typing import Iterator
+from collections.abc import Iterator
 
 import pytest
 

@@ -42,9 +42,10 @@ import sysconfig
 import tempfile
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 REGION = "us-east-1"
 HOST = "127.0.0.1"
