@@ -22,8 +22,8 @@ class ExtractFeatures:
     """Actor-pool UDF: backbone once per actor; writes one Parquet feature shard per batch."""
 
     def __init__(self, backbone: str, weights: str | None, preprocessor: Preprocessor, output: str,
-                 run_id: str, storage_options: dict[str, Any] | None = None) -> None:
-        set_worker_threads()
+                 run_id: str, storage_options: dict[str, Any] | None = None, threads: int | None = None) -> None:
+        set_worker_threads(threads=threads)
         self.backbone = load_backbone(backbone, weights)
         self.preprocessor = preprocessor
         self.output = output

@@ -12,12 +12,12 @@ from typing import Any
 import ray
 
 from spade_ray.distributed.decode_stage import DecodeImages
-from spade_ray.distributed.runtime import cluster_cpus, ray_data_output
+from spade_ray.distributed.runtime import cluster_cpus, node_cpus, ray_data_output
 from spade_ray.progress import Progress, no_progress, shows_ray_data_bars
 from spade_ray.storage.outputs import output_stem
 from spade_ray.storage.sources import InputImage
 
-__all__ = ["DECODE_CPUS", "TASK_RETRIES", "WRITE_CPUS", "JobSummary", "new_run_id", "run_pipeline"]
+__all__ = ["DECODE_CPUS", "TASK_RETRIES", "WRITE_CPUS", "ActorPlan", "JobSummary", "new_run_id", "plan_actors", "run_pipeline"]
 
 
 @dataclass
@@ -76,18 +76,31 @@ class JobSummary:
 
 
 
-def _actor_pool(n_items: int, batch_size: int, max_actors: int | None,
-                reserved_cpus: float = 0.0) -> tuple[ray.data.ActorPoolStrategy, float]:
-    """The UDF actor pool and the CPUs per actor, leaving room for the decode tasks.
+@dataclass(frozen=True)
+class ActorPlan:
+    """The UDF actor pool: its size, the CPUs each actor reserves, and the threads each runs."""
 
-    A pool that takes every CPU starves Ray Data's read/decode tasks and the job hangs, so the
-    pool is bounded by the CPUs left after the shard actors and one decode slot.
+    pool: ray.data.ActorPoolStrategy
+    cpus_per_actor: float
+    threads: int
+
+
+def plan_actors(n_items: int, batch_size: int, max_actors: int | None, reserved_cpus: float = 0.0) -> ActorPlan:
+    """Size the actor pool to the CPUs left after the shard actors, the writers and one decode slot.
+
+    A pool that takes every CPU starves Ray Data's decode tasks and the job hangs.  Each actor
+    reserves 1 CPU on a cluster (0.5 on a machine of fewer than 4), but runs
+    ``cluster CPUs // actors`` threads (at most a node's CPUs): the shard actors' reservations are
+    mostly idle while an actor runs its backbone (it waits on them, they on it), so an actor that
+    used only its reservation would leave cores idle; on a cluster, where the pool fills the
+    workers, this is 1 thread per actor as before.
     """
     cpus = cluster_cpus()
     per_actor = 1.0 if cpus >= 4 else 0.5
     room = max(per_actor, cpus - reserved_cpus - DECODE_CPUS)
     wanted = max(1, min(max_actors or 10**6, int(room // per_actor), -(-n_items // batch_size)))
-    return ray.data.ActorPoolStrategy(min_size=1, max_size=wanted), per_actor
+    threads = max(1, min(node_cpus(), cpus // wanted))
+    return ActorPlan(ray.data.ActorPoolStrategy(min_size=1, max_size=wanted), per_actor, threads)
 
 
 DECODE_CPUS = 0.25
@@ -138,8 +151,9 @@ def run_pipeline(items: list[InputImage], decode: DecodeImages, udf: type, udf_k
                              override_num_blocks=max(1, -(-len(items) // batch_size)))
     ds = ds.map_batches(decode, batch_size=batch_size, num_cpus=DECODE_CPUS, max_retries=TASK_RETRIES)
     writer_cpus = WRITE_CPUS * _writers() if write is not None else 0.0
-    pool, per_actor = _actor_pool(len(items), batch_size, max_actors, reserved_cpus + writer_cpus)
-    ds = ds.map_batches(udf, fn_constructor_kwargs=udf_kwargs, batch_size=batch_size, num_cpus=per_actor, compute=pool,
+    plan = plan_actors(len(items), batch_size, max_actors, reserved_cpus + writer_cpus)
+    ds = ds.map_batches(udf, fn_constructor_kwargs={**udf_kwargs, "threads": plan.threads}, batch_size=batch_size,
+                        num_cpus=plan.cpus_per_actor, compute=plan.pool,
                         max_restarts=-1, max_task_retries=TASK_RETRIES)
     if write is not None:
         writer, writer_kwargs = write

@@ -21,7 +21,7 @@ from typing import Any
 import ray
 
 __all__ = ["FORWARDED_ENV_PREFIXES", "SECRET_ENV_MARKERS", "cluster_cpus", "forwarded_env", "init_ray",
-           "ray_data_output", "set_worker_threads"]
+           "node_cpus", "ray_data_output", "set_worker_threads"]
 
 # AWS_* (s3fs/botocore: endpoint, region, profile), GOOGLE_* (gcsfs), SPADE_RAY_*, FSSPEC_*
 FORWARDED_ENV_PREFIXES = ("AWS_", "GOOGLE_", "SPADE_RAY_", "FSSPEC_")
@@ -80,16 +80,25 @@ def cluster_cpus() -> int:
     return max(1, int(ray.cluster_resources().get("CPU", 1)))
 
 
-def set_worker_threads(default: int = 1) -> int:
-    """Match torch/FAISS threads to the CPUs Ray gave this worker (Ray sets OMP_NUM_THREADS=1)."""
+def node_cpus() -> int:
+    """CPUs of the largest live node: more threads than that would only oversubscribe an actor's node."""
+    sizes = [node.get("Resources", {}).get("CPU", 0) for node in ray.nodes() if node.get("Alive")]
+    return max(1, int(max(sizes, default=1)))
+
+
+def set_worker_threads(default: int = 1, threads: int | None = None) -> int:
+    """Match torch/FAISS threads to the CPUs Ray gave this worker (Ray sets OMP_NUM_THREADS=1),
+    or to ``threads`` when the job planned more for it (see ``pipeline.plan_actors``)."""
     import faiss
     import torch
 
-    try:
-        cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", default)
-    except Exception:  # outside a worker
-        cpus = default
-    threads = max(1, int(round(cpus)) or default)
+    if threads is None:
+        try:
+            cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", default)
+        except Exception:  # outside a worker
+            cpus = default
+        threads = int(round(cpus)) or default
+    threads = max(1, threads)
     torch.set_num_threads(threads)
     faiss.omp_set_num_threads(threads)
     return threads

@@ -58,8 +58,9 @@ class ScoreImages:
 
     def __init__(self, bank: ServedBank, config: SpadeConfig, weights: str | None, output: str,
                  thresholds: Thresholds, artifacts: ArtifactChoice | None = None,
-                 max_pixels: int = DEFAULT_MAX_PIXELS, scales: tuple[float, float] | None = None) -> None:
-        set_worker_threads()
+                 max_pixels: int = DEFAULT_MAX_PIXELS, scales: tuple[float, float] | None = None,
+                 threads: int | None = None) -> None:
+        set_worker_threads(threads=threads)
         self.max_pixels = max_pixels
         self.backbone = load_backbone(config.backbone, weights)
         check_compatible(bank.manifest, config.backbone, self.backbone.weights_sha256, config.image_size, config.protocol)

@@ -307,6 +307,74 @@ class _ServerDied(RuntimeError):
         self.log = log
 
 
+def _weed_command(weed: str, base: Path, data_dir: Path, ports: dict[str, int], attempt: int) -> list[str]:
+    """The ``weed mini`` command line: loopback only, every port explicit, the parts tests do not need off."""
+    return [
+        weed, "mini",
+        f"-dir={data_dir}", f"-ip={HOST}", f"-ip.bind={HOST}",
+        # ports: explicit, so that a busy default never makes startup fail
+        f"-s3.port={ports['s3']}", f"-s3.port.grpc={ports['s3.grpc']}",
+        f"-master.port={ports['master']}", f"-master.port.grpc={ports['master.grpc']}",
+        f"-volume.port={ports['volume']}", f"-volume.port.grpc={ports['volume.grpc']}",
+        f"-filer.port={ports['filer']}", f"-filer.port.grpc={ports['filer.grpc']}",
+        f"-admin.port={ports['admin']}", f"-admin.port.grpc={ports['admin.grpc']}",
+        f"-filer.localSocket={base / f'filer{attempt}.sock'}",
+        f"-s3.localSocket={base / f's3-{attempt}.sock'}",
+        # not needed by tests: keep startup and shutdown fast, open fewer ports
+        "-webdav=false", "-admin.ui=false", "-s3.port.iceberg=0", "-s3.port.lance=0",
+        "-master.telemetry=false", "-volume.preStopSeconds=0",
+        # every bucket is a SeaweedFS collection with volumes of its own, and by default the volume
+        # count is capped at free disk / volume size (73 buckets on 73 GiB free, 5 on 5 GiB): raise
+        # the cap; volumes are sparse files, so this costs no disk until data is written
+        f"-volume.max={VOLUME_MAX}", f"-master.volumeSizeLimitMB={VOLUME_SIZE_MB}",
+    ]  # fmt: skip
+
+
+def _launch(weed: str, base: Path, attempt: int, access_key: str, secret_key: str) -> tuple[S3Server, subprocess.Popen, Path]:
+    """Start one ``weed mini`` without waiting for it: the server, its process and its log file.
+
+    The first attempt takes the default ports if they are free, later ones ephemeral ports; data and log go under ``base``.
+    """
+    ports = _choose_ports(prefer_defaults=attempt == 0)
+    data_dir = base / f"data{attempt}"
+    data_dir.mkdir()
+    log_path = base / f"weed{attempt}.log"
+    server = S3Server(
+        endpoint_url=f"http://{HOST}:{ports['s3']}",
+        access_key=access_key,
+        secret_key=secret_key,
+        data_dir=data_dir,
+        log_path=log_path,
+    )
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(
+            _weed_command(weed, base, data_dir, ports, attempt),
+            cwd=base,
+            env=_server_env(access_key, secret_key, base),
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # Ctrl-C in the terminal goes to pytest, which then stops us
+            preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,
+        )
+    server.process = proc
+    return server, proc, log_path
+
+
+def _lost_port_race(log: str) -> bool:
+    """True when the server died because a port we had found free was taken meanwhile (worth another try)."""
+    log = log.lower()
+    return "port allocation failed" in log or "address already in use" in log
+
+
+def _stop_server(proc: subprocess.Popen | None) -> None:
+    """Stop the server process (if one was started); an error if it is still alive afterwards."""
+    if proc is not None:
+        stop_process(proc)
+        if proc.returncode is None:  # pragma: no cover - stop_process waits after SIGKILL
+            raise RuntimeError(f"weed mini (pid {proc.pid}) still alive after stop")
+
+
 @contextlib.contextmanager
 def run_s3_server(base_dir: str | os.PathLike | None = None, weed: str | None = None) -> Iterator[S3Server]:
     """Start ``weed mini`` with fresh random credentials, yield an :class:`S3Server`, stop it on exit.
@@ -324,64 +392,19 @@ def run_s3_server(base_dir: str | os.PathLike | None = None, weed: str | None = 
     deadline = t0 + STARTUP_TIMEOUT_S
     try:
         for attempt in range(3):
-            ports = _choose_ports(prefer_defaults=attempt == 0)
-            data_dir = base / f"data{attempt}"
-            data_dir.mkdir()
-            log_path = base / f"weed{attempt}.log"
-            cmd = [
-                weed, "mini",
-                f"-dir={data_dir}", f"-ip={HOST}", f"-ip.bind={HOST}",
-                # ports: explicit, so that a busy default never makes startup fail
-                f"-s3.port={ports['s3']}", f"-s3.port.grpc={ports['s3.grpc']}",
-                f"-master.port={ports['master']}", f"-master.port.grpc={ports['master.grpc']}",
-                f"-volume.port={ports['volume']}", f"-volume.port.grpc={ports['volume.grpc']}",
-                f"-filer.port={ports['filer']}", f"-filer.port.grpc={ports['filer.grpc']}",
-                f"-admin.port={ports['admin']}", f"-admin.port.grpc={ports['admin.grpc']}",
-                f"-filer.localSocket={base / f'filer{attempt}.sock'}",
-                f"-s3.localSocket={base / f's3-{attempt}.sock'}",
-                # not needed by tests: keep startup and shutdown fast, open fewer ports
-                "-webdav=false", "-admin.ui=false", "-s3.port.iceberg=0", "-s3.port.lance=0",
-                "-master.telemetry=false", "-volume.preStopSeconds=0",
-                # every bucket is a SeaweedFS collection with volumes of its own, and by default the volume
-                # count is capped at free disk / volume size (73 buckets on 73 GiB free, 5 on 5 GiB): raise
-                # the cap; volumes are sparse files, so this costs no disk until data is written
-                f"-volume.max={VOLUME_MAX}", f"-master.volumeSizeLimitMB={VOLUME_SIZE_MB}",
-            ]  # fmt: skip
-            server = S3Server(
-                endpoint_url=f"http://{HOST}:{ports['s3']}",
-                access_key=access_key,
-                secret_key=secret_key,
-                data_dir=data_dir,
-                log_path=log_path,
-            )
-            with open(log_path, "wb") as log:
-                proc = subprocess.Popen(
-                    cmd,
-                    cwd=base,
-                    env=_server_env(access_key, secret_key, base),
-                    stdin=subprocess.DEVNULL,
-                    stdout=log,
-                    stderr=subprocess.STDOUT,
-                    start_new_session=True,  # Ctrl-C in the terminal goes to pytest, which then stops us
-                    preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,
-                )
-            server.process = proc
+            server, proc, log_path = _launch(weed, base, attempt, access_key, secret_key)
             try:
                 _wait_ready(server, proc, log_path, deadline)
                 break
             except _ServerDied as e:
                 # lost a race for a port we had found free: try again on fresh ephemeral ports
-                log = e.log.lower()
-                if attempt < 2 and ("port allocation failed" in log or "address already in use" in log):
+                if attempt < 2 and _lost_port_race(e.log):
                     continue
                 raise
         server.startup_s = time.monotonic() - t0
         yield server
     finally:
-        if proc is not None:
-            stop_process(proc)
-            if proc.returncode is None:  # pragma: no cover - stop_process waits after SIGKILL
-                raise RuntimeError(f"weed mini (pid {proc.pid}) still alive after stop")
+        _stop_server(proc)
         if own_dir:
             shutil.rmtree(base, ignore_errors=True)
 

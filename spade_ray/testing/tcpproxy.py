@@ -21,11 +21,11 @@ flows, from any thread:
 The request stream is parsed as HTTP/1.1 (keep-alive, ``Content-Length`` and chunked bodies), as
 botocore/aiohttp send it; S3 requests are expected path-style (``/bucket/key``), which is what
 botocore uses for an IP endpoint.  Anything unparseable is forwarded untouched and no longer counted.
+That parsing lives in :mod:`spade_ray.testing.http_stream`; this module is the proxy around it.
 
 One daemon thread runs an asyncio loop that serves every connection; :meth:`FaultProxy.close` stops
 it and joins the thread.  Loopback only, for tests and benchmarks.
 """
-
 
 from __future__ import annotations
 
