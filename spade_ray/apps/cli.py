@@ -25,8 +25,8 @@ from typing import Any
 from spade_ray.apps.cli_parser import build_parser
 from spade_ray.apps.logs import configure_logging, fields, get_logger
 from spade_ray.method.config import METHODS
-from spade_ray.storage.artifacts import ArtifactChoice
 from spade_ray.progress import Progress, terminal_progress
+from spade_ray.storage.artifacts import ArtifactChoice
 
 __all__ = ["EXIT_TOO_MANY_ERRORS", "build_parser", "main"]
 
@@ -184,7 +184,8 @@ def _cmd_score(args: argparse.Namespace) -> int:
                         pixel_k=args.pixel_k, kappa=args.kappa, scoring=_scoring(args), threshold=args.threshold,
                         image_threshold=args.image_threshold, batch_size=args.batch_size, max_actors=args.max_actors,
                         overwrite=args.overwrite, retry_errors=args.retry_errors,
-                        artifacts=ArtifactChoice.parse(args.write, args.visuals, args.save_maps), max_pixels=args.max_pixels, storage_options=_storage_options(args.storage_options),
+                        artifacts=ArtifactChoice.parse(args.write, args.visuals, args.save_maps),
+                        max_pixels=args.max_pixels, storage_options=_storage_options(args.storage_options),
                         address=args.address, progress=_progress(args), report_top=args.report_top)
     if args.log_format == "text":
         get_logger().info(f"report {summary.extra['report']}")
@@ -196,8 +197,9 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
     log = (lambda line: print(line, file=sys.stderr)) if args.json == "-" else get_logger().info
     result = run_bench(args.dataset, test_images=args.test_images, reference_images=args.reference_images,
-                       rounds=args.rounds,
-                       shards=args.shards, protocol=args.protocol, scoring=_scoring(args), workdir=args.workdir,
+                       rounds=args.rounds, batch_size=args.batch_size, store=args.store,
+                       store_latency_ms=args.store_latency_ms, shards=args.shards, protocol=args.protocol,
+                       scoring=_scoring(args), workdir=args.workdir,
                        address=args.address, progress=_progress(args), log=log)
     if args.json == "-":
         print(json.dumps(result, indent=2))
