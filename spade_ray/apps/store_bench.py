@@ -22,9 +22,10 @@ JSON keys added to the bench's figures:
     (f) and (g) add ``latency_ms`` and ``requests``.
 ``requests`` (of (f) and (g), counted at the proxy)
     ``per_image``: ``input_get`` (GETs of input images), ``put`` (``{folder: PUTs}`` under the output:
-    masks, heatmaps, overlays, maps, results, ...), ``all`` (every request of the scoring pipeline,
-    HEAD and LIST included); ``results_put_per_batch``; ``startup`` (requests before the first batch
-    was scored, bank loading included), ``report`` (the report, written once per run), ``by_kind``.
+    masks, heatmaps, overlays, maps, results, ...), ``all`` (every request of the scoring pipeline but
+    the bank's, HEAD and LIST included); ``results_put_per_batch``; once per run: ``bank`` (requests
+    for the bank's objects), ``startup`` (other requests before the first batch was scored) and
+    ``report`` (the report's); ``by_kind`` (the scoring's, bank included, per image).
 ``R3_score_job_vs_in_process``, ``R3_s3_vs_in_process``, ``R4_latency_vs_none``
     steady seconds per image of (d) and of (f) over (c)'s, and of (g) over (f)'s.
 ``identical``
@@ -38,7 +39,7 @@ from __future__ import annotations
 
 import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -67,8 +68,8 @@ class ScoreRun:
     peaks: ProcessPeaks
     output: str
     latency_ms: float | None = None
-    pipeline: RequestCounts | None = None  # requests from the job's start to its report
-    startup: RequestCounts | None = None  # requests before the first batch was scored
+    startup: RequestCounts | None = None  # requests before the scoring began
+    scoring: RequestCounts | None = None  # requests from then until the report
     report: RequestCounts | None = None  # requests of the report alone
 
 
@@ -128,8 +129,8 @@ def _score_through(proxy: FaultProxy, server: S3Server, latency_ms: float, sourc
                             storage_options=options, **job)
     end = proxy.counts()
     started, reported = marks.marks.get("score", end), marks.marks.get("report", end)
-    return ScoreRun(summary, peaks, f"s3://{bucket}/{output}", latency_ms, pipeline=reported,
-                    startup=started, report=_minus(end, reported))
+    return ScoreRun(summary, peaks, f"s3://{bucket}/{output}", latency_ms, startup=started,
+                    scoring=_minus(reported, started), report=_minus(end, reported))
 
 
 def store_unavailable() -> str | None:
@@ -180,26 +181,41 @@ def _per_image(count: float, n: int) -> float | None:
     return round(count / n, 4) if n else None
 
 
+def _keys(counts: RequestCounts, bucket: str) -> Iterator[tuple[str, dict[str, int]]]:
+    """(object key in the bucket, requests by kind) for every path the proxy saw."""
+    for path, kinds in counts.by_path.items():
+        yield unquote(path).removeprefix(f"/{bucket}").lstrip("/"), kinds
+
+
+def _bank_requests(counts: RequestCounts, bucket: str) -> int:
+    return sum(sum(kinds.values()) for key, kinds in _keys(counts, bucket) if key.startswith("bank/"))
+
+
 def _requests(run: ScoreRun, batch_size: int) -> dict[str, Any]:
-    """The requests of one S3 run by what they were for, per image where they scale with the images."""
-    assert run.pipeline is not None and run.startup is not None and run.report is not None
+    """The requests of one S3 run by what they were for, per image where they scale with the images.
+
+    The bank's requests are paid once per run (the shard actors load it whole), so they are counted
+    apart from the per-image figures, whenever the actors make them.
+    """
+    assert run.startup is not None and run.scoring is not None and run.report is not None
     n = run.summary.ok + run.summary.error
     bucket, output = run.output.removeprefix("s3://").split("/", 1)
     input_get, puts = 0, {}
-    for path, kinds in run.pipeline.by_path.items():
-        key = unquote(path).removeprefix(f"/{bucket}/")
+    for key, kinds in _keys(run.scoring, bucket):
         if key.startswith("input/"):
             input_get += kinds.get("GET", 0)
         elif key.startswith(f"{output}/") and kinds.get("PUT"):
             folder = key.removeprefix(f"{output}/").split("/")[0] if key.count("/") > 1 else "(top level)"
             puts[folder] = puts.get(folder, 0) + kinds["PUT"]
+    bank = _bank_requests(run.scoring, bucket)
+    startup_bank = _bank_requests(run.startup, bucket)
     batches = -(-n // batch_size)
     return {"per_image": {"input_get": _per_image(input_get, n),
                           "put": {folder: _per_image(count, n) for folder, count in sorted(puts.items())},
-                          "all": _per_image(run.pipeline.total, n)},
+                          "all": _per_image(run.scoring.total - bank, n)},
             "results_put_per_batch": round(puts.get("results", 0) / batches, 3) if batches else None,
-            "startup": run.startup.total, "report": run.report.total,
-            "by_kind": {k: _per_image(v, n) for k, v in sorted(run.pipeline.by_kind.items())}}
+            "bank": startup_bank + bank, "startup": run.startup.total - startup_bank, "report": run.report.total,
+            "by_kind": {k: _per_image(v, n) for k, v in sorted(run.scoring.by_kind.items())}}
 
 
 def _job(run: ScoreRun, batch_size: int) -> dict[str, Any]:
@@ -212,7 +228,7 @@ def _job(run: ScoreRun, batch_size: int) -> dict[str, Any]:
         "whole_job_seconds_per_image": _rounded(1 / s.images_per_second if s.images_per_second else None, 5),
         "peak_rss_mib": run.peaks.mib(),
     }
-    if run.pipeline is not None:
+    if run.scoring is not None:
         figures["latency_ms"] = run.latency_ms
         figures["requests"] = _requests(run, batch_size)
     return figures
@@ -260,7 +276,8 @@ def _requests_line(label: str, requests: dict[str, Any]) -> str:
     puts = ", ".join(f"{folder} {count:.2f}" for folder, count in per["put"].items())
     return (f"{label} requests per image: GET input {_number(per['input_get'], '.2f')}; PUT {puts} "
             f"({_number(requests['results_put_per_batch'], '.2f')} results file per batch); all {per['all']:.2f}; "
-            f"once per run: {requests['startup']} at start-up, {requests['report']} for the report")
+            f"once per run: {requests['bank']} for the bank, {requests['startup']} more at start-up, "
+            f"{requests['report']} for the report")
 
 
 def format_store(result: dict[str, Any]) -> list[str]:
