@@ -14,8 +14,8 @@ from typing import Any
 import faiss
 import numpy as np
 
-from spade_ray.bank.shard_server import ShardServer
 from spade_ray.bank.shard_loader import BankShard
+from spade_ray.bank.shard_server import ShardServer
 
 CHUNK_ROWS = 8192  # the generator's unit: row r of the bank comes from chunk r // CHUNK_ROWS, whoever makes it
 
