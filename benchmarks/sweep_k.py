@@ -15,7 +15,7 @@ from dataclasses import replace
 
 import numpy as np
 
-from spade_ray.method.fusion import image_score
+from spade_ray.method.image_scoring import knn_score
 from spade_ray.method.metrics import compute_metrics
 from spade_ray.method.scorer import Scorer
 from spade_ray.model import Spade
@@ -44,7 +44,7 @@ def main() -> None:
     dists, _ = model.bank.search(query.global_, kmax)
     rows_out = []
     for k in args.image_k:
-        m = compute_metrics(image_score(dists, k), labels)
+        m = compute_metrics(knn_score(dists, k), labels)
         rows_out.append({"image_k": k, "image_auroc": m["image_auroc"], "image_f1_max": m["image_f1_max"]})
         print(json.dumps(rows_out[-1]), flush=True)
     for k in args.pixel_k:
@@ -52,7 +52,7 @@ def main() -> None:
         maps = Scorer(replace(model.config, pixel_k=k, aggregate=1), model.bank, model.bank).match(query).maps  # raw features
         seconds = (time.perf_counter() - start) / len(maps)
         maps = [model.preprocessor.map_to_output(m, h, w) for m, (h, w) in zip(maps, sizes)]
-        m = compute_metrics(image_score(dists, 1), labels, maps, masks)
+        m = compute_metrics(knn_score(dists, 1), labels, maps, masks)
         rows_out.append({"pixel_k": k, "pixel_auroc": m["pixel_auroc"], "aupro": m["aupro"], "pixel_f1_max": m["pixel_f1_max"],
                          "seconds_per_image": round(seconds, 4)})
         print(json.dumps(rows_out[-1]), flush=True)

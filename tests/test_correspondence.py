@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from spade_ray.method.correspondence import level_nearest_distances, merge_smallest, nearest_distances
-from spade_ray.method.fusion import fuse_levels, image_score
+from spade_ray.method.fusion import fuse_levels
+from spade_ray.method.image_scoring import knn_score
 
 
 def brute_force(query: torch.Tensor, gallery: torch.Tensor, kappa: int) -> torch.Tensor:
@@ -79,6 +80,6 @@ def test_fusion_upsamples_averages_and_smooths() -> None:
 
 def test_image_score_is_mean_of_k_nearest() -> None:
     d = np.array([[1.0, 2.0, 6.0], [0.0, 0.0, 3.0]])
-    assert image_score(d, 2).tolist() == [1.5, 0.0]
+    assert knn_score(d, 2).tolist() == [1.5, 0.0]
     with pytest.raises(ValueError):
-        image_score(d, 4)
+        knn_score(d, 4)

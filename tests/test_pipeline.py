@@ -206,7 +206,6 @@ def test_the_whole_pipeline_on_s3(ray_with_s3_env, dataset) -> None:
     ok = [r for r in rows if r["status"] == "ok"]
     assert all(r["mask_uri"].startswith(f"{base}/out/masks/") and fs.exists(r["mask_uri"]) for r in ok)
     # the nightly default: pictures for the flagged images only, masks for all
-    assert any(r["is_anomalous"] for r in ok) and not all(r["is_anomalous"] for r in ok)
     for r in ok:
         if r["is_anomalous"]:
             assert r["overlay_uri"].startswith(f"{base}/out/overlays/") and fs.exists(r["overlay_uri"])

@@ -37,7 +37,8 @@ from spade_ray.apps.procwatch import ProcessPeaks
 from spade_ray.apps.store_bench import ScoreRun, format_store, run_store_stages, store_figures, store_unavailable
 from spade_ray.apps.synthetic import make_synthetic_dataset
 from spade_ray.method.features import FeatureBatch, features_from_tensor
-from spade_ray.method.fusion import fuse_levels, image_score
+from spade_ray.method.fusion import fuse_levels
+from spade_ray.method.image_scoring import knn_score
 from spade_ray.method.reference import reference_level_distances
 from spade_ray.method.timing import peak_rss_mb
 from spade_ray.model import Spade
@@ -92,7 +93,7 @@ def _time_reference(model: Spade, uris: list[str]) -> float:
         image = load_image(uri)
         query = features_from_tensor(model.backbone, model.preprocessor.to_tensor([image]))
         dists, rows = model.bank.search(query.global_, max(cfg.image_k, cfg.pixel_k))
-        image_score(dists, cfg.image_k)
+        knn_score(dists, cfg.image_k)
         gallery = np.sort(rows[0, : cfg.pixel_k])
         level_maps = [reference_level_distances(torch.from_numpy(level[0]), torch.from_numpy(bank[gallery]))
                       for level, bank in zip(query.levels, model.bank.levels)]

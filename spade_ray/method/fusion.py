@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from scipy.ndimage import gaussian_filter1d
 
-__all__ = ["DEFAULT_SIGMA", "fuse_levels", "image_score"]
+__all__ = ["DEFAULT_SIGMA", "fuse_levels"]
 
 DEFAULT_SIGMA = 4.0
 
@@ -53,13 +53,3 @@ def _operator(n_in: int, n_out: int, sigma: float) -> torch.Tensor:
     if sigma > 0:
         upsample = gaussian_filter1d(upsample, sigma=sigma, axis=0, mode="reflect", truncate=4.0)
     return torch.from_numpy(np.ascontiguousarray(upsample, dtype=np.float32))
-
-
-def image_score(knn_distances: np.ndarray, image_k: int) -> np.ndarray:
-    """Image-level SPADE score: mean distance to the ``image_k`` nearest normal global vectors.
-
-    ``knn_distances`` is (B, k >= image_k) ascending.
-    """
-    if knn_distances.shape[1] < image_k:
-        raise ValueError(f"need {image_k} neighbour distances, got {knn_distances.shape[1]}")
-    return knn_distances[:, :image_k].mean(axis=1)

@@ -16,9 +16,19 @@ from collections.abc import Sequence
 
 import numpy as np
 
-__all__ = ["IMAGE_SCORINGS", "combine_image_scores", "normal_scales"]
+__all__ = ["IMAGE_SCORINGS", "combine_image_scores", "knn_score", "normal_scales"]
 
 IMAGE_SCORINGS = ("knn", "knn+map")
+
+
+def knn_score(knn_distances: np.ndarray, image_k: int) -> np.ndarray:
+    """Image-level SPADE score: mean distance to the ``image_k`` nearest normal global vectors.
+
+    ``knn_distances`` is (B, k >= image_k) ascending.
+    """
+    if knn_distances.shape[1] < image_k:
+        raise ValueError(f"need {image_k} neighbour distances, got {knn_distances.shape[1]}")
+    return knn_distances[:, :image_k].mean(axis=1)
 
 
 def normal_scales(knn_scores: Sequence[float], map_maxima: Sequence[float]) -> tuple[float, float]:

@@ -25,8 +25,8 @@ from spade_ray.method.aggregation import aggregate_levels
 from spade_ray.method.config import SpadeConfig
 from spade_ray.method.decision import Thresholds
 from spade_ray.method.features import FeatureBatch
-from spade_ray.method.fusion import fuse_levels, image_score
-from spade_ray.method.image_scoring import combine_image_scores
+from spade_ray.method.fusion import fuse_levels
+from spade_ray.method.image_scoring import combine_image_scores, knn_score
 from spade_ray.method.matching import MatchSettings
 from spade_ray.method.preprocess import Preprocessor
 from spade_ray.method.timing import StageTimer
@@ -124,7 +124,7 @@ class Scorer:
         cfg = self.config
         with self.timer.stage("retrieval"):
             distances, rows = self.index.search(query.global_, max(cfg.image_k, cfg.pixel_k), exclude)
-            knn = image_score(distances, cfg.image_k)
+            knn = knn_score(distances, cfg.image_k)
         levels = query.levels
         if not aggregated:
             with self.timer.stage("aggregate"):
