@@ -49,7 +49,8 @@ from spade_ray.apps.procwatch import ProcessPeaks
 from spade_ray.progress import Progress
 from spade_ray.storage.results import read_results
 from spade_ray.storage.urls import read_many
-from spade_ray.testing.s3server import S3Server, WeedNotInstalled, find_weed, run_s3_server
+from spade_ray.testing.s3server import S3Server, run_s3_server
+from spade_ray.testing.weed import WeedNotInstalled, find_weed
 from spade_ray.testing.tcpproxy import FaultProxy, RequestCounts
 
 if TYPE_CHECKING:
