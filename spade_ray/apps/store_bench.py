@@ -50,8 +50,8 @@ from spade_ray.progress import Progress
 from spade_ray.storage.results import read_results
 from spade_ray.storage.urls import read_many
 from spade_ray.testing.s3server import S3Server, run_s3_server
-from spade_ray.testing.weed import WeedNotInstalled, find_weed
 from spade_ray.testing.tcpproxy import FaultProxy, RequestCounts
+from spade_ray.testing.weed import WeedNotInstalled, find_weed
 
 if TYPE_CHECKING:
     from spade_ray.distributed.pipeline import JobSummary
