@@ -74,7 +74,10 @@ class Prediction:
     ``maps[i]`` is the anomaly map in the image's output frame (its own size for the ``full``
     protocol, the 224 crop for ``paper``); ``neighbours[i]`` names the ``image_k`` nearest normal
     images; ``knn_scores`` are the retrieval part of the image scores (equal to them under image
-    scoring ``knn``); ``is_anomalous`` is the decision at the thresholds (None without them).
+    scoring ``knn``); ``is_anomalous`` is the decision at the thresholds and ``masks[i]`` the
+    pixels of ``maps[i]`` above the pixel threshold (bool, the map's shape); both None without
+    thresholds.  They come from the one :class:`~spade_ray.method.decision.Thresholds` rule, so a
+    notebook sees the decision the score job writes.
     """
 
     image_scores: np.ndarray
@@ -82,6 +85,7 @@ class Prediction:
     neighbours: list[list[str]]
     knn_scores: np.ndarray | None = None
     is_anomalous: np.ndarray | None = None
+    masks: list[np.ndarray] | None = None
 
     @property
     def pixel_max(self) -> np.ndarray:
@@ -90,12 +94,14 @@ class Prediction:
     @staticmethod
     def concat(parts: Sequence[Prediction]) -> Prediction:
         decided = all(p.is_anomalous is not None for p in parts) and bool(parts)
+        masked = all(p.masks is not None for p in parts) and bool(parts)
         return Prediction(
             np.concatenate([p.image_scores for p in parts]).astype(np.float32) if parts else np.zeros(0, np.float32),
             [m for p in parts for m in p.maps],
             [n for p in parts for n in p.neighbours],
             np.concatenate([p.knn_scores for p in parts]).astype(np.float32) if parts else np.zeros(0, np.float32),
             np.concatenate([p.is_anomalous for p in parts]) if decided else None,
+            [m for p in parts for m in p.masks] if masked else None,  # type: ignore[union-attr]
         )
 
 
@@ -137,7 +143,7 @@ class Scorer:
         return Matches(knn, maps, rows)
 
     def score(self, query: FeatureBatch, sizes: Sequence[tuple[int, int]], preprocessor: Preprocessor) -> Prediction:
-        """Image scores, maps in each image's output frame, nearest normals and (with thresholds) the decision.
+        """Image scores, maps in each image's output frame, nearest normals and (with thresholds) the decision and masks.
 
         ``sizes`` are the images' own (height, width); the image score combines the kNN score with
         the map maximum at the network's input size, as the calibration that scaled it did.
@@ -153,4 +159,5 @@ class Scorer:
         if self.thresholds is not None:
             prediction.is_anomalous = np.asarray(self.thresholds.is_anomalous(prediction.image_scores, prediction.pixel_max),
                                                  dtype=bool).reshape(-1)
+            prediction.masks = [self.thresholds.mask(amap) for amap in maps]
         return prediction
