@@ -21,14 +21,14 @@ normal variation at the pixel level (see the README for the measurements behind 
 
 from __future__ import annotations
 
+import io
 import itertools
 import json
 import os
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, replace
-from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -41,6 +41,9 @@ from spade_ray.method.local_bank import LocalBank
 from spade_ray.method.preprocess import Preprocessor
 from spade_ray.method.scorer import Prediction, Scorer
 from spade_ray.method.timing import StageTimer
+
+if TYPE_CHECKING:
+    from spade_ray.bank.manifest import BankManifest
 
 __all__ = ["Spade"]
 
@@ -251,14 +254,22 @@ class Spade:
 
     # ------------------------------------------------------------------ persistence (no pickle)
 
-    def save(self, directory: str | os.PathLike[str]) -> Path:
-        """Write the fitted model as JSON + .npy files (loadable without pickle)."""
+    def save(self, url: str | os.PathLike[str], storage_options: dict | None = None) -> str:
+        """Write the fitted model as JSON + .npy files (loadable without pickle) to a folder or any fsspec URL.
+
+        Every file is written whole (:func:`spade_ray.storage.urls.write_bytes`) and ``spade.json``
+        last, so a reader never finds a model without all of its arrays.  Returns where it went.
+        """
+        from spade_ray.storage.urls import join, resolve, write_bytes
+
         bank = self._require_fitted()
-        out = Path(directory)
-        out.mkdir(parents=True, exist_ok=True)
-        np.save(out / "global.npy", bank.global_, allow_pickle=False)
-        for i, level in enumerate(bank.levels):
-            np.save(out / f"level{i}.npy", level, allow_pickle=False)
+        options = storage_options if storage_options is not None else self.storage_options
+        _, _, base = resolve(os.fspath(url), options)
+        arrays = {"global.npy": bank.global_, **{f"level{i}.npy": level for i, level in enumerate(bank.levels)}}
+        for name, array in arrays.items():
+            buffer = io.BytesIO()
+            np.save(buffer, array, allow_pickle=False)
+            write_bytes(join(base, name), buffer.getvalue(), options)
         meta = {
             "format": "spade_ray.model",
             "format_version": MODEL_FORMAT_VERSION,
@@ -268,29 +279,81 @@ class Spade:
             "levels": len(bank.levels),
             "calibration": asdict(self.calibration) if self.calibration else None,
         }
-        tmp = out / "spade.json.tmp"
-        tmp.write_text(json.dumps(meta, indent=1))
-        tmp.replace(out / "spade.json")  # written last: a folder without it is incomplete
-        return out
+        write_bytes(join(base, "spade.json"), json.dumps(meta, indent=1).encode("utf-8"), options)
+        return base
 
     @classmethod
-    def load(cls, directory: str | os.PathLike[str], weights: str | None = None, device: str | None = None,
-             batch_size: int = 16) -> Spade:
-        """Load a model written by :meth:`save`; the backbone weights must have the same sha256."""
-        src = Path(directory)
-        meta_path = src / "spade.json"
-        if not meta_path.is_file():
-            raise FileNotFoundError(f"{src} is not a saved spade_ray model (no spade.json)")
-        meta = json.loads(meta_path.read_text())
+    def load(cls, url: str | os.PathLike[str], weights: str | None = None, device: str | None = None,
+             batch_size: int = 16, storage_options: dict | None = None) -> Spade:
+        """A model written by :meth:`save`, or the bank ``spade-ray build-bank`` wrote, from a folder or any fsspec URL.
+
+        A bank is opened like the score job opens it (a bank root means its latest complete
+        version; ``BANK/vNNNN`` pins one), with the bank's scoring settings and calibration, so a
+        notebook scores exactly as the nightly job does.  Either way the backbone weights must have
+        the sha256 the model or bank records.
+        """
+        from spade_ray.storage.urls import join, resolve
+
+        fs, path, base = resolve(os.fspath(url), storage_options)
+        if fs.exists(f"{path}/spade.json"):
+            return cls._load_saved(base, weights, device, batch_size, storage_options)
+        from spade_ray.bank.store import open_bank
+
+        try:
+            root, manifest = open_bank(base, storage_options)
+        except FileNotFoundError as exc:
+            raise FileNotFoundError(f"{base} is neither a saved spade_ray model (no {join(base, 'spade.json')}) "
+                                    f"nor a bank: {exc}") from None
+        return cls._load_bank(root, manifest, weights, device, batch_size, storage_options)
+
+    @classmethod
+    def _load_saved(cls, base: str, weights: str | None, device: str | None, batch_size: int,
+                    storage_options: dict | None) -> Spade:
+        from spade_ray.storage.urls import join, read_bytes
+
+        meta_url = join(base, "spade.json")
+        meta = json.loads(read_bytes(meta_url, storage_options))
         if meta.get("format") != "spade_ray.model" or meta.get("format_version") != MODEL_FORMAT_VERSION:
-            raise ValueError(f"{meta_path}: unsupported model format {meta.get('format')!r} v{meta.get('format_version')}")
+            raise ValueError(f"{meta_url}: unsupported model format {meta.get('format')!r} v{meta.get('format_version')}")
         cfg = {**LEGACY_SCORING, **meta["config"]}  # a model saved before a setting existed used its old behaviour
-        model = cls(SpadeConfig(**cfg), weights=weights, device=device, batch_size=batch_size)
+        model = cls(SpadeConfig(**cfg), weights=weights, device=device, batch_size=batch_size,
+                    storage_options=storage_options)
         model.weights_sha256 = meta["weights_sha256"]
-        levels = [np.load(src / f"level{i}.npy", allow_pickle=False) for i in range(meta["levels"])]
-        model.set_bank(meta["ids"], np.load(src / "global.npy", allow_pickle=False), levels)
+
+        def array(name: str) -> np.ndarray:
+            return np.load(io.BytesIO(read_bytes(join(base, name), storage_options)), allow_pickle=False)
+
+        levels = [array(f"level{i}.npy") for i in range(meta["levels"])]
+        model.set_bank(meta["ids"], array("global.npy"), levels)
         if meta.get("calibration"):
             model.calibration = Calibration(**meta["calibration"])
+        return model
+
+    @classmethod
+    def _load_bank(cls, root: str, manifest: BankManifest, weights: str | None, device: str | None, batch_size: int,
+                   storage_options: dict | None) -> Spade:
+        """Every shard of the version, verified, in one LocalBank in manifest order (the sharded rows).
+
+        The bank images are named by their source URIs, as the score job names neighbours, and the
+        calibration sample is chosen by URI hash, so :meth:`calibrate` here picks the images the
+        build did.  Weights are checked up front, as the score job's driver does.
+        """
+        from spade_ray.bank.shard_loader import load_bank_arrays
+        from spade_ray.bank.store import check_compatible
+        from spade_ray.method.backbones import WeightsNotFoundError, file_sha256, weights_path
+
+        config = manifest.built_config()
+        try:
+            sha = file_sha256(weights_path(config.backbone, weights))
+        except WeightsNotFoundError:
+            sha = None  # loading the backbone will say what is missing; nothing to compare before then
+        if sha is not None:
+            check_compatible(manifest, config.backbone, sha, config.image_size, config.protocol)
+        model = cls(config, weights=weights, device=device, batch_size=batch_size, storage_options=storage_options)
+        model.weights_sha256 = manifest.weights_sha256
+        arrays = load_bank_arrays(root, manifest, storage_options)
+        model.set_bank(arrays.uris, arrays.global_, arrays.levels)
+        model.calibration = manifest.built_calibration()
         return model
 
     def __repr__(self) -> str:

@@ -18,11 +18,11 @@ from typing import Any
 import faiss
 import numpy as np
 
-from spade_ray.bank.manifest import ShardEntry
+from spade_ray.bank.manifest import BankManifest, ShardEntry
 from spade_ray.method.retrieval import search_exact
 from spade_ray.storage.urls import join, read_bytes
 
-__all__ = ["BankShard", "load_shard"]
+__all__ = ["BankArrays", "BankShard", "load_bank_arrays", "load_shard"]
 
 _LEVEL_RE = re.compile(r"^level(\d+)\.npy$")
 _REQUIRED_FILES = ("ids.json", "index.faiss", "global.npy")
@@ -113,3 +113,44 @@ def load_shard(
     if wrong or entry.n_images != n:
         raise ValueError(f"shard {shard_url} is inconsistent: {n} ids but {wrong or {'manifest n_images': entry.n_images}}")
     return BankShard(entry.name, ids, uris, global_, levels, index)
+
+
+@dataclass
+class BankArrays:
+    """Every image of a bank version in one process, rows in the sharded numbering (manifest order).
+
+    Row ``r`` is the image the score job's shard actors call bank row ``r`` (shard offsets add up
+    in manifest order), so neighbours found in process can be compared with the job's.
+    """
+
+    ids: list[str]
+    uris: list[str]
+    global_: np.ndarray
+    levels: list[np.ndarray]
+
+
+def load_bank_arrays(bank_root: str, manifest: BankManifest, storage_options: dict[str, Any] | None = None) -> BankArrays:
+    """Load and verify every shard of ``manifest`` into one set of arrays (for :meth:`spade_ray.Spade.load`).
+
+    The arrays are allocated once from the manifest's shapes and each shard is copied in and
+    dropped before the next is fetched, so the peak is the bank plus one shard, not twice the bank.
+    """
+    n = manifest.n_images
+    global_ = np.empty((n, manifest.global_dim), dtype=np.float32)
+    levels = [np.empty((n, c, h, w), dtype=np.float16) for c, h, w in manifest.levels]
+    ids: list[str] = []
+    uris: list[str] = []
+    for entry in manifest.shards:
+        shard = load_shard(bank_root, entry, verify=True, storage_options=storage_options)
+        start, stop = len(ids), len(ids) + len(shard)
+        if (stop > n or shard.global_.shape[1:] != global_.shape[1:]
+                or [lv.shape[1:] for lv in shard.levels] != [lv.shape[1:] for lv in levels]):
+            raise ValueError(f"shard {entry.name} of {bank_root} does not match its manifest's image count or shapes")
+        global_[start:stop] = shard.global_
+        for level, part in zip(levels, shard.levels):
+            level[start:stop] = part
+        ids.extend(shard.ids)
+        uris.extend(shard.uris)
+    if len(ids) != n:
+        raise ValueError(f"bank {bank_root} version {manifest.version}: manifest says {n} images, its shards hold {len(ids)}")
+    return BankArrays(ids, uris, global_, levels)
