@@ -23,6 +23,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from spade_ray.apps.cli_parser import build_parser
+from spade_ray.apps.config_file import parse_args
 from spade_ray.apps.logs import configure_logging, fields, get_logger
 from spade_ray.errors import error_message
 from spade_ray.method.config import METHODS
@@ -217,7 +218,7 @@ COMMANDS = {"bench": _cmd_bench, "demo": _cmd_demo, "evaluate": _cmd_evaluate, "
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_args(build_parser(), argv)
     log = configure_logging(args.log_format)
     try:
         return COMMANDS[args.command](args)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 
+from spade_ray.apps.config_file import add_config_option
 from spade_ray.apps.logs import LOG_FORMATS
 from spade_ray.method.backbones import BACKBONES
 from spade_ray.method.config import DEFAULT_IMAGE_K, DEFAULT_PIXEL_K, METHODS, SpadeConfig
@@ -294,4 +295,6 @@ def build_parser() -> argparse.ArgumentParser:
     _add_build_bank_command(sub)
     _add_score_command(sub)
     _add_bench_command(sub)
+    for command in sub.choices.values():
+        add_config_option(command)  # every command: spade_ray.apps.config_file reads the file
     return parser
