@@ -85,7 +85,8 @@ class ActorPlan:
     threads: int
 
 
-def plan_actors(n_items: int, batch_size: int, max_actors: int | None, reserved_cpus: float = 0.0) -> ActorPlan:
+def plan_actors(n_items: int, batch_size: int, max_actors: int | None, reserved_cpus: float = 0.0,
+                concurrent_batches: int = 1) -> ActorPlan:
     """Size the actor pool to the CPUs left after the shard actors, the writers and one decode slot.
 
     A pool that takes every CPU starves Ray Data's decode tasks and the job hangs.  Each actor
@@ -100,7 +101,9 @@ def plan_actors(n_items: int, batch_size: int, max_actors: int | None, reserved_
     room = max(per_actor, cpus - reserved_cpus - DECODE_CPUS)
     wanted = max(1, min(max_actors or 10**6, int(room // per_actor), -(-n_items // batch_size)))
     threads = max(1, min(node_cpus(), cpus // wanted))
-    return ActorPlan(ray.data.ActorPoolStrategy(min_size=1, max_size=wanted), per_actor, threads)
+    pool = ray.data.ActorPoolStrategy(min_size=1, max_size=wanted, max_concurrent_calls_per_actor=concurrent_batches,
+                                      enable_true_multi_threading=concurrent_batches > 1)
+    return ActorPlan(pool, per_actor, threads)
 
 
 DECODE_CPUS = 0.25
@@ -133,7 +136,7 @@ TASK_RETRIES = 3
 def run_pipeline(items: list[InputImage], decode: DecodeImages, udf: type, udf_kwargs: dict[str, Any],
                   batch_size: int, max_actors: int | None, summary: JobSummary, progress: Progress, desc: str,
                   reserved_cpus: float = 0.0, keys: dict[str, str] | None = None,
-                  write: tuple[type, dict[str, Any]] | None = None) -> None:
+                  write: tuple[type, dict[str, Any]] | None = None, concurrent_batches: int = 1) -> None:
     """from_items -> decode (tasks) -> UDF (actor pool) [-> write (tasks)]; counts results as they stream back.
 
     ``keys`` maps image ids to their output key stems (default: :func:`output_stem` of the relpath).
@@ -151,7 +154,7 @@ def run_pipeline(items: list[InputImage], decode: DecodeImages, udf: type, udf_k
                              override_num_blocks=max(1, -(-len(items) // batch_size)))
     ds = ds.map_batches(decode, batch_size=batch_size, num_cpus=DECODE_CPUS, max_retries=TASK_RETRIES)
     writer_cpus = WRITE_CPUS * _writers() if write is not None else 0.0
-    plan = plan_actors(len(items), batch_size, max_actors, reserved_cpus + writer_cpus)
+    plan = plan_actors(len(items), batch_size, max_actors, reserved_cpus + writer_cpus, concurrent_batches)
     ds = ds.map_batches(udf, fn_constructor_kwargs={**udf_kwargs, "threads": plan.threads}, batch_size=batch_size,
                         num_cpus=plan.cpus_per_actor, compute=plan.pool,
                         max_restarts=-1, max_task_retries=TASK_RETRIES)

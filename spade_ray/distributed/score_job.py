@@ -28,7 +28,12 @@ from spade_ray.storage.results import drop_error_rows, read_results, remove_resu
 from spade_ray.storage.sources import resolve_inputs
 from spade_ray.storage.urls import join
 
-__all__ = ["run_score"]
+__all__ = ["SCORER_CONCURRENT_BATCHES", "run_score"]
+
+# Batches a scorer actor works on at once, in threads: while one batch waits for the shard actors'
+# answers, the next one's backbone runs (torch releases the GIL), so the actor's cores do not idle
+# through every round trip to the shards.
+SCORER_CONCURRENT_BATCHES = 2
 
 
 def _check_weights_on_driver(manifest: BankManifest, config: SpadeConfig, weights: str | None) -> None:
@@ -153,7 +158,7 @@ def run_score(source: str, bank_url: str, output: str, *, weights: str | None = 
                                        "thresholds": thresholds, "artifacts": choice, "max_pixels": max_pixels,
                                        "scales": calibration.scales if calibration else None},
                          batch_size, max_actors, summary, progress, "score", reserved_cpus=shard_cpus * len(manifest.shards),
-                         keys=keys, write=(WriteResults, {"output": output, "run_id": new_run_id(),
+                         keys=keys, concurrent_batches=SCORER_CONCURRENT_BATCHES, write=(WriteResults, {"output": output, "run_id": new_run_id(),
                                                          "storage_options": storage_options}))
     finally:
         if served is not None:
