@@ -158,8 +158,8 @@ def run_score(source: str, bank_url: str, output: str, *, weights: str | None = 
                                        "thresholds": thresholds, "artifacts": choice, "max_pixels": max_pixels,
                                        "scales": calibration.scales if calibration else None},
                          batch_size, max_actors, summary, progress, "score", reserved_cpus=shard_cpus * len(manifest.shards),
-                         keys=keys, concurrent_batches=SCORER_CONCURRENT_BATCHES, write=(WriteResults, {"output": output, "run_id": new_run_id(),
-                                                         "storage_options": storage_options}))
+                         keys=keys, concurrent_batches=SCORER_CONCURRENT_BATCHES,
+                         write=(WriteResults, {"output": output, "run_id": new_run_id(), "storage_options": storage_options}))
     finally:
         if served is not None:
             served.shutdown()
