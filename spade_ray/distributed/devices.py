@@ -42,7 +42,7 @@ def gpus_per_actor(requested: float | None, reserved: float = 0.0) -> float:
         return 1.0 if free >= 1.0 else 0.0
     if requested < 0:
         raise ValueError(f"--gpus-per-actor must be >= 0; got {requested:g}")
-    if requested > 0 and free < min(requested, 1.0):
+    if requested > 0 and free < requested:
         raise ValueError(f"--gpus-per-actor {requested:g}, but the Ray cluster has {free:g} GPUs for the actors; "
                          "use --gpus-per-actor 0 to run on CPUs")
     return float(requested)
