@@ -38,13 +38,17 @@ def gpu_ray(small_bank):
     ray.shutdown()
 
 
-def _actors(class_part: str) -> list[dict]:
-    """Entries of Ray's actor table (dead ones included) whose class name contains ``class_part``."""
-    return [a for a in ray._private.state.actors().values() if class_part in a.get("ClassName", "")]
+def _gpus_required(class_part: str) -> list[float]:
+    """GPUs each actor whose class (or, for Ray Data's ``MapWorker(MapBatches(UDF))``, whose repr)
+    names ``class_part`` required, from Ray's actor table, dead actors included.
 
+    Read from the table's protos: ``ray._private.state.actors()`` leaves the resources out.
+    """
+    from ray.core.generated import gcs_pb2
 
-def _gpus_required(actor: dict) -> float:
-    return float((actor.get("RequiredResources") or {}).get("GPU", 0.0))
+    accessor = ray._private.state.state._connect_and_get_accessor()
+    tables = [gcs_pb2.ActorTableData.FromString(raw) for raw in accessor.get_actor_table(None, None)]
+    return [float(t.required_resources.get("GPU", 0.0)) for t in tables if class_part in t.class_name + t.repr_name]
 
 
 @ray.remote
@@ -94,8 +98,8 @@ def test_extractors_ask_for_the_gpu_and_the_summary_says_where_they_ran(gpu_ray,
     assert summary.extra["gpus_per_actor"] == 1.0
     assert summary.extra["devices"] == {"cpu": 10} and "on cpu (10)" in summary.line()
     assert any("ran on the CPU although each actor was given 1 GPU" in r.getMessage() for r in caplog.records)
-    extractors = _actors("ExtractFeatures")
-    assert extractors and all(_gpus_required(a) == 1.0 for a in extractors), extractors
+    extractors = _gpus_required("ExtractFeatures")
+    assert extractors and set(extractors) == {1.0}, extractors
 
 
 def _score(bank: dict, out: Path, **kwargs) -> tuple[dict, dict]:
@@ -111,9 +115,9 @@ def test_scorers_take_the_gpu_shards_do_not_and_scores_equal_a_cpu_run(gpu_ray, 
     summary = gpu["summary"]
     assert summary.ok == 6 and summary.error == 0
     assert summary.extra["gpus_per_actor"] == 1.0 and summary.extra["devices"] == {"cpu": 6}
-    scorers, shards = _actors("ScoreImages"), _actors("ShardActor")
-    assert scorers and all(_gpus_required(a) == 1.0 for a in scorers), scorers
-    assert shards and all(_gpus_required(a) == 0.0 for a in shards), shards
+    scorers, shards = _gpus_required("ScoreImages"), _gpus_required("ShardActor")
+    assert scorers and set(scorers) == {1.0}, scorers
+    assert shards and set(shards) == {0.0}, shards
 
     cpu, cpu_maps = _score(gpu_ray, tmp_path / "cpu", gpus_per_actor=0)
     assert cpu["summary"].extra["gpus_per_actor"] == 0.0 and cpu["summary"].extra["devices"] == {"cpu": 6}
