@@ -32,6 +32,8 @@ def parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument("--protocol", default="full")
     parser.add_argument("--batch-size", default="16")
     parser.add_argument("--max-actors", help="upper bound of the extractor actor pool (default: fit the cluster)")
+    parser.add_argument("--gpus-per-actor", default="auto",
+                        help="GPUs per extractor actor (default auto: 1 when the Ray cluster has GPUs, else 0)")
     parser.add_argument("--address")
     parser.add_argument("--storage-options")
     parser.add_argument("--quiet", action="store_true")
@@ -45,6 +47,7 @@ def run(argv: list[str]) -> int:
              (["--quiet"] if args.quiet else [])
     code = main(["extract", args.input, "--output", args.features, "--backbone", args.backbone,
                  "--image-size", args.image_size, "--protocol", args.protocol, "--batch-size", args.batch_size,
+                 "--gpus-per-actor", args.gpus_per_actor,
                  *(["--max-actors", args.max_actors] if args.max_actors else []), *common])
     if code != 0:
         return code

@@ -708,6 +708,25 @@ def test_entrypoints_expand_the_configmap_into_arguments_that_parse() -> None:
     bb = build_parser().parse_args(["build-bank", own.features, "--output", own.output, "--shards", own.shards, *extra])
     assert (bb.calibration_samples, bb.target_fpr, bb.image_k, bb.pixel_k) == (
         int(values["CALIBRATION_SAMPLES"]), float(values["TARGET_FPR"]), int(values["IMAGE_K"]), int(values["PIXEL_K"]))
+    assert own.gpus_per_actor == values["GPUS_PER_ACTOR"]
+
+
+@pytest.mark.parametrize("name", RENDERINGS)
+def test_gpu_workers_come_with_actors_that_ask_for_their_gpus(name: str) -> None:
+    """Ray hands a GPU only to an actor that asks for it: every rendering whose workers have GPUs
+    makes both jobs pass ``--gpus-per-actor 1``; CPU renderings leave it automatic (0 without GPUs)."""
+    from spade_ray.apps.cli import build_parser
+
+    docs = rendering(name)
+    values = dict(named(docs, "ConfigMap", PARAMS)["data"])
+    gpu_workers = any("nvidia.com/gpu" in (c.get("resources", {}).get("limits") or {})
+                      for doc in docs for spec in cluster_specs(doc) for group in spec.get("workerGroupSpecs", [])
+                      for c in group["template"]["spec"]["containers"])
+    assert values["GPUS_PER_ACTOR"] == ("1" if gpu_workers else "auto")
+    eps = entrypoints()
+    score = build_parser().parse_args(["score", *expand(eps["jobs/score_archive.py"], values)[1:]])
+    assert score.gpus_per_actor == (1.0 if gpu_workers else None) and score.shard_gpus == 0.0
+    assert '--gpus-per-actor "${GPUS_PER_ACTOR:?' in eps["jobs/rebuild_bank.py"]
 
 
 def test_a_missing_parameter_stops_the_submitter_with_its_name() -> None:

@@ -128,13 +128,14 @@ def _synthetic_dataset(work: Path, log: Callable[[str], None]) -> str:
 
 
 def _run_extract_job(train_list: str, work: Path, protocol: str, progress: Progress,
-                     log: Callable[[str], None]) -> tuple[JobSummary, ProcessPeaks]:
+                     log: Callable[[str], None], gpus_per_actor: float | None = None) -> tuple[JobSummary, ProcessPeaks]:
     """(b): the extract job over the bank's normal images, with its actors' peak memory."""
     from spade_ray.distributed.extract_job import run_extract
 
     shutil.rmtree(work / "features", ignore_errors=True)  # (b) must extract, not resume a previous run
     with ProcessPeaks() as peaks:
-        extract = run_extract(train_list, str(work / "features"), protocol=protocol, progress=progress)
+        extract = run_extract(train_list, str(work / "features"), protocol=protocol, progress=progress,
+                              gpus_per_actor=gpus_per_actor)
     log(extract.line())
     return extract, peaks
 
@@ -212,7 +213,7 @@ def _time_exact_predict(model: Spade, protocol: str, scoring: dict[str, Any] | N
 
 
 def _run_score_job(test_list: str, work: Path, shards: int, batch_size: int, address: str | None, progress: Progress,
-                   log: Callable[[str], None]) -> tuple[JobSummary, ProcessPeaks]:
+                   log: Callable[[str], None], gpus_per_actor: float | None = None) -> tuple[JobSummary, ProcessPeaks]:
     """(d): the distributed score job against the sharded bank, with its actors' peak memory."""
     from spade_ray.distributed.runtime import init_ray
     from spade_ray.distributed.score_job import run_score
@@ -221,7 +222,7 @@ def _run_score_job(test_list: str, work: Path, shards: int, batch_size: int, add
     init_ray(address)
     with ProcessPeaks() as peaks:
         score = run_score(test_list, str(work / "bank"), str(work / "scored"), batch_size=batch_size, overwrite=True,
-                          progress=progress)
+                          progress=progress, gpus_per_actor=gpus_per_actor)
     log(score.line())
     return score, peaks
 
@@ -258,6 +259,8 @@ def _figures(measured: _Measured, model: Spade, dataset: str, protocol: str, tes
         "bank_bytes_per_image": measured.build.extra.get("bytes_per_image"),
         "peak_rss_mib": {"driver (in-process model)": round(peak_rss_mb(), 1), **measured.peaks_extract.mib(),
                          **measured.peaks_score.mib()},
+        "devices": {"b_extract_job": measured.extract.extra.get("devices"),
+                    "d_distributed": measured.score.extra.get("devices")},
         "workdir": str(work),
     }
     if exact is not None:
@@ -280,6 +283,7 @@ def run_bench(
     batch_size: int = 16,
     store: bool = True,
     store_latency_ms: float = 20.0,
+    gpus_per_actor: float | None = None,
     progress: Progress = no_progress,
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
@@ -297,7 +301,7 @@ def run_bench(
     torch_threads = torch.get_num_threads()
     init_ray(address)
 
-    extract, peaks_extract = _run_extract_job(train_list, work, protocol, progress, log)
+    extract, peaks_extract = _run_extract_job(train_list, work, protocol, progress, log, gpus_per_actor)
     build = _build_bank(work, shards, scoring, progress, log)
     _stop_ray()
     ids, bank = _read_bank_features(work)
@@ -306,7 +310,7 @@ def run_bench(
     exact = _time_exact_predict(model, protocol, scoring, ids, bank, test, log)
     log(f"(e) published correspondence loop on {min(reference_images, len(test))} images ...")
     reference = _time_reference(model, test[:reference_images])
-    score, peaks_score = _run_score_job(test_list, work, shards, batch_size, address, progress, log)
+    score, peaks_score = _run_score_job(test_list, work, shards, batch_size, address, progress, log, gpus_per_actor)
     skipped = store_unavailable() if store else "--no-store"
     if skipped and store:
         log(f"(f) and (g) skipped: {skipped}")

@@ -111,7 +111,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     log = get_logger()
     result = run_demo(output, seed=args.seed, image_size=args.image_size, image_k=args.image_k, pixel_k=args.pixel_k,
                       kappa=args.kappa, scoring=_scoring(args), batch_size=args.batch_size, shards=args.shards,
-                      address=args.address, progress=_progress(args), report_top=args.report_top, log=log.info)
+                      address=args.address, progress=_progress(args), report_top=args.report_top, log=log.info,
+                      gpus_per_actor=args.gpus_per_actor)
     metrics = {k: result[k] for k in ("image_auroc", "pixel_auroc", "aupro", "image_f1_max", "pixel_f1_max")}
     if args.log_format == "json":
         log.info("demo: done", **fields(stage="demo", **metrics, output=output, report=os.path.join(output, "report.html")))
@@ -157,7 +158,7 @@ def _cmd_extract(args: argparse.Namespace) -> int:
                           image_size=args.image_size, protocol=args.protocol, batch_size=args.batch_size,
                           max_actors=args.max_actors, max_pixels=args.max_pixels,
                           storage_options=_storage_options(args.storage_options),
-                          address=args.address, progress=_progress(args))
+                          address=args.address, progress=_progress(args), gpus_per_actor=args.gpus_per_actor)
     return _finish(summary, args.max_error_rate)
 
 
@@ -188,7 +189,8 @@ def _cmd_score(args: argparse.Namespace) -> int:
                         overwrite=args.overwrite, retry_errors=args.retry_errors,
                         artifacts=ArtifactChoice.parse(args.write, args.visuals, args.save_maps),
                         max_pixels=args.max_pixels, storage_options=_storage_options(args.storage_options),
-                        address=args.address, progress=_progress(args), report_top=args.report_top)
+                        address=args.address, progress=_progress(args), report_top=args.report_top,
+                        gpus_per_actor=args.gpus_per_actor, shard_gpus=args.shard_gpus)
     if args.log_format == "text":
         get_logger().info(f"report {summary.extra['report']}")
     return _finish(summary, args.max_error_rate)
@@ -201,7 +203,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     result = run_bench(args.dataset, test_images=args.test_images, reference_images=args.reference_images,
                        rounds=args.rounds, batch_size=args.batch_size, store=args.store,
                        store_latency_ms=args.store_latency_ms, shards=args.shards, protocol=args.protocol,
-                       scoring=_scoring(args), workdir=args.workdir,
+                       scoring=_scoring(args), workdir=args.workdir, gpus_per_actor=args.gpus_per_actor,
                        address=args.address, progress=_progress(args), log=log)
     if args.json == "-":
         print(json.dumps(result, indent=2))

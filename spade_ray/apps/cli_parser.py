@@ -62,6 +62,25 @@ def _add_ray(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--address", help="Ray cluster to join (default: $RAY_ADDRESS, else a local Ray)")
 
 
+def _gpus(text: str) -> float | None:
+    """A GPU share (0.5: two actors per GPU), or ``auto`` (None: the job decides from the cluster)."""
+    if text == "auto":
+        return None
+    value = float(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0 or auto; got {text}")
+    return value
+
+
+def _add_gpus(parser: argparse.ArgumentParser, shards: bool = False) -> None:
+    parser.add_argument("--gpus-per-actor", type=_gpus, default=None, metavar="N|auto",
+                        help="GPUs each extractor/scorer actor asks Ray for, which runs its backbone there (0.5: two "
+                        "actors share a GPU; 0: CPUs only). Default auto: 1 when the Ray cluster has GPUs, else 0")
+    if shards:
+        parser.add_argument("--shard-gpus", type=float, default=0.0, metavar="N",
+                            help="GPUs each bank shard actor asks for, to run the correspondence there (default 0: CPU)")
+
+
 def _add_calibration(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--calibration-samples", type=int, default=64,
                         help="normal images scored leave-one-out to set the thresholds (default 64; 0 = none)")
@@ -154,6 +173,7 @@ def _add_demo_command(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--image-size", type=int, default=224, help="network input size in pixels (default 224)")
     _add_model_options(parser, scoring_only=True)
     _add_ray(parser)
+    _add_gpus(parser)
     _add_report(parser)
     _add_output_options(parser)
 
@@ -193,6 +213,7 @@ def _add_extract_command(sub: argparse._SubParsersAction) -> None:
     _add_max_error_rate(parser)
     _add_model_options(parser, only_backbone=True)
     _add_ray(parser)
+    _add_gpus(parser)
     _add_common(parser)
 
 
@@ -248,6 +269,7 @@ def _add_score_command(sub: argparse._SubParsersAction) -> None:
     _add_max_pixels(parser)
     _add_max_error_rate(parser)
     _add_ray(parser)
+    _add_gpus(parser, shards=True)
     _add_common(parser)
 
 
@@ -278,6 +300,7 @@ def _add_bench_command(sub: argparse._SubParsersAction) -> None:
     group = parser.add_argument_group("scoring")
     _add_matching_options(group, None)
     _add_ray(parser)
+    _add_gpus(parser)
     _add_output_options(parser)
 
 

@@ -59,8 +59,10 @@ def _measure_scored(output: str, dataset: str, data: MVTecDataset) -> dict[str, 
 def run_demo(output: str, *, seed: int = 0, image_size: int = 224, image_k: int | None = None, pixel_k: int | None = None,
              kappa: int | None = None, scoring: dict[str, Any] | None = None, batch_size: int = 16, shards: int = 2,
              address: str | None = None, progress: Progress = no_progress, log: Callable[[str], Any] = print,
-             report_top: int = DEFAULT_REPORT_TOP) -> dict[str, Any]:
-    """Run the demo into the local folder ``output``; returns the metrics written to OUT/metrics.json."""
+             report_top: int = DEFAULT_REPORT_TOP, gpus_per_actor: float | None = None) -> dict[str, Any]:
+    """Run the demo into the local folder ``output``; returns the metrics written to OUT/metrics.json.
+
+    ``gpus_per_actor``: as ``extract``/``score`` take it (None: a GPU per actor when Ray has GPUs)."""
     started = time.perf_counter()
     dataset = os.path.join(output, "dataset")
     if os.path.isdir(os.path.join(dataset, "train")):
@@ -74,7 +76,8 @@ def run_demo(output: str, *, seed: int = 0, image_size: int = 224, image_k: int 
     model_args["scoring"] = {**DEMO_SCORING, **(scoring or {})}
     summaries: list[JobSummary] = []
     summaries.append(run_extract(os.path.join(dataset, "train", "good"), os.path.join(output, "features"),
-                                 image_size=image_size, batch_size=batch_size, address=address, progress=progress))
+                                 image_size=image_size, batch_size=batch_size, address=address, progress=progress,
+                                 gpus_per_actor=gpus_per_actor))
     log(summaries[-1].line())
     summaries.append(run_build_bank(os.path.join(output, "features"), os.path.join(output, "bank"), shards=shards,
                                     batch_size=batch_size, address=address, progress=progress, **model_args))
@@ -82,7 +85,7 @@ def run_demo(output: str, *, seed: int = 0, image_size: int = 224, image_k: int 
     summaries.append(run_score(os.path.join(dataset, "test"), os.path.join(output, "bank"), output, save_maps=True,
                                artifacts=ArtifactChoice(visuals="all"),
                                overwrite=True, batch_size=batch_size, address=address, progress=progress,
-                               report_top=report_top))
+                               report_top=report_top, gpus_per_actor=gpus_per_actor))
     log(summaries[-1].line())
 
     metrics = _measure_scored(output, dataset, data)

@@ -43,7 +43,11 @@ class ShardServer:
         verify: bool = True,
         threads: int | None = None,
         aggregate: int | None = None,
+        device: str = "cpu",
     ) -> None:
+        # where the correspondence runs: the bank stays in host memory either way, and only the
+        # gallery data a query compares with is copied to a GPU (``PyramidBank.gallery_distances``)
+        self.device = device
         if threads:
             torch.set_num_threads(threads)
             import faiss
@@ -60,7 +64,7 @@ class ShardServer:
     def from_shard(cls, shard: BankShard, offset: int) -> ShardServer:
         """A server over a shard already in memory (it serves the first setting asked for, and only that one)."""
         server = cls.__new__(cls)
-        server.shard, server.offset, server._served = shard, int(offset), None
+        server.shard, server.offset, server._served, server.device = shard, int(offset), None, "cpu"
 
         def cannot_reload() -> BankShard:
             raise RuntimeError(f"shard {shard.name} was given in memory and already serves another setting; "
@@ -81,7 +85,7 @@ class ShardServer:
     def info(self) -> dict[str, Any]:
         pyramids = self._served.nbytes if self._served is not None else sum(level.nbytes for level in self.shard.levels)
         return {"name": self.shard.name, "n_images": len(self.shard), "offset": self.offset,
-                "bytes": int(self.shard.global_.nbytes + pyramids)}
+                "bytes": int(self.shard.global_.nbytes + pyramids), "device": self.device}
 
     def owns(self, rows: np.ndarray) -> np.ndarray:
         """Mask of the bank-wide rows that live in this shard."""
@@ -108,8 +112,8 @@ class ShardServer:
         shard); ``wanted[b]`` lists bank-wide rows of b's gallery, only those this shard owns are used.
         """
         local = {b: np.asarray(rows)[self.owns(np.asarray(rows))] - self.offset for b, rows in wanted.items()}
-        answers = self.pyramids(match.aggregate).gallery_distances(query_levels, local, match)
-        return {b: [d.numpy() for d in distances] for b, distances in answers.items()}
+        answers = self.pyramids(match.aggregate).gallery_distances(query_levels, local, match, self.device)
+        return {b: [d.cpu().numpy() for d in distances] for b, distances in answers.items()}
 
     def features(self, rows: np.ndarray, aggregate: int) -> tuple[np.ndarray, list[np.ndarray]]:
         """Global vectors and float32 pyramids, in the feature space of ``aggregate``, of a few owned rows.

@@ -8,6 +8,7 @@ from typing import Any
 import pyarrow as pa
 
 from spade_ray.distributed.decode_stage import DecodeImages
+from spade_ray.distributed.devices import gpus_per_actor as resolve_gpus
 from spade_ray.distributed.extract_stage import ExtractFeatures
 from spade_ray.distributed.pipeline import JobSummary, new_run_id, run_pipeline
 from spade_ray.distributed.runtime import init_ray
@@ -24,11 +25,13 @@ __all__ = ["run_extract"]
 def run_extract(source: str, output: str, *, backbone: str = "lite0", weights: str | None = None, image_size: int = 224,
                 protocol: str = "full", batch_size: int = 16, max_actors: int | None = None,
                 max_pixels: int = DEFAULT_MAX_PIXELS, storage_options: dict[str, Any] | None = None,
-                address: str | None = None, progress: Progress = no_progress) -> JobSummary:
+                address: str | None = None, progress: Progress = no_progress,
+                gpus_per_actor: float | None = None) -> JobSummary:
     """Images under ``source`` -> Parquet feature shards under ``output`` (one file per batch).
 
     Images that already have a row in ``output`` are skipped, so an interrupted extract resumes.
     Images above ``max_pixels`` are error rows (refused from the header, never decoded).
+    ``gpus_per_actor``: each extractor's share of a GPU (None: 1 when the cluster has GPUs, else 0).
     """
     start = time.perf_counter()
     items = resolve_inputs(source, storage_options)
@@ -44,6 +47,6 @@ def run_extract(source: str, output: str, *, backbone: str = "lite0", weights: s
         run_pipeline(todo, DecodeImages(pre, storage_options, max_pixels), ExtractFeatures,
                       {"backbone": backbone, "weights": weights, "preprocessor": pre, "output": output,
                        "run_id": new_run_id(), "storage_options": storage_options},
-                      batch_size, max_actors, summary, progress, "extract")
+                      batch_size, max_actors, summary, progress, "extract", gpus_per_actor=resolve_gpus(gpus_per_actor))
     summary.seconds = time.perf_counter() - start
     return summary

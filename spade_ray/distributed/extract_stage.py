@@ -7,6 +7,7 @@ from typing import Any
 import numpy as np
 
 from spade_ray.distributed.decode_stage import Batch
+from spade_ray.distributed.devices import actor_device
 from spade_ray.distributed.runtime import set_worker_threads
 from spade_ray.method.backbones import load_backbone
 from spade_ray.method.features import features_from_tensor
@@ -19,12 +20,13 @@ __all__ = ["ExtractFeatures"]
 
 
 class ExtractFeatures:
-    """Actor-pool UDF: backbone once per actor; writes one Parquet feature shard per batch."""
+    """Actor-pool UDF: backbone once per actor, on its GPU when Ray gave it one; one Parquet feature shard per batch."""
 
     def __init__(self, backbone: str, weights: str | None, preprocessor: Preprocessor, output: str,
                  run_id: str, storage_options: dict[str, Any] | None = None, threads: int | None = None) -> None:
         set_worker_threads(threads=threads)
-        self.backbone = load_backbone(backbone, weights)
+        self.device = actor_device("extractor")
+        self.backbone = load_backbone(backbone, weights, self.device)
         self.preprocessor = preprocessor
         self.output = output
         self.run_id = run_id
@@ -56,7 +58,8 @@ class ExtractFeatures:
         )
         url = join(self.output, batch_name(self.run_id, ids))
         write_feature_shard(url, table, self.storage_options)
-        return {"image_id": batch["image_id"], "status": batch["status"], "error": batch["error"]}
+        return {"image_id": batch["image_id"], "status": batch["status"], "error": batch["error"],
+                "device": np.full(len(ids), self.device, dtype=object)}
 
 
 def _meta_without_features(backbone: Any, preprocessor: Preprocessor) -> FeatureMeta:

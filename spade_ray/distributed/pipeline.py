@@ -1,9 +1,10 @@
 """What every distributed job shares: the Ray Data pipeline (decode tasks -> actor pool), its CPU
-split and retry bounds, output file names, and the job summary.
+and GPU split and retry bounds, output file names, and the job summary.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -12,6 +13,7 @@ from typing import Any
 import ray
 
 from spade_ray.distributed.decode_stage import DecodeImages
+from spade_ray.distributed.devices import cluster_gpus, count_devices
 from spade_ray.distributed.runtime import cluster_cpus, node_cpus, ray_data_output
 from spade_ray.progress import Progress, no_progress, shows_ray_data_bars
 from spade_ray.storage.outputs import output_stem
@@ -63,8 +65,10 @@ class JobSummary:
 
     def line(self) -> str:
         flagged = f", {self.extra['anomalous']} anomalous" if "anomalous" in self.extra else ""
+        devices = self.extra.get("devices") or {}
+        on = f" on {', '.join(f'{kind} ({n})' for kind, n in sorted(devices.items()))}" if devices else ""
         return (f"{self.job}: {self.ok} ok, {self.error} error, {self.skipped} skipped{flagged} in {self.seconds:.1f}s "
-                f"({self.images_per_second:.1f} images/s) -> {self.output}")
+                f"({self.images_per_second:.1f} images/s){on} -> {self.output}")
 
     def fields(self) -> dict[str, Any]:
         """The summary as flat JSON-ready fields, for structured logs."""
@@ -78,16 +82,18 @@ class JobSummary:
 
 @dataclass(frozen=True)
 class ActorPlan:
-    """The UDF actor pool: its size, the CPUs each actor reserves, and the threads each runs."""
+    """The UDF actor pool: its size, the CPUs and GPUs each actor reserves, and the threads each runs."""
 
     pool: ray.data.ActorPoolStrategy
     cpus_per_actor: float
     threads: int
+    gpus_per_actor: float = 0.0
 
 
 def plan_actors(n_items: int, batch_size: int, max_actors: int | None, reserved_cpus: float = 0.0,
-                concurrent_batches: int = 1) -> ActorPlan:
-    """Size the actor pool to the CPUs left after the shard actors, the writers and one decode slot.
+                concurrent_batches: int = 1, gpus_per_actor: float = 0.0, reserved_gpus: float = 0.0) -> ActorPlan:
+    """Size the actor pool to the CPUs left after the shard actors, the writers and one decode slot,
+    and, when the actors take GPUs, to the GPUs left after the shard actors' (if they took any).
 
     A pool that takes every CPU starves Ray Data's decode tasks and the job hangs.  Each actor
     reserves 1 CPU on a cluster (0.5 on a machine of fewer than 4), but runs
@@ -95,15 +101,21 @@ def plan_actors(n_items: int, batch_size: int, max_actors: int | None, reserved_
     mostly idle while an actor runs its backbone (it waits on them, they on it), so an actor that
     used only its reservation would leave cores idle; on a cluster, where the pool fills the
     workers, this is 1 thread per actor as before.
+
+    An actor with a GPU still reserves its CPU share and runs as many CPU threads (its map fusion
+    and encoding stay on the CPU), but the pool never holds more actors than GPUs / ``gpus_per_actor``:
+    one more would wait for a GPU for the whole run.
     """
     cpus = cluster_cpus()
     per_actor = 1.0 if cpus >= 4 else 0.5
     room = max(per_actor, cpus - reserved_cpus - DECODE_CPUS)
     wanted = max(1, min(max_actors or 10**6, int(room // per_actor), -(-n_items // batch_size)))
+    if gpus_per_actor > 0:
+        wanted = max(1, min(wanted, int((cluster_gpus() - reserved_gpus) // gpus_per_actor)))
     threads = max(1, min(node_cpus(), cpus // wanted))
     pool = ray.data.ActorPoolStrategy(min_size=1, max_size=wanted, max_concurrent_calls_per_actor=concurrent_batches,
                                       enable_true_multi_threading=concurrent_batches > 1)
-    return ActorPlan(pool, per_actor, threads)
+    return ActorPlan(pool, per_actor, threads, gpus_per_actor)
 
 
 DECODE_CPUS = 0.25
@@ -136,13 +148,16 @@ TASK_RETRIES = 3
 def run_pipeline(items: list[InputImage], decode: DecodeImages, udf: type, udf_kwargs: dict[str, Any],
                   batch_size: int, max_actors: int | None, summary: JobSummary, progress: Progress, desc: str,
                   reserved_cpus: float = 0.0, keys: dict[str, str] | None = None,
-                  write: tuple[type, dict[str, Any]] | None = None, concurrent_batches: int = 1) -> None:
+                  write: tuple[type, dict[str, Any]] | None = None, concurrent_batches: int = 1,
+                  gpus_per_actor: float = 0.0, reserved_gpus: float = 0.0) -> None:
     """from_items -> decode (tasks) -> UDF (actor pool) [-> write (tasks)]; counts results as they stream back.
 
     ``keys`` maps image ids to their output key stems (default: :func:`output_stem` of the relpath).
     ``write`` (a class and its constructor arguments) stores what the UDF produced, in a small pool
     of I/O actors of its own, so the scorers' next batch overlaps the previous one's requests.  The
-    last stage returns ``image_id``, ``status``, ``error``.
+    last stage returns ``image_id``, ``status``, ``error`` and ``device`` (where the UDF ran; counted
+    per device kind in ``summary.extra["devices"]``).  ``gpus_per_actor`` (> 0) gives each UDF actor
+    that share of a GPU (``reserved_gpus`` are the shard actors').
     """
     # On a terminal Ray Data draws its own bars (one per operator); otherwise it stays silent and
     # so does the driver's bar.  Set before the dataset exists: a dataset keeps the context it was made with.
@@ -154,9 +169,10 @@ def run_pipeline(items: list[InputImage], decode: DecodeImages, udf: type, udf_k
                              override_num_blocks=max(1, -(-len(items) // batch_size)))
     ds = ds.map_batches(decode, batch_size=batch_size, num_cpus=DECODE_CPUS, max_retries=TASK_RETRIES)
     writer_cpus = WRITE_CPUS * _writers() if write is not None else 0.0
-    plan = plan_actors(len(items), batch_size, max_actors, reserved_cpus + writer_cpus, concurrent_batches)
+    plan = plan_actors(len(items), batch_size, max_actors, reserved_cpus + writer_cpus, concurrent_batches, gpus_per_actor,
+                       reserved_gpus)
     ds = ds.map_batches(udf, fn_constructor_kwargs={**udf_kwargs, "threads": plan.threads}, batch_size=batch_size,
-                        num_cpus=plan.cpus_per_actor, compute=plan.pool,
+                        num_cpus=plan.cpus_per_actor, num_gpus=plan.gpus_per_actor or None, compute=plan.pool,
                         max_restarts=-1, max_task_retries=TASK_RETRIES)
     if write is not None:
         writer, writer_kwargs = write
@@ -166,9 +182,13 @@ def run_pipeline(items: list[InputImage], decode: DecodeImages, udf: type, udf_k
     bar = no_progress(len(items), desc) if ray_bars else progress(len(items), desc)
     first: tuple[float, int] | None = None
     done = 0
+    summary.extra["gpus_per_actor"] = plan.gpus_per_actor
+    devices = summary.extra.setdefault("devices", {})
     try:
         for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
             done += len(batch["image_id"])
+            if "device" in batch:
+                count_devices(batch["device"], devices)
             first = first or (time.perf_counter(), done)
             for image_id, status, error in zip(batch["image_id"], batch["status"], batch["error"]):
                 if status == "ok":
@@ -181,6 +201,21 @@ def run_pipeline(items: list[InputImage], decode: DecodeImages, udf: type, udf_k
         bar.close()
     if first is not None:
         summary.stream_timing(first[0], first[1], time.perf_counter(), done)
+    _warn_if_gpus_idle(summary, plan.gpus_per_actor, desc)
+
+
+def _warn_if_gpus_idle(summary: JobSummary, gpus_per_actor: float, desc: str) -> None:
+    """Say on the driver, once per job, when actors were given GPUs and still ran on the CPU.
+
+    Each such actor warns in its own log too, but those lines are easy to miss among a cluster's
+    output; a night that paid for GPUs and used none should say so where its summary is read.
+    """
+    on_cpu = summary.extra.get("devices", {}).get("cpu", 0)
+    if gpus_per_actor > 0 and on_cpu:
+        logging.getLogger(__name__).warning(
+            f"{desc}: {on_cpu} images ran on the CPU although each actor was given {gpus_per_actor:g} GPU: "
+            "torch sees no CUDA device in the actors (a CPU-only torch, no driver, or a GPU resource "
+            "without a device); the actors' warnings name the GPUs Ray assigned")
 
 
 # ----------------------------------------------------------------------------- extract

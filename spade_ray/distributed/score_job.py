@@ -8,6 +8,8 @@ from typing import Any
 from spade_ray.bank.manifest import BankManifest
 from spade_ray.bank.store import check_compatible, open_bank
 from spade_ray.distributed.decode_stage import DecodeImages
+from spade_ray.distributed.devices import gpus_per_actor as resolve_gpus
+from spade_ray.distributed.devices import shard_gpus as resolve_shard_gpus
 from spade_ray.distributed.pipeline import JobSummary, new_run_id, run_pipeline
 from spade_ray.distributed.remote_bank import calibrate_served
 from spade_ray.distributed.runtime import init_ray
@@ -90,6 +92,21 @@ def _decision(served: ServedBank | None, config: SpadeConfig, calibration: Calib
     return Thresholds(float(image), float(pixel)), calibration
 
 
+def _serve(bank_root: str, manifest: BankManifest, aggregate: int, storage_options: dict[str, Any] | None,
+           address: str | None, gpus_per_actor: float | None, shard_gpus: float) -> tuple[ServedBank, float, float]:
+    """Join Ray and start the bank's shard actors; returns them, the CPUs they reserve, and each scorer's GPUs.
+
+    The GPUs are settled before any actor starts, so a request the cluster cannot meet fails in one line.
+    """
+    init_ray(address)
+    n_shards = len(manifest.shards)
+    per_shard = resolve_shard_gpus(shard_gpus, n_shards)
+    scorer_gpus = resolve_gpus(gpus_per_actor, reserved=per_shard * n_shards)
+    cpus = shard_actor_cpus(n_shards)
+    served = start_shard_actors(bank_root, manifest, storage_options, num_cpus=cpus, aggregate=aggregate, num_gpus=per_shard)
+    return served, cpus * n_shards, scorer_gpus
+
+
 def _write_report(output: str, source: str, bank_id: str, thresholds: Thresholds, preprocessor: Preprocessor,
                   summary: JobSummary, n_items: int, report_top: int, storage_options: dict[str, Any] | None,
                   progress: Progress) -> None:
@@ -112,7 +129,8 @@ def run_score(source: str, bank_url: str, output: str, *, weights: str | None = 
               max_actors: int | None = None, overwrite: bool = False, retry_errors: bool = False, save_maps: bool = False,
               artifacts: ArtifactChoice | None = None, max_pixels: int = DEFAULT_MAX_PIXELS,
               storage_options: dict[str, Any] | None = None, address: str | None = None, progress: Progress = no_progress,
-              report_top: int = DEFAULT_REPORT_TOP) -> JobSummary:
+              report_top: int = DEFAULT_REPORT_TOP, gpus_per_actor: float | None = None,
+              shard_gpus: float = 0.0) -> JobSummary:
     """Score every image under ``source`` against a served bank; masks, heatmaps, overlays and result rows to ``output``.
 
     Images already scored into ``output`` against the same bank are skipped (``overwrite`` redoes
@@ -120,7 +138,7 @@ def run_score(source: str, bank_url: str, output: str, *, weights: str | None = 
     the bank's normal-only calibration.  ``artifacts`` chooses the pictures written (default: masks
     for every image, heatmaps and overlays for the flagged ones); ``save_maps`` adds the raw maps.
     Finally ``output/report.html`` shows everything scored into ``output``, with the
-    ``report_top`` most anomalous images.
+    ``report_top`` most anomalous images.  GPUs: ``gpus_per_actor`` per scorer (None: 1 if any), ``shard_gpus`` per shard.
     """
     start = time.perf_counter()
     bank_root, manifest = open_bank(bank_url, storage_options)
@@ -140,11 +158,10 @@ def run_score(source: str, bank_url: str, output: str, *, weights: str | None = 
     spec = BACKBONES[config.backbone]
     pre = Preprocessor(config.image_size, config.protocol, spec.mean, spec.std)  # type: ignore[arg-type]
     recalibrate = calibration is not None and not calibration.matches(config)
-    served, shard_cpus = None, 0.0
+    served, shard_cpus, scorer_gpus = None, 0.0, 0.0
     if recalibrate or todo:
-        init_ray(address)
-        shard_cpus = shard_actor_cpus(len(manifest.shards))
-        served = start_shard_actors(bank_root, manifest, storage_options, num_cpus=shard_cpus, aggregate=config.aggregate)
+        served, shard_cpus, scorer_gpus = _serve(bank_root, manifest, config.aggregate, storage_options, address,
+                                                 gpus_per_actor, shard_gpus)
     try:
         thresholds, calibration = _decision(served, config, calibration, threshold, image_threshold, batch_size, progress)
         summary.extra.update(pixel_threshold=thresholds.pixel, image_threshold=thresholds.image, recalibrated=recalibrate)
@@ -157,9 +174,10 @@ def run_score(source: str, bank_url: str, output: str, *, weights: str | None = 
                          ScoreImages, {"bank": served, "config": config, "weights": weights, "output": output,
                                        "thresholds": thresholds, "artifacts": choice, "max_pixels": max_pixels,
                                        "scales": calibration.scales if calibration else None},
-                         batch_size, max_actors, summary, progress, "score", reserved_cpus=shard_cpus * len(manifest.shards),
-                         keys=keys, concurrent_batches=SCORER_CONCURRENT_BATCHES,
-                         write=(WriteResults, {"output": output, "run_id": new_run_id(), "storage_options": storage_options}))
+                         batch_size, max_actors, summary, progress, "score", reserved_cpus=shard_cpus, keys=keys,
+                         write=(WriteResults, {"output": output, "run_id": new_run_id(), "storage_options": storage_options}),
+                         concurrent_batches=SCORER_CONCURRENT_BATCHES, gpus_per_actor=scorer_gpus,
+                         reserved_gpus=served.gpus if served else 0.0)
     finally:
         if served is not None:
             served.shutdown()

@@ -17,6 +17,7 @@ import ray
 
 from spade_ray.bank.store import check_compatible
 from spade_ray.distributed.decode_stage import Batch
+from spade_ray.distributed.devices import actor_device
 from spade_ray.distributed.remote_bank import RemoteBank
 from spade_ray.distributed.runtime import set_worker_threads
 from spade_ray.distributed.shard_actors import ServedBank
@@ -47,6 +48,9 @@ def _lists(values: list[list[Any]]) -> np.ndarray:
 class ScoreImages:
     """Actor-pool UDF: the backbone and a :class:`~spade_ray.method.scorer.Scorer` over the shard actors.
 
+    The backbone runs on the actor's GPU when Ray gave it one (:func:`actor_device`); the
+    correspondence runs where the bank is, in the shard actors, and fusion and encoding on the CPU.
+
     Returns, per image, its result row as JSON (``row``: exact floats, and one column type however
     many fields are null) and its encoded artifacts (``file_urls``, ``file_bytes``).
 
@@ -62,7 +66,8 @@ class ScoreImages:
                  threads: int | None = None) -> None:
         set_worker_threads(threads=threads)
         self.max_pixels = max_pixels
-        self.backbone = load_backbone(config.backbone, weights)
+        self.device = actor_device("scorer")
+        self.backbone = load_backbone(config.backbone, weights, self.device)
         check_compatible(bank.manifest, config.backbone, self.backbone.weights_sha256, config.image_size, config.protocol)
         spec = self.backbone.spec
         self.preprocessor = Preprocessor(config.image_size, config.protocol, spec.mean, spec.std)  # type: ignore[arg-type]
@@ -95,7 +100,8 @@ class ScoreImages:
         for row in rows:
             row["seconds"] = seconds
         return {"image_id": batch["image_id"], "row": np.array([json.dumps(r) for r in rows], dtype=object),
-                "file_urls": _lists([list(f) for f in files]), "file_bytes": _lists([list(f.values()) for f in files])}
+                "file_urls": _lists([list(f) for f in files]), "file_bytes": _lists([list(f.values()) for f in files]),
+                "device": np.full(n, self.device, dtype=object)}
 
     def _score(self, batch: Batch, ok: np.ndarray, rows: list[dict[str, Any]], files: list[dict[str, bytes]]) -> None:
         query = features_from_tensor(self.backbone, self.preprocessor.normalize(batch["pixels"][ok]))

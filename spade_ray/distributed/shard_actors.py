@@ -14,6 +14,7 @@ import ray
 from spade_ray.bank.manifest import BankManifest, ShardEntry
 from spade_ray.bank.shard_server import ShardServer
 from spade_ray.bank.store import open_bank
+from spade_ray.distributed.devices import actor_device
 from spade_ray.distributed.runtime import cluster_cpus, set_worker_threads
 
 __all__ = ["BankLoadError", "ServedBank", "creation_error_reason", "serve_bank", "start_shard_actors"]
@@ -21,12 +22,16 @@ __all__ = ["BankLoadError", "ServedBank", "creation_error_reason", "serve_bank",
 
 @ray.remote(max_restarts=3, max_task_retries=3)
 class ShardActor(ShardServer):
-    """A bank shard in a Ray actor; restarts reload and re-verify the shard from storage."""
+    """A bank shard in a Ray actor; restarts reload and re-verify the shard from storage.
+
+    Its correspondence runs on the CPU unless the job gave it a GPU (``--shard-gpus``).
+    """
 
     def __init__(self, bank_root: str, entry: ShardEntry, offset: int, storage_options: dict[str, Any] | None = None,
                  aggregate: int | None = None) -> None:
         threads = set_worker_threads()
-        super().__init__(bank_root, entry, offset, storage_options, verify=True, threads=threads, aggregate=aggregate)
+        super().__init__(bank_root, entry, offset, storage_options, verify=True, threads=threads, aggregate=aggregate,
+                         device=actor_device("shard"))
 
     def ping(self) -> bool:
         return True
@@ -41,6 +46,12 @@ class ServedBank:
     actors: list[Any]
     offsets: list[int]
     sizes: list[int]
+    gpus_per_shard: float = 0.0
+
+    @property
+    def gpus(self) -> float:
+        """GPUs the shard actors reserve together (the scorers get what is left)."""
+        return self.gpus_per_shard * len(self.actors)
 
     @property
     def bank_id(self) -> str:
@@ -65,17 +76,20 @@ def shard_actor_cpus(n_shards: int) -> float:
 
 
 def start_shard_actors(bank_root: str, manifest: BankManifest, storage_options: dict[str, Any] | None = None,
-                       num_cpus: float | None = None, aggregate: int | None = None) -> ServedBank:
+                       num_cpus: float | None = None, aggregate: int | None = None,
+                       num_gpus: float = 0.0) -> ServedBank:
     """One shard actor per manifest entry; returns once every shard is loaded and verified.
 
     ``aggregate``: the feature space the job will query (the actors prepare it while loading, and
-    keep only that copy of their pyramids).
+    keep only that copy of their pyramids).  ``num_gpus``: each actor's share of a GPU, on which it
+    matches (none by default: the bank stays in host memory, and every query copies its gallery to the GPU).
     """
     if num_cpus is None:
         num_cpus = shard_actor_cpus(len(manifest.shards))
     actors, offsets, sizes, offset = [], [], [], 0
     for entry in manifest.shards:
-        actors.append(ShardActor.options(num_cpus=num_cpus).remote(bank_root, entry, offset, storage_options, aggregate))
+        actors.append(ShardActor.options(num_cpus=num_cpus, num_gpus=num_gpus)
+                      .remote(bank_root, entry, offset, storage_options, aggregate))
         offsets.append(offset)
         sizes.append(entry.n_images)
         offset += entry.n_images
@@ -85,7 +99,7 @@ def start_shard_actors(bank_root: str, manifest: BankManifest, storage_options: 
         for actor in actors:
             ray.kill(actor, no_restart=True)
         raise BankLoadError(f"a bank shard could not be served: {creation_error_reason(exc)}") from None
-    return ServedBank(bank_root, manifest, actors, offsets, sizes)
+    return ServedBank(bank_root, manifest, actors, offsets, sizes, num_gpus)
 
 
 class BankLoadError(RuntimeError):

@@ -23,7 +23,8 @@ Batch = dict[str, np.ndarray]
 
 
 class WriteResults:
-    """Store a batch's files, then its rows as one result file; returns the statuses the driver counts."""
+    """Store a batch's files, then its rows as one result file; returns the statuses (and the scorer's
+    device) the driver counts."""
 
     def __init__(self, output: str, run_id: str, storage_options: dict[str, Any] | None = None) -> None:
         self.output = output
@@ -35,5 +36,8 @@ class WriteResults:
         write_many({str(url): bytes(data) for urls, datas in zip(batch["file_urls"], batch["file_bytes"])
                     for url, data in zip(urls, datas)}, self.storage_options)
         write_results(self.output, rows, batch_name(self.run_id, [r["image_id"] for r in rows]), self.storage_options)
-        return {"image_id": batch["image_id"], "status": np.array([r["status"] for r in rows], dtype=object),
-                "error": np.array([r["error"] or "" for r in rows], dtype=object)}
+        out = {"image_id": batch["image_id"], "status": np.array([r["status"] for r in rows], dtype=object),
+               "error": np.array([r["error"] or "" for r in rows], dtype=object)}
+        if "device" in batch:
+            out["device"] = batch["device"]
+        return out
