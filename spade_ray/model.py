@@ -21,6 +21,7 @@ normal variation at the pixel level (see the README for the measurements behind 
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import json
 import os
@@ -37,6 +38,7 @@ from spade_ray.method.calibration import Calibration, calibrate
 from spade_ray.method.config import LEGACY_SCORING, SpadeConfig
 from spade_ray.method.decision import Thresholds
 from spade_ray.method.features import FeatureBatch, features_from_tensor
+from spade_ray.method.ignore import IgnoreRegion
 from spade_ray.method.local_bank import LocalBank
 from spade_ray.method.preprocess import Preprocessor
 from spade_ray.method.scorer import Prediction, Scorer
@@ -45,6 +47,7 @@ from spade_ray.method.timing import StageTimer
 __all__ = ["Spade"]
 
 MODEL_FORMAT_VERSION = 1
+IgnoreMask = IgnoreRegion | np.ndarray | str | os.PathLike  # what ``Spade(ignore_mask=...)`` accepts
 
 
 def _batches(items: Sequence, size: int) -> Iterator[Sequence]:
@@ -64,6 +67,18 @@ def _as_image(item: object, storage_options: dict | None = None, max_pixels: int
     return load_image(os.fspath(item), storage_options, max_pixels=max_pixels or DEFAULT_MAX_PIXELS)  # type: ignore[arg-type]
 
 
+def _load_ignore(path: Path, sha256: str) -> IgnoreRegion:
+    """A saved model's ignore mask, checked against the sha256 its spade.json recorded."""
+    from spade_ray.bank.ignore_mask import read_ignore_mask
+
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: the model's ignore mask is missing")
+    got = hashlib.sha256(path.read_bytes()).hexdigest()
+    if got != sha256:
+        raise ValueError(f"{path} (the model's ignore mask) is corrupt or was replaced: sha256 {got} != {sha256}")
+    return read_ignore_mask(str(path))
+
+
 class Spade:
     """SPADE anomaly detection and segmentation from normal images only."""
 
@@ -76,10 +91,15 @@ class Spade:
         batch_size: int = 16,
         storage_options: dict | None = None,
         max_pixels: int | None = None,
+        ignore_mask: IgnoreMask | None = None,
         **settings: Any,
     ) -> None:
         """``backbone`` names the feature extractor, or is a whole :class:`SpadeConfig`; ``settings`` are
-        :class:`SpadeConfig` fields (``image_k=5, pixel_k=20, protocol="paper"``, ...) overriding its defaults."""
+        :class:`SpadeConfig` fields (``image_k=5, pixel_k=20, protocol="paper"``, ...) overriding its defaults.
+
+        ``ignore_mask``: image regions whose map values never count (serials, fixtures, timestamps),
+        as a bool/0-255 array at the camera's frame size (nonzero = ignore), a PNG path or URL (white
+        = ignore) or an :class:`IgnoreRegion`; it applies to calibration and scoring alike."""
         base = backbone if isinstance(backbone, SpadeConfig) else SpadeConfig(backbone)
         self._config = replace(base, **settings)
         self.batch_size = batch_size
@@ -94,6 +114,17 @@ class Spade:
         self.calibration: Calibration | None = None
         self.weights_sha256: str | None = None
         self.timer = StageTimer()
+        self.ignore = self._region(ignore_mask)
+        self._calibrated_with: str | None = None  # the ignore region's sha256 the calibration was made with
+
+    def _region(self, mask: IgnoreMask | None) -> IgnoreRegion | None:
+        if mask is None or isinstance(mask, IgnoreRegion):
+            return mask
+        if isinstance(mask, np.ndarray):
+            return IgnoreRegion(mask > 0)
+        from spade_ray.bank.ignore_mask import read_ignore_mask
+
+        return read_ignore_mask(os.fspath(mask), self.storage_options)
 
     @property
     def config(self) -> SpadeConfig:
@@ -206,6 +237,7 @@ class Spade:
         bank = self._require_fitted()
         with self.timer.stage("calibration"):
             bank.pyramids()
+            self._calibrated_with = self.ignore.sha256 if self.ignore is not None else None
             return calibrate(self._scorer(), bank, samples, target_fpr, self.batch_size, progress)
 
     def _require_fitted(self) -> LocalBank:
@@ -218,7 +250,8 @@ class Spade:
         bank = self._require_fitted()
         bank.device = self.backbone.device
         thresholds = Thresholds(calibration.image_threshold, calibration.pixel_threshold) if calibration else None
-        return Scorer(self.config, bank, bank, calibration.scales if calibration else None, thresholds, self.timer)
+        return Scorer(self.config, bank, bank, calibration.scales if calibration else None, thresholds, self.timer,
+                      self.ignore)
 
     def _calibration_for_scoring(self) -> Calibration | None:
         """The calibration, checked against the settings in force, with this config's image threshold."""
@@ -228,6 +261,8 @@ class Spade:
         if cal.settings is not None and not cal.matches(self.config):
             raise ValueError("this model's calibration was made with other scoring settings "
                              f"({cal.settings}); call calibrate() again after changing them")
+        if self._calibrated_with != (self.ignore.sha256 if self.ignore is not None else None):
+            raise ValueError("this model's calibration was made with another ignore mask; call calibrate() again")
         return cal.for_image_scoring(self.config.image_scoring)
 
     def predict(self, images: Sequence[object], progress: Callable[[int], None] | None = None) -> Prediction:
@@ -268,6 +303,12 @@ class Spade:
             "levels": len(bank.levels),
             "calibration": asdict(self.calibration) if self.calibration else None,
         }
+        if self.ignore is not None:
+            from spade_ray.bank.ignore_mask import IGNORE_MASK_FILE, encode_ignore_mask
+
+            data = encode_ignore_mask(self.ignore)
+            (out / IGNORE_MASK_FILE).write_bytes(data)
+            meta["ignore_mask"] = {"file": IGNORE_MASK_FILE, "sha256": hashlib.sha256(data).hexdigest()}
         tmp = out / "spade.json.tmp"
         tmp.write_text(json.dumps(meta, indent=1))
         tmp.replace(out / "spade.json")  # written last: a folder without it is incomplete
@@ -289,8 +330,11 @@ class Spade:
         model.weights_sha256 = meta["weights_sha256"]
         levels = [np.load(src / f"level{i}.npy", allow_pickle=False) for i in range(meta["levels"])]
         model.set_bank(meta["ids"], np.load(src / "global.npy", allow_pickle=False), levels)
+        if meta.get("ignore_mask"):
+            model.ignore = _load_ignore(src / Path(meta["ignore_mask"]["file"]).name, meta["ignore_mask"]["sha256"])
         if meta.get("calibration"):
             model.calibration = Calibration(**meta["calibration"])
+            model._calibrated_with = model.ignore.sha256 if model.ignore is not None else None
         return model
 
     def __repr__(self) -> str:

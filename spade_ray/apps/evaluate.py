@@ -145,7 +145,7 @@ def _write_report_and_metrics(result: dict[str, Any], data: MVTecDataset, predic
     bar = progress(min(report_top, len(data.test)), "report")
     report = evaluation_report(data, prediction, labels, masks, result, thresholds=thresholds,
                                preprocessor=model.preprocessor, top=report_top, storage_options=storage_options,
-                               progress=bar.update)
+                               progress=bar.update, ignore=model.ignore)
     bar.close()
     write_report(result["report"], report, storage_options)
     result["timing"]["report_seconds"] = round(time.perf_counter() - start, 3)
@@ -171,12 +171,18 @@ def evaluate(
     storage_options: dict[str, Any] | None = None,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     progress: Progress = no_progress,
+    ignore_mask: str | None = None,
 ) -> dict[str, Any]:
-    """Fit on the dataset's normal training images, score its test images, write metrics.json and report.html."""
+    """Fit on the dataset's normal training images, score its test images, write metrics.json and report.html.
+
+    ``ignore_mask`` (a PNG at frame size, white = ignore) zeroes the maps there, in calibration and
+    scoring; the metrics still count every pixel (ground truth under it counts as missed).
+    """
     started = time.perf_counter()
     data = load_mvtec(dataset, storage_options)
     config = SpadeConfig(backbone, image_size, protocol, image_k, pixel_k, kappa).with_scoring(scoring or {})
-    model = Spade(config, weights=weights, batch_size=batch_size, storage_options=storage_options, max_pixels=max_pixels)
+    model = Spade(config, weights=weights, batch_size=batch_size, storage_options=storage_options, max_pixels=max_pixels,
+                  ignore_mask=ignore_mask)
     fit_seconds = _fit(data, model, calibration_samples, target_fpr, progress)
     bar = progress(len(data.test), "score (test)")
     test_start = time.perf_counter()
@@ -203,6 +209,7 @@ def evaluate(
         "per_defect_type": per_type,
         "calibration": _calibration_block(model.calibration, prediction, labels, flagged),
         "timing": _timing(model, fit_seconds, test_seconds, metric_seconds, write_seconds, len(data.test)),
+        "ignore_mask": ignore_mask,
         "report": join(output, "report.html"),
     }
     _write_report_and_metrics(result, data, prediction, labels, masks, thresholds, model, report_top, storage_options,
