@@ -173,19 +173,14 @@ def evaluate(
     progress: Progress = no_progress,
     ignore_mask: str | None = None,
 ) -> dict[str, Any]:
-    """Fit on the dataset's normal training images, score its test images, write metrics.json and report.html.
-
-    ``ignore_mask`` (a PNG at frame size, white = ignore) zeroes the maps there, in calibration and
-    scoring; the metrics still count every pixel (ground truth under it counts as missed).
-    """
+    """Fit on train/good, score test/*, write metrics.json and report.html (``ignore_mask``: PNG, white = ignore)."""
     started = time.perf_counter()
     data = load_mvtec(dataset, storage_options)
     config = SpadeConfig(backbone, image_size, protocol, image_k, pixel_k, kappa).with_scoring(scoring or {})
-    model = Spade(config, weights=weights, batch_size=batch_size, storage_options=storage_options, max_pixels=max_pixels,
-                  ignore_mask=ignore_mask)
+    model = Spade(config, weights=weights, batch_size=batch_size, storage_options=storage_options,
+                  max_pixels=max_pixels, ignore_mask=ignore_mask)
     fit_seconds = _fit(data, model, calibration_samples, target_fpr, progress)
-    bar = progress(len(data.test), "score (test)")
-    test_start = time.perf_counter()
+    bar, test_start = progress(len(data.test), "score (test)"), time.perf_counter()
     prediction = model.predict([s.uri for s in data.test], progress=bar.update)
     test_seconds = time.perf_counter() - test_start
     bar.close()
@@ -203,13 +198,12 @@ def evaluate(
     result: dict[str, Any] = {
         "dataset": dataset, "protocol": protocol, "backbone": backbone,
         "params": {**model.config.scoring(), "image_size": image_size, "weights_sha256": model.weights_sha256,
-                   "bank_dtype": "float16"},
+                   "bank_dtype": "float16", "ignore_mask": ignore_mask},
         "n_train": len(data.train), "n_test": len(data.test),
         **metrics,
         "per_defect_type": per_type,
         "calibration": _calibration_block(model.calibration, prediction, labels, flagged),
         "timing": _timing(model, fit_seconds, test_seconds, metric_seconds, write_seconds, len(data.test)),
-        "ignore_mask": ignore_mask,
         "report": join(output, "report.html"),
     }
     _write_report_and_metrics(result, data, prediction, labels, masks, thresholds, model, report_top, storage_options,

@@ -48,6 +48,12 @@ def _check_weights_on_driver(manifest: BankManifest, config: SpadeConfig, weight
     check_compatible(manifest, config.backbone, sha, config.image_size, config.protocol)
 
 
+def _open_bank(bank_url: str, storage_options: dict[str, Any] | None) -> tuple[str, BankManifest, IgnoreRegion | None]:
+    """(bank root, manifest, ignore region): the mask is read and verified once, here; the actors get the small array."""
+    bank_root, manifest = open_bank(bank_url, storage_options)
+    return bank_root, manifest, load_ignore_mask(bank_root, manifest, storage_options)
+
+
 def _done_images(output: str, bank_id: str, overwrite: bool, retry_errors: bool,
                  storage_options: dict[str, Any] | None) -> dict[str, str]:
     """Image id -> status of the rows already in ``output`` that this run keeps (and so skips).
@@ -121,14 +127,13 @@ def run_score(source: str, bank_url: str, output: str, *, weights: str | None = 
     ``report_top`` most anomalous images.
     """
     start = time.perf_counter()
-    bank_root, manifest = open_bank(bank_url, storage_options)
+    bank_root, manifest, ignore = _open_bank(bank_url, storage_options)
     config = manifest.built_config().with_scoring({"image_k": image_k, "pixel_k": pixel_k, "kappa": kappa, **(scoring or {})})
     calibration = manifest.built_calibration()
     if calibration is None and (threshold is None or image_threshold is None or config.image_scoring != "knn"):
         raise ValueError(f"bank {bank_url} has no calibration; pass --threshold and --image-threshold "
                          "(and --image-scoring knn: the knn+map score needs the normal scales)")
     _check_weights_on_driver(manifest, config, weights)
-    ignore = load_ignore_mask(bank_root, manifest, storage_options)  # read once here; the actors get the small array
     items = resolve_inputs(source, storage_options)
     bank_id = manifest.bank_id
     done = _done_images(output, bank_id, overwrite, retry_errors, storage_options)
@@ -145,8 +150,7 @@ def run_score(source: str, bank_url: str, output: str, *, weights: str | None = 
         shard_cpus = shard_actor_cpus(len(manifest.shards))
         served = start_shard_actors(bank_root, manifest, storage_options, num_cpus=shard_cpus, aggregate=config.aggregate)
     try:
-        thresholds, calibration = _decision(served, config, calibration, threshold, image_threshold, batch_size, progress,
-                                            ignore)
+        thresholds, calibration = _decision(served, config, calibration, threshold, image_threshold, batch_size, progress, ignore)
         summary.extra.update(pixel_threshold=thresholds.pixel, image_threshold=thresholds.image, recalibrated=recalibrate)
         if todo:
             keys = unique_output_stems((it.image_id, it.relpath) for it in items)  # all inputs: same keys on a rerun
@@ -163,7 +167,6 @@ def run_score(source: str, bank_url: str, output: str, *, weights: str | None = 
     finally:
         if served is not None:
             served.shutdown()
-    _write_report(output, source, bank_id, thresholds, pre, summary, len(items), report_top, storage_options, progress,
-                  ignore)
+    _write_report(output, source, bank_id, thresholds, pre, summary, len(items), report_top, storage_options, progress, ignore)
     summary.seconds = time.perf_counter() - start
     return summary
