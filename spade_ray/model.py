@@ -21,6 +21,7 @@ normal variation at the pixel level (see the README for the measurements behind 
 
 from __future__ import annotations
 
+import hashlib
 import io
 import itertools
 import json
@@ -34,20 +35,21 @@ import numpy as np
 
 from spade_ray.method.backbones import BACKBONES, Backbone, load_backbone
 from spade_ray.method.calibration import Calibration, calibrate
-from spade_ray.method.config import LEGACY_SCORING, SpadeConfig
+from spade_ray.method.config import SpadeConfig
 from spade_ray.method.decision import Thresholds
 from spade_ray.method.features import FeatureBatch, features_from_tensor
+from spade_ray.method.ignore import IgnoreRegion
 from spade_ray.method.local_bank import LocalBank
 from spade_ray.method.preprocess import Preprocessor
 from spade_ray.method.scorer import Prediction, Scorer
 from spade_ray.method.timing import StageTimer
 
 if TYPE_CHECKING:
-    from spade_ray.bank.manifest import BankManifest
+    pass
 
 __all__ = ["Spade"]
 
-MODEL_FORMAT_VERSION = 1
+IgnoreMask = IgnoreRegion | np.ndarray | str | os.PathLike  # what ``Spade(ignore_mask=...)`` accepts
 
 
 def _batches(items: Sequence, size: int) -> Iterator[Sequence]:
@@ -79,10 +81,15 @@ class Spade:
         batch_size: int = 16,
         storage_options: dict | None = None,
         max_pixels: int | None = None,
+        ignore_mask: IgnoreMask | None = None,
         **settings: Any,
     ) -> None:
         """``backbone`` names the feature extractor, or is a whole :class:`SpadeConfig`; ``settings`` are
-        :class:`SpadeConfig` fields (``image_k=5, pixel_k=20, protocol="paper"``, ...) overriding its defaults."""
+        :class:`SpadeConfig` fields (``image_k=5, pixel_k=20, protocol="paper"``, ...) overriding its defaults.
+
+        ``ignore_mask``: image regions whose map values never count (serials, fixtures, timestamps),
+        as a bool/0-255 array at the camera's frame size (nonzero = ignore), a PNG path or URL (white
+        = ignore) or an :class:`IgnoreRegion`; it applies to calibration and scoring alike."""
         base = backbone if isinstance(backbone, SpadeConfig) else SpadeConfig(backbone)
         self._config = replace(base, **settings)
         self.batch_size = batch_size
@@ -97,6 +104,17 @@ class Spade:
         self.calibration: Calibration | None = None
         self.weights_sha256: str | None = None
         self.timer = StageTimer()
+        self.ignore = self._region(ignore_mask)
+        self._calibrated_with: str | None = None  # the ignore region's sha256 the calibration was made with
+
+    def _region(self, mask: IgnoreMask | None) -> IgnoreRegion | None:
+        if mask is None or isinstance(mask, IgnoreRegion):
+            return mask
+        if isinstance(mask, np.ndarray):
+            return IgnoreRegion(mask > 0)
+        from spade_ray.bank.ignore_mask import read_ignore_mask
+
+        return read_ignore_mask(os.fspath(mask), self.storage_options)
 
     @property
     def config(self) -> SpadeConfig:
@@ -209,6 +227,7 @@ class Spade:
         bank = self._require_fitted()
         with self.timer.stage("calibration"):
             bank.pyramids()
+            self._calibrated_with = self.ignore.sha256 if self.ignore is not None else None
             return calibrate(self._scorer(), bank, samples, target_fpr, self.batch_size, progress)
 
     def _require_fitted(self) -> LocalBank:
@@ -221,7 +240,8 @@ class Spade:
         bank = self._require_fitted()
         bank.device = self.backbone.device
         thresholds = Thresholds(calibration.image_threshold, calibration.pixel_threshold) if calibration else None
-        return Scorer(self.config, bank, bank, calibration.scales if calibration else None, thresholds, self.timer)
+        return Scorer(self.config, bank, bank, calibration.scales if calibration else None, thresholds, self.timer,
+                      self.ignore)
 
     def _calibration_for_scoring(self) -> Calibration | None:
         """The calibration, checked against the settings in force, with this config's image threshold."""
@@ -231,6 +251,8 @@ class Spade:
         if cal.settings is not None and not cal.matches(self.config):
             raise ValueError("this model's calibration was made with other scoring settings "
                              f"({cal.settings}); call calibrate() again after changing them")
+        if self._calibrated_with != (self.ignore.sha256 if self.ignore is not None else None):
+            raise ValueError("this model's calibration was made with another ignore mask; call calibrate() again")
         return cal.for_image_scoring(self.config.image_scoring)
 
     def predict(self, images: Sequence[object], progress: Callable[[int], None] | None = None) -> Prediction:
@@ -260,6 +282,8 @@ class Spade:
         Every file is written whole (:func:`spade_ray.storage.urls.write_bytes`) and ``spade.json``
         last, so a reader never finds a model without all of its arrays.  Returns where it went.
         """
+        # imported here, not at the top: `import spade_ray` must not pull in fsspec (the method layer imports without it)
+        from spade_ray.model_files import MODEL_FORMAT_VERSION
         from spade_ray.storage.urls import join, resolve, write_bytes
 
         bank = self._require_fitted()
@@ -279,7 +303,13 @@ class Spade:
             "levels": len(bank.levels),
             "calibration": asdict(self.calibration) if self.calibration else None,
         }
-        write_bytes(join(base, "spade.json"), json.dumps(meta, indent=1).encode("utf-8"), options)
+        if self.ignore is not None:
+            from spade_ray.bank.ignore_mask import IGNORE_MASK_FILE, encode_ignore_mask
+
+            data = encode_ignore_mask(self.ignore)
+            write_bytes(join(base, IGNORE_MASK_FILE), data, options)
+            meta["ignore_mask"] = {"file": IGNORE_MASK_FILE, "sha256": hashlib.sha256(data).hexdigest()}
+        write_bytes(join(base, "spade.json"), json.dumps(meta, indent=1).encode("utf-8"), options)  # last
         return base
 
     @classmethod
@@ -292,11 +322,12 @@ class Spade:
         notebook scores exactly as the nightly job does.  Either way the backbone weights must have
         the sha256 the model or bank records.
         """
+        from spade_ray.model_files import load_bank_model, load_saved_model  # imported on use, as in save
         from spade_ray.storage.urls import join, resolve
 
         fs, path, base = resolve(os.fspath(url), storage_options)
         if fs.exists(f"{path}/spade.json"):
-            return cls._load_saved(base, weights, device, batch_size, storage_options)
+            return load_saved_model(cls, base, weights, device, batch_size, storage_options)
         from spade_ray.bank.store import open_bank
 
         try:
@@ -304,57 +335,7 @@ class Spade:
         except FileNotFoundError as exc:
             raise FileNotFoundError(f"{base} is neither a saved spade_ray model (no {join(base, 'spade.json')}) "
                                     f"nor a bank: {exc}") from None
-        return cls._load_bank(root, manifest, weights, device, batch_size, storage_options)
-
-    @classmethod
-    def _load_saved(cls, base: str, weights: str | None, device: str | None, batch_size: int,
-                    storage_options: dict | None) -> Spade:
-        from spade_ray.storage.urls import join, read_bytes
-
-        meta_url = join(base, "spade.json")
-        meta = json.loads(read_bytes(meta_url, storage_options))
-        if meta.get("format") != "spade_ray.model" or meta.get("format_version") != MODEL_FORMAT_VERSION:
-            raise ValueError(f"{meta_url}: unsupported model format {meta.get('format')!r} v{meta.get('format_version')}")
-        cfg = {**LEGACY_SCORING, **meta["config"]}  # a model saved before a setting existed used its old behaviour
-        model = cls(SpadeConfig(**cfg), weights=weights, device=device, batch_size=batch_size,
-                    storage_options=storage_options)
-        model.weights_sha256 = meta["weights_sha256"]
-
-        def array(name: str) -> np.ndarray:
-            return np.load(io.BytesIO(read_bytes(join(base, name), storage_options)), allow_pickle=False)
-
-        levels = [array(f"level{i}.npy") for i in range(meta["levels"])]
-        model.set_bank(meta["ids"], array("global.npy"), levels)
-        if meta.get("calibration"):
-            model.calibration = Calibration(**meta["calibration"])
-        return model
-
-    @classmethod
-    def _load_bank(cls, root: str, manifest: BankManifest, weights: str | None, device: str | None, batch_size: int,
-                   storage_options: dict | None) -> Spade:
-        """Every shard of the version, verified, in one LocalBank in manifest order (the sharded rows).
-
-        The bank images are named by their source URIs, as the score job names neighbours, and the
-        calibration sample is chosen by URI hash, so :meth:`calibrate` here picks the images the
-        build did.  Weights are checked up front, as the score job's driver does.
-        """
-        from spade_ray.bank.shard_loader import load_bank_arrays
-        from spade_ray.bank.store import check_compatible
-        from spade_ray.method.backbones import WeightsNotFoundError, file_sha256, weights_path
-
-        config = manifest.built_config()
-        try:
-            sha = file_sha256(weights_path(config.backbone, weights))
-        except WeightsNotFoundError:
-            sha = None  # loading the backbone will say what is missing; nothing to compare before then
-        if sha is not None:
-            check_compatible(manifest, config.backbone, sha, config.image_size, config.protocol)
-        model = cls(config, weights=weights, device=device, batch_size=batch_size, storage_options=storage_options)
-        model.weights_sha256 = manifest.weights_sha256
-        arrays = load_bank_arrays(root, manifest, storage_options)
-        model.set_bank(arrays.uris, arrays.global_, arrays.levels)
-        model.calibration = manifest.built_calibration()
-        return model
+        return load_bank_model(cls, root, manifest, weights, device, batch_size, storage_options)
 
     def __repr__(self) -> str:
         n = len(self.bank_ids)

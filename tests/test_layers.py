@@ -19,7 +19,7 @@ LAYERS = [
     ("base", ["spade_ray/errors.py", "spade_ray/progress.py"]),
     ("method", ["spade_ray/method"]),
     ("storage", ["spade_ray/storage"]),
-    ("model and bank", ["spade_ray/model.py", "spade_ray/bank"]),
+    ("model and bank", ["spade_ray/model.py", "spade_ray/model_files.py", "spade_ray/bank"]),
     ("report", ["spade_ray/report"]),
     ("distributed", ["spade_ray/distributed"]),
     ("testing services", ["spade_ray/testing"]),

@@ -88,6 +88,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         storage_options=_storage_options(args.storage_options),
         max_pixels=args.max_pixels,
         progress=_progress(args),
+        ignore_mask=args.ignore_mask,
         **_model_kwargs(args),
     )
     log = get_logger()
@@ -169,12 +170,14 @@ def _cmd_build_bank(args: argparse.Namespace) -> int:
                              image_k=args.image_k, pixel_k=args.pixel_k, kappa=args.kappa, scoring=_scoring(args),
                              calibration_samples=args.calibration_samples, target_fpr=args.target_fpr,
                              batch_size=args.batch_size, storage_options=_storage_options(args.storage_options),
-                             address=args.address, progress=_progress(args))
+                             address=args.address, progress=_progress(args), ignore_mask=args.ignore_mask)
     x = summary.extra
     log = get_logger()
     if args.log_format == "text":
         log.info(f"bank {x['version']}: {x['n_images']} images in {x['shards']} shards, "
                  f"{x['bytes_per_image'] / 1024:.0f} KiB per image in memory (fp16 pyramids + fp32 global vector)")
+        if x.get("ignore_mask"):
+            log.info(f"ignore mask {x['ignore_mask']}: map values there are zero (calibration included)")
         if x.get("pixel_threshold") is not None:
             log.info(f"calibrated thresholds: image {x['image_threshold']:.4f}, pixel {x['pixel_threshold']:.4f}")
     return _finish(summary)

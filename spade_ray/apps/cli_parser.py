@@ -82,6 +82,13 @@ def _add_gpus(parser: argparse.ArgumentParser, shards: bool = False) -> None:
                             help="GPUs each bank shard actor asks for, to run the correspondence there (default 0: CPU)")
 
 
+def _add_ignore_mask(parser: argparse.ArgumentParser, where: str) -> None:
+    parser.add_argument("--ignore-mask", metavar="PATH_OR_URL",
+                        help="PNG at the camera's frame size, white = ignore (printed serials, fixtures, timestamps): "
+                        "anomaly-map values there are zero before thresholds, masks and image scores, calibration "
+                        "included" + where)
+
+
 def _add_calibration(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--calibration-samples", type=int, default=64,
                         help="normal images scored leave-one-out to set the thresholds (default 64; 0 = none)")
@@ -194,6 +201,7 @@ def _add_evaluate_command(sub: argparse._SubParsersAction) -> None:
                         "centre-crop 224, metrics on the crop (the published protocol)")
     parser.add_argument("--save-maps", action="store_true",
                         help="also write OUT/masks, OUT/heatmaps and OUT/overlays for every test image")
+    _add_ignore_mask(parser, "")
     _add_report(parser)
     _add_max_pixels(parser)
     _add_calibration(parser)
@@ -229,6 +237,8 @@ def _add_build_bank_command(sub: argparse._SubParsersAction) -> None:
     target.add_argument("--output", help="bank folder or URL prefix (a new version is written inside)")
     target.add_argument("--add-to", help="an existing bank: add the new normal images as a new version")
     parser.add_argument("--shards", type=int, default=1, help="number of shards for the new images (default 1)")
+    _add_ignore_mask(parser, "; stored in the bank and applied by every score against it (--add-to keeps the "
+                     "parent's mask unless a new one is given)")
     _add_calibration(parser)
     _add_model_options(parser, scoring_only=True)
     _add_ray(parser)

@@ -145,7 +145,7 @@ def _write_report_and_metrics(result: dict[str, Any], data: MVTecDataset, predic
     bar = progress(min(report_top, len(data.test)), "report")
     report = evaluation_report(data, prediction, labels, masks, result, thresholds=thresholds,
                                preprocessor=model.preprocessor, top=report_top, storage_options=storage_options,
-                               progress=bar.update)
+                               progress=bar.update, ignore=model.ignore)
     bar.close()
     write_report(result["report"], report, storage_options)
     result["timing"]["report_seconds"] = round(time.perf_counter() - start, 3)
@@ -171,15 +171,16 @@ def evaluate(
     storage_options: dict[str, Any] | None = None,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     progress: Progress = no_progress,
+    ignore_mask: str | None = None,
 ) -> dict[str, Any]:
-    """Fit on the dataset's normal training images, score its test images, write metrics.json and report.html."""
+    """Fit on train/good, score test/*, write metrics.json and report.html (``ignore_mask``: PNG, white = ignore)."""
     started = time.perf_counter()
     data = load_mvtec(dataset, storage_options)
     config = SpadeConfig(backbone, image_size, protocol, image_k, pixel_k, kappa).with_scoring(scoring or {})
-    model = Spade(config, weights=weights, batch_size=batch_size, storage_options=storage_options, max_pixels=max_pixels)
+    model = Spade(config, weights=weights, batch_size=batch_size, storage_options=storage_options,
+                  max_pixels=max_pixels, ignore_mask=ignore_mask)
     fit_seconds = _fit(data, model, calibration_samples, target_fpr, progress)
-    bar = progress(len(data.test), "score (test)")
-    test_start = time.perf_counter()
+    bar, test_start = progress(len(data.test), "score (test)"), time.perf_counter()
     prediction = model.predict([s.uri for s in data.test], progress=bar.update)
     test_seconds = time.perf_counter() - test_start
     bar.close()
@@ -197,7 +198,7 @@ def evaluate(
     result: dict[str, Any] = {
         "dataset": dataset, "protocol": protocol, "backbone": backbone,
         "params": {**model.config.scoring(), "image_size": image_size, "weights_sha256": model.weights_sha256,
-                   "bank_dtype": "float16"},
+                   "bank_dtype": "float16", "ignore_mask": ignore_mask},
         "n_train": len(data.train), "n_test": len(data.test),
         **metrics,
         "per_defect_type": per_type,

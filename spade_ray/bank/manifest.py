@@ -19,7 +19,7 @@ from typing import Any
 from spade_ray.method.calibration import Calibration
 from spade_ray.method.config import LEGACY_SCORING, SpadeConfig
 
-__all__ = ["BANK_FORMAT", "BANK_FORMAT_VERSION", "BankManifest", "ShardEntry"]
+__all__ = ["BANK_FORMAT", "BANK_FORMAT_VERSION", "BankManifest", "IgnoreMaskEntry", "ShardEntry"]
 
 BANK_FORMAT = "spade_ray.bank"
 BANK_FORMAT_VERSION = 1
@@ -49,12 +49,35 @@ class ShardEntry:
 
 
 @dataclass(frozen=True)
+class IgnoreMaskEntry:
+    """The bank's ignore mask: a 0/255 PNG at the camera's frame size (white = ignore), and its sha256.
+
+    ``path`` is relative to the bank root like a shard's, so an ``--add-to`` version that inherits
+    its parent's mask lists the parent's entry unchanged (``v0001/ignore_mask.png``).
+    """
+
+    path: str
+    sha256: str
+    height: int
+    width: int
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> IgnoreMaskEntry:
+        return cls(path=data["path"], sha256=data["sha256"], height=int(data["height"]), width=int(data["width"]))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"path": self.path, "sha256": self.sha256, "height": self.height, "width": self.width}
+
+
+@dataclass(frozen=True)
 class BankManifest:
     """What one bank version holds and how it was made (see :mod:`spade_ray.bank.store` for the layout).
 
     ``levels`` are the pyramid shapes (C, H, W); ``build`` the settings the bank was built and
     calibrated with (its scoring defaults); ``calibration`` the saved normal-only calibration as
-    written (None when the build skipped it); ``parent`` the version an ``--add-to`` grew from.
+    written (None when the build skipped it); ``parent`` the version an ``--add-to`` grew from;
+    ``ignore_mask`` the region whose map values never count (None: none; the key is then left out
+    of the file, so manifests of banks without a mask are those written before masks existed).
     """
 
     format_version: int
@@ -71,6 +94,7 @@ class BankManifest:
     calibration: dict[str, Any] | None
     parent: str | None
     shards: tuple[ShardEntry, ...]
+    ignore_mask: IgnoreMaskEntry | None = None
 
     @classmethod
     def from_dict(cls, data: Any, where: str = "manifest") -> BankManifest:
@@ -108,13 +132,14 @@ class BankManifest:
                 calibration=copy.deepcopy(data.get("calibration")),
                 parent=data.get("parent"),
                 shards=tuple(ShardEntry.from_dict(entry) for entry in data["shards"]),
+                ignore_mask=IgnoreMaskEntry.from_dict(data["ignore_mask"]) if data.get("ignore_mask") else None,
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise ValueError(f"{where}: malformed manifest ({type(exc).__name__}: {exc})") from None
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON dict of ``manifest.json`` (a fresh copy: changing it changes nothing here)."""
-        return {
+        data = {
             "format": BANK_FORMAT,
             "format_version": self.format_version,
             "version": self.version,
@@ -131,6 +156,9 @@ class BankManifest:
             "parent": self.parent,
             "shards": [entry.to_dict() for entry in self.shards],
         }
+        if self.ignore_mask is not None:
+            data["ignore_mask"] = self.ignore_mask.to_dict()
+        return data
 
     @property
     def bank_id(self) -> str:

@@ -7,6 +7,7 @@ Layout under a bank root (a local folder or any fsspec prefix)::
     BANK/v0001/shard-00000/index.faiss  faiss.serialize_index(IndexFlatL2 of the global vectors)
     BANK/v0001/shard-00000/global.npy   float32 (n, D)
     BANK/v0001/shard-00000/level0.npy   float16 (n, C, H, W); level1.npy, level2.npy, ...
+    BANK/v0001/ignore_mask.png          optional: 0/255 PNG at frame size, white = map values never count
     BANK/v0002/...                      a later version (``--add-to``)
 
 Versions are immutable: a new build or ``--add-to`` writes a new ``vNNNN`` folder, and an add-to
@@ -35,7 +36,7 @@ from typing import Any
 import faiss
 import numpy as np
 
-from spade_ray.bank.manifest import BANK_FORMAT_VERSION, BankManifest, ShardEntry
+from spade_ray.bank.manifest import BANK_FORMAT_VERSION, BankManifest, IgnoreMaskEntry, ShardEntry
 from spade_ray.storage.featurestore import FeatureMeta
 from spade_ray.storage.urls import join, resolve, write_bytes
 
@@ -155,6 +156,7 @@ def make_manifest(
     calibration: dict[str, Any] | None = None,
     parent: str | None = None,
     created: str | None = None,
+    ignore_mask: IgnoreMaskEntry | None = None,
 ) -> BankManifest:
     """The manifest of a version (write it with :func:`write_manifest`, after every shard).
 
@@ -162,7 +164,8 @@ def make_manifest(
     ``shards`` the entries returned by :func:`write_shard` (for ``--add-to``: the parent's
     entries, unchanged, followed by the new ones); ``parent`` the parent version's name.  Shard
     names must be unique across the whole list, so number an add-to's new shards from
-    ``len(parent.shards)``.
+    ``len(parent.shards)``.  ``ignore_mask``: the entry :func:`spade_ray.bank.ignore_mask.write_ignore_mask`
+    returned, or the parent's.
     """
     if isinstance(version, str):
         match = _VERSION_RE.match(version)
@@ -188,6 +191,7 @@ def make_manifest(
         calibration=calibration,
         parent=parent,
         shards=tuple(shards),
+        ignore_mask=ignore_mask,
     )
 
 

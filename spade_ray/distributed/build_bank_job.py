@@ -10,7 +10,8 @@ import numpy as np
 import pyarrow.parquet as pq
 import ray
 
-from spade_ray.bank.manifest import BankManifest, ShardEntry
+from spade_ray.bank.ignore_mask import load_ignore_mask, read_ignore_mask, write_ignore_mask
+from spade_ray.bank.manifest import BankManifest, IgnoreMaskEntry, ShardEntry
 from spade_ray.bank.shard_loader import load_shard
 from spade_ray.bank.store import (
     feature_meta_of,
@@ -29,6 +30,7 @@ from spade_ray.distributed.shard_actors import shard_actor_cpus, start_shard_act
 from spade_ray.method.config import DEFAULT_IMAGE_K, DEFAULT_PIXEL_K, SpadeConfig
 from spade_ray.method.features import FeatureBatch
 from spade_ray.method.fusion import DEFAULT_SIGMA
+from spade_ray.method.ignore import IgnoreRegion
 from spade_ray.method.matching import DEFAULT_KAPPA
 from spade_ray.progress import Progress, no_progress
 from spade_ray.storage.featurestore import FeatureMeta, list_feature_shards, read_feature_meta
@@ -133,17 +135,28 @@ def _write_shards(keep: dict[str, list[int]], version_url: str, first_index: int
     return ray.get(order)
 
 
+def _ignore_region(ignore_mask: str | None, bank_root: str, parent: BankManifest | None, version_url: str,
+                   storage_options: dict[str, Any] | None) -> tuple[IgnoreMaskEntry | None, IgnoreRegion | None]:
+    """The new version's ignore mask: the file given (stored in the version), else the parent's (inherited as is)."""
+    if ignore_mask:
+        region = read_ignore_mask(ignore_mask, storage_options)
+        return write_ignore_mask(version_url, region, storage_options), region
+    if parent is not None and parent.ignore_mask is not None:
+        return parent.ignore_mask, load_ignore_mask(bank_root, parent, storage_options)
+    return None, None
+
+
 def run_build_bank(features: str, output: str | None, *, shards: int = 1, add_to: str | None = None,
                    image_k: int = DEFAULT_IMAGE_K, pixel_k: int = DEFAULT_PIXEL_K, kappa: int = DEFAULT_KAPPA,
                    sigma: float = DEFAULT_SIGMA, scoring: dict[str, Any] | None = None, calibration_samples: int = 64,
                    target_fpr: float = 0.01, batch_size: int = 16,
                    storage_options: dict[str, Any] | None = None, address: str | None = None,
-                   progress: Progress = no_progress) -> JobSummary:
+                   progress: Progress = no_progress, ignore_mask: str | None = None) -> JobSummary:
     """Parquet feature shards -> a new bank version (``output``, or a new version of ``add_to``).
 
     Images are assigned to shards by a hash of their id (stable across rebuilds); one Ray task
     per shard writes its FAISS index, ids and pyramids; normal-only calibration runs on the
-    served shards; the manifest is written last.
+    served shards, with the ignore mask (``ignore_mask``, else the parent's); the manifest is written last.
     """
     start = time.perf_counter()
     if shards < 1:
@@ -159,6 +172,7 @@ def run_build_bank(features: str, output: str | None, *, shards: int = 1, add_to
         raise ValueError(f"no usable normal images in {features!r} ({n_errors} error rows)")
     version = next_version_name(bank_root, storage_options)
     version_url = join(bank_root, version)
+    mask_entry, region = _ignore_region(ignore_mask, bank_root, parent_manifest, version_url, storage_options)
     summary = JobSummary("build-bank", ok=n_new, error=n_errors, skipped=n_duplicates + len(exclude), output=version_url)
 
     init_ray(address)
@@ -171,18 +185,19 @@ def run_build_bank(features: str, output: str | None, *, shards: int = 1, add_to
     served = start_shard_actors(bank_root, draft, storage_options, num_cpus=shard_actor_cpus(len(entries)),
                                 aggregate=config.aggregate)
     try:
-        calibration = calibrate_served(served, config, calibration_samples, target_fpr, batch_size, progress)
+        calibration = calibrate_served(served, config, calibration_samples, target_fpr, batch_size, progress, region)
     finally:
         served.shutdown()
     build = {"shards": shards, **config.scoring(), "calibration_samples": calibration_samples, "target_fpr": target_fpr,
              "features": features}
-    manifest = make_manifest(version, meta, entries, build=build,
-                             calibration=asdict(calibration) if calibration else None,
-                             parent=version_name(parent_manifest.version) if parent_manifest else None)
+    manifest = make_manifest(version, meta, entries, build=build, calibration=asdict(calibration) if calibration else None,
+                             parent=version_name(parent_manifest.version) if parent_manifest else None,
+                             ignore_mask=mask_entry)
     write_manifest(version_url, manifest, storage_options)  # last: the version is complete from now on
     bank_bytes = sum(served_bytes for served_bytes in _entry_bytes(meta, manifest))
     summary.extra.update(version=version, n_images=manifest.n_images, shards=len(entries),
                          bytes_per_image=round(bank_bytes / max(manifest.n_images, 1)),
+                         ignore_mask=mask_entry.path if mask_entry else None,
                          image_threshold=calibration.image_threshold if calibration else None,
                          pixel_threshold=calibration.pixel_threshold if calibration else None)
     summary.seconds = time.perf_counter() - start

@@ -21,6 +21,7 @@ from spade_ray.method.calibration import Calibration, calibrate, calibration_row
 from spade_ray.method.config import SpadeConfig
 from spade_ray.method.correspondence import merge_smallest
 from spade_ray.method.features import FeatureBatch
+from spade_ray.method.ignore import IgnoreRegion
 from spade_ray.method.matching import MatchSettings
 from spade_ray.method.retrieval import merge_topk
 from spade_ray.method.scorer import Scorer
@@ -105,16 +106,17 @@ class RemoteBank:
 
 
 def calibrate_served(served: ServedBank, config: SpadeConfig, samples: int, target_fpr: float, batch_size: int,
-                     progress: Progress = no_progress) -> Calibration | None:
+                     progress: Progress = no_progress, ignore: IgnoreRegion | None = None) -> Calibration | None:
     """The bank's normal-only calibration, computed on its shard actors (None for fewer than 2 images or no samples).
 
-    The same routine and scorer as the in-process model's, so both reach identical thresholds.
+    The same routine and scorer as the in-process model's, so both reach identical thresholds;
+    ``ignore`` (the bank's ignore region) zeroes the normal maps where scoring will.
     """
     if samples <= 0 or served.n_images < 2:
         return None
     remote = RemoteBank(served, config.aggregate)
     bar = progress(min(samples, served.n_images), "calibrate (leave-one-out)")
     try:
-        return calibrate(Scorer(config, remote, remote), remote, samples, target_fpr, batch_size, bar.update)
+        return calibrate(Scorer(config, remote, remote, ignore=ignore), remote, samples, target_fpr, batch_size, bar.update)
     finally:
         bar.close()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
+from spade_ray.bank.ignore_mask import load_ignore_mask
 from spade_ray.bank.manifest import BankManifest
 from spade_ray.bank.store import check_compatible, open_bank
 from spade_ray.distributed.decode_stage import DecodeImages
@@ -20,6 +21,7 @@ from spade_ray.method.backbones import BACKBONES
 from spade_ray.method.calibration import Calibration
 from spade_ray.method.config import SpadeConfig
 from spade_ray.method.decision import Thresholds
+from spade_ray.method.ignore import IgnoreRegion
 from spade_ray.method.preprocess import Preprocessor
 from spade_ray.progress import Progress, no_progress
 from spade_ray.report.report import DEFAULT_REPORT_TOP, score_report, write_report
@@ -53,6 +55,12 @@ def _check_weights_on_driver(manifest: BankManifest, config: SpadeConfig, weight
     check_compatible(manifest, config.backbone, sha, config.image_size, config.protocol)
 
 
+def _open_bank(bank_url: str, storage_options: dict[str, Any] | None) -> tuple[str, BankManifest, IgnoreRegion | None]:
+    """(bank root, manifest, ignore region): the mask is read and verified once, here; the actors get the small array."""
+    bank_root, manifest = open_bank(bank_url, storage_options)
+    return bank_root, manifest, load_ignore_mask(bank_root, manifest, storage_options)
+
+
 def _done_images(output: str, bank_id: str, overwrite: bool, retry_errors: bool,
                  storage_options: dict[str, Any] | None) -> dict[str, str]:
     """Image id -> status of the rows already in ``output`` that this run keeps (and so skips).
@@ -75,7 +83,8 @@ def _done_images(output: str, bank_id: str, overwrite: bool, retry_errors: bool,
 
 
 def _decision(served: ServedBank | None, config: SpadeConfig, calibration: Calibration | None, threshold: float | None,
-              image_threshold: float | None, batch_size: int, progress: Progress) -> tuple[Thresholds, Calibration | None]:
+              image_threshold: float | None, batch_size: int, progress: Progress,
+              ignore: IgnoreRegion | None = None) -> tuple[Thresholds, Calibration | None]:
     """The thresholds this run decides with, and the calibration (with the scales) its scores follow.
 
     Settings other than the bank's change the normal scores, so the bank is recalibrated on the
@@ -84,7 +93,7 @@ def _decision(served: ServedBank | None, config: SpadeConfig, calibration: Calib
     if calibration is not None and not calibration.matches(config):
         assert served is not None
         calibration = calibrate_served(served, config, max(calibration.n_images, 2), calibration.target_fpr, batch_size,
-                                       progress)
+                                       progress, ignore)
     if calibration is not None:
         calibration = calibration.for_image_scoring(config.image_scoring)
     pixel = threshold if threshold is not None else calibration.pixel_threshold  # type: ignore[union-attr]
@@ -109,13 +118,13 @@ def _serve(bank_root: str, manifest: BankManifest, aggregate: int, storage_optio
 
 def _write_report(output: str, source: str, bank_id: str, thresholds: Thresholds, preprocessor: Preprocessor,
                   summary: JobSummary, n_items: int, report_top: int, storage_options: dict[str, Any] | None,
-                  progress: Progress) -> None:
+                  progress: Progress, ignore: IgnoreRegion | None) -> None:
     """``output/report.html`` over every result row in ``output``; its URL and the anomalous count go in the summary."""
     bar = progress(min(report_top, n_items), "report")
     try:
         report = score_report(output, source=source, bank_id=bank_id, thresholds=thresholds, preprocessor=preprocessor,
                               skipped=summary.skipped, top=report_top, storage_options=storage_options,
-                              progress=bar.update)
+                              progress=bar.update, ignore=ignore)
     finally:
         bar.close()
     summary.extra["report"] = join(output, "report.html")
@@ -141,7 +150,7 @@ def run_score(source: str, bank_url: str, output: str, *, weights: str | None = 
     ``report_top`` most anomalous images.  GPUs: ``gpus_per_actor`` per scorer (None: 1 if any), ``shard_gpus`` per shard.
     """
     start = time.perf_counter()
-    bank_root, manifest = open_bank(bank_url, storage_options)
+    bank_root, manifest, ignore = _open_bank(bank_url, storage_options)
     config = manifest.built_config().with_scoring({"image_k": image_k, "pixel_k": pixel_k, "kappa": kappa, **(scoring or {})})
     calibration = manifest.built_calibration()
     if calibration is None and (threshold is None or image_threshold is None or config.image_scoring != "knn"):
@@ -163,17 +172,15 @@ def run_score(source: str, bank_url: str, output: str, *, weights: str | None = 
         served, shard_cpus, scorer_gpus = _serve(bank_root, manifest, config.aggregate, storage_options, address,
                                                  gpus_per_actor, shard_gpus)
     try:
-        thresholds, calibration = _decision(served, config, calibration, threshold, image_threshold, batch_size, progress)
+        thresholds, calibration = _decision(served, config, calibration, threshold, image_threshold, batch_size, progress, ignore)
         summary.extra.update(pixel_threshold=thresholds.pixel, image_threshold=thresholds.image, recalibrated=recalibrate)
         if todo:
             keys = unique_output_stems((it.image_id, it.relpath) for it in items)  # all inputs: same keys on a rerun
-            choice = artifacts or ArtifactChoice()
-            if save_maps:
-                choice = ArtifactChoice(choice.kinds | {"maps"}, choice.visuals)
+            choice = (artifacts or ArtifactChoice()).adding({"maps"} if save_maps else set())
             run_pipeline(todo, DecodeImages(pre, storage_options, max_pixels, keep_encoded=choice.may_need_images),
                          ScoreImages, {"bank": served, "config": config, "weights": weights, "output": output,
                                        "thresholds": thresholds, "artifacts": choice, "max_pixels": max_pixels,
-                                       "scales": calibration.scales if calibration else None},
+                                       "scales": calibration.scales if calibration else None, "ignore": ignore},
                          batch_size, max_actors, summary, progress, "score", reserved_cpus=shard_cpus, keys=keys,
                          write=(WriteResults, {"output": output, "run_id": new_run_id(), "storage_options": storage_options}),
                          concurrent_batches=SCORER_CONCURRENT_BATCHES, gpus_per_actor=scorer_gpus,
@@ -181,6 +188,6 @@ def run_score(source: str, bank_url: str, output: str, *, weights: str | None = 
     finally:
         if served is not None:
             served.shutdown()
-    _write_report(output, source, bank_id, thresholds, pre, summary, len(items), report_top, storage_options, progress)
+    _write_report(output, source, bank_id, thresholds, pre, summary, len(items), report_top, storage_options, progress, ignore)
     summary.seconds = time.perf_counter() - start
     return summary

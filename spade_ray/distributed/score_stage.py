@@ -26,6 +26,7 @@ from spade_ray.method.backbones import load_backbone
 from spade_ray.method.config import SpadeConfig
 from spade_ray.method.decision import Thresholds
 from spade_ray.method.features import features_from_tensor
+from spade_ray.method.ignore import IgnoreRegion
 from spade_ray.method.preprocess import Preprocessor
 from spade_ray.method.scorer import Prediction, Scorer
 from spade_ray.storage.artifacts import ArtifactChoice, Artifacts
@@ -63,7 +64,7 @@ class ScoreImages:
     def __init__(self, bank: ServedBank, config: SpadeConfig, weights: str | None, output: str,
                  thresholds: Thresholds, artifacts: ArtifactChoice | None = None,
                  max_pixels: int = DEFAULT_MAX_PIXELS, scales: tuple[float, float] | None = None,
-                 threads: int | None = None) -> None:
+                 threads: int | None = None, ignore: IgnoreRegion | None = None) -> None:
         set_worker_threads(threads=threads)
         self.max_pixels = max_pixels
         self.device = actor_device("scorer")
@@ -72,7 +73,7 @@ class ScoreImages:
         spec = self.backbone.spec
         self.preprocessor = Preprocessor(config.image_size, config.protocol, spec.mean, spec.std)  # type: ignore[arg-type]
         remote = RemoteBank(bank, config.aggregate)
-        self.scorer = Scorer(config, remote, remote, scales, thresholds)
+        self.scorer = Scorer(config, remote, remote, scales, thresholds, ignore=ignore)
         self.artifacts = Artifacts(output, thresholds, artifacts or ArtifactChoice())
         self.bank_id = bank.bank_id
 

@@ -26,6 +26,7 @@ from spade_ray.method.config import SpadeConfig
 from spade_ray.method.decision import Thresholds
 from spade_ray.method.features import FeatureBatch
 from spade_ray.method.fusion import fuse_levels
+from spade_ray.method.ignore import IgnoreRegion
 from spade_ray.method.image_scoring import combine_image_scores, knn_score
 from spade_ray.method.matching import MatchSettings
 from spade_ray.method.preprocess import Preprocessor
@@ -110,7 +111,9 @@ class Scorer:
     """SPADE's scoring of query features against a normal bank reached through ``index`` and ``gallery``.
 
     ``scales`` are the bank's normal score scales (needed by image scoring ``knn+map``);
-    ``thresholds`` (when known) add the decision to every prediction.
+    ``thresholds`` (when known) add the decision to every prediction; ``ignore`` (the bank's ignore
+    region) zeroes the maps there, right after fusion and again in each output frame, so the image
+    score, the calibration's maxima, masks, heatmaps and overlays all see zeros there.
     """
 
     config: SpadeConfig
@@ -119,13 +122,22 @@ class Scorer:
     scales: tuple[float, float] | None = None
     thresholds: Thresholds | None = None
     timer: StageTimer = field(default_factory=StageTimer)
+    ignore: IgnoreRegion | None = None
 
-    def match(self, query: FeatureBatch, exclude: np.ndarray | None = None, aggregated: bool = False) -> Matches:
+    @property
+    def geometry(self) -> Preprocessor:
+        """The input geometry of this scorer's settings (what the ignore region goes through)."""
+        return Preprocessor(self.config.image_size, self.config.protocol)  # type: ignore[arg-type]
+
+    def match(self, query: FeatureBatch, exclude: np.ndarray | None = None, aggregated: bool = False,
+              sizes: Sequence[tuple[int, int]] | None = None) -> Matches:
         """Retrieval, correspondence and fusion for a batch of query features.
 
         ``aggregated``: the query pyramids are already in the configured feature space (bank images
         scored leave-one-out, as the bank holds them); otherwise they are raw and aggregated here.
-        ``exclude`` (B,) bank rows to leave out of each query's neighbours.
+        ``exclude`` (B,) bank rows to leave out of each query's neighbours.  ``sizes``: the images'
+        (height, width), which place the ignore region (None: they have the mask's frame, as the
+        bank's images do in calibration).
         """
         cfg = self.config
         with self.timer.stage("retrieval"):
@@ -140,6 +152,10 @@ class Scorer:
         with self.timer.stage("fusion"):
             maps = [fuse_levels([d.mean(dim=-1) for d in level_distances], cfg.image_size, cfg.sigma)
                     for level_distances in per_query]
+            if self.ignore is not None:
+                frames = sizes if sizes is not None else [(None, None)] * len(maps)
+                maps = [IgnoreRegion.apply(amap, self.ignore.at_input(self.geometry, *size))
+                        for amap, size in zip(maps, frames)]
         return Matches(knn, maps, rows)
 
     def score(self, query: FeatureBatch, sizes: Sequence[tuple[int, int]], preprocessor: Preprocessor) -> Prediction:
@@ -148,11 +164,14 @@ class Scorer:
         ``sizes`` are the images' own (height, width); the image score combines the kNN score with
         the map maximum at the network's input size, as the calibration that scaled it did.
         """
-        matched = self.match(query)
+        matched = self.match(query, sizes=sizes)
         with self.timer.stage("fusion"):
             scores = combine_image_scores(matched.knn_scores, np.array([m.max() for m in matched.maps]),
                                           self.config.image_scoring, self.scales)
             maps = [preprocessor.map_to_output(amap, height, width) for amap, (height, width) in zip(matched.maps, sizes)]
+            if self.ignore is not None:  # bilinear resizing blurs the zeros' edge: zero the output frame too
+                maps = [IgnoreRegion.apply(amap, self.ignore.at_output(preprocessor, height, width))
+                        for amap, (height, width) in zip(maps, sizes)]
         neighbours = self.index.neighbour_names(matched.rows[:, : self.config.image_k])
         prediction = Prediction(np.asarray(scores, dtype=np.float32), maps, neighbours,
                                 np.asarray(matched.knn_scores, dtype=np.float32))

@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from spade_ray.method.decision import Thresholds
+from spade_ray.method.ignore import IgnoreRegion
 from spade_ray.method.metrics import pixel_roc_curve, pro_curve, roc_curve
 from spade_ray.method.preprocess import Preprocessor
 from spade_ray.method.scorer import Prediction
@@ -22,6 +23,7 @@ from spade_ray.report.report import (
     Neighbour,
     Report,
     ReportItem,
+    ignore_section,
     item_panels,
     most_anomalous,
     neighbour_pictures,
@@ -98,8 +100,11 @@ def evaluation_report(data: MVTecDataset, prediction: Prediction, labels: np.nda
                       thresholds: Thresholds, preprocessor: Preprocessor,
                       top: int = DEFAULT_REPORT_TOP, fpr_limit: float = 0.3,
                       storage_options: dict[str, Any] | None = None,
-                      progress: Callable[[int], None] | None = None) -> Report:
-    """The report of one evaluation: counts, distributions, curves, tables and the ``top`` most anomalous images."""
+                      progress: Callable[[int], None] | None = None, ignore: IgnoreRegion | None = None) -> Report:
+    """The report of one evaluation: counts, distributions, curves, tables and the ``top`` most anomalous images.
+
+    ``ignore`` (the --ignore-mask) is shown at the top and hatched on the overlay panels.
+    """
     flagged = np.asarray(thresholds.is_anomalous(prediction.image_scores, prediction.pixel_max), dtype=bool)
     rows = [{"index": i, "relpath": s.relpath, "image_score": float(prediction.image_scores[i]),
              "pixel_max": float(prediction.pixel_max[i])} for i, s in enumerate(data.test)]
@@ -113,9 +118,11 @@ def evaluation_report(data: MVTecDataset, prediction: Prediction, labels: np.nda
         neighbours = neighbour_pictures([(n, train_uri.get(n, n)) for n in prediction.neighbours[i]], storage_options, cache)
         item = ReportItem(sample.relpath, row["image_score"], row["pixel_max"], bool(flagged[i]), {}, neighbours,
                           note=f"ground truth: {sample.defect_type}")
-        image = preprocessor.image_to_output(load_image(sample.uri, storage_options))
+        source = load_image(sample.uri, storage_options)
+        image = preprocessor.image_to_output(source)
         overlay, mask = overlay_with_mask(image, amap, thresholds)
-        item.panels = item_panels(image, overlay, mask)
+        item.panels = item_panels(image, overlay, mask,
+                                  ignore.at_output(preprocessor, *source.shape[:2]) if ignore is not None else None)
         items.append(item)
         if progress:
             progress(1)
@@ -130,6 +137,8 @@ def evaluation_report(data: MVTecDataset, prediction: Prediction, labels: np.nda
              ("image threshold", f"{thresholds.image:.6g}" + ("" if cal else " (no calibration: median of the test scores)")),
              ("pixel threshold", f"{thresholds.pixel:.6g}" + ("" if cal else " (no calibration: median of the test maxima)")),
              ("written", now_utc())]
+    legend = "ignored region (--ignore-mask)"
     return Report("spade-ray evaluation report", facts, counts,
                   _charts(prediction, labels, masks, thresholds, fpr_limit),
-                  items, tables=_tables(result))
+                  items, tables=_tables(result), ignored=ignore_section(ignore, legend) if ignore is not None else None,
+                  ignored_legend=legend)

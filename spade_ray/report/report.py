@@ -24,18 +24,21 @@ import pyarrow as pa
 
 from spade_ray.errors import error_reason
 from spade_ray.method.decision import Thresholds
+from spade_ray.method.ignore import IgnoreRegion
 from spade_ray.method.preprocess import Preprocessor
 from spade_ray.report.svgplot import Series, histogram_svg
 from spade_ray.storage.images import decode_image, decode_mask, load_image
-from spade_ray.storage.overlay import draw_outline, jpeg_data_uri, thumbnail
+from spade_ray.storage.overlay import draw_outline, hatch, jpeg_data_uri, thumbnail
 from spade_ray.storage.results import read_results
 from spade_ray.storage.urls import read_bytes, write_bytes
 
 __all__ = [
     "DEFAULT_REPORT_TOP",
+    "IGNORED_LEGEND",
     "Neighbour",
     "Report",
     "ReportItem",
+    "ignore_section",
     "item_panels",
     "most_anomalous",
     "neighbour_pictures",
@@ -51,6 +54,7 @@ NEIGHBOUR_SIDE = 160
 MAX_ERRORS_SHOWN = 50
 MAX_REASON_CHARS = 200  # a panel's problem line, not a traceback
 NO_OVERLAY_NOTE = "no heatmap or overlay written for this image (score --visuals)"
+IGNORED_LEGEND = "ignored region (bank's ignore mask)"
 
 
 @dataclass
@@ -89,6 +93,8 @@ class Report:
     tables: list[tuple[str, list[str], list[list[str]]]] = field(default_factory=list)
     errors: list[tuple[str, str]] = field(default_factory=list)  # (image, reason), the first ones
     n_errors: int | None = None  # all of them, when more than ``errors`` lists
+    ignored: str | None = None  # HTML of the ignore mask section (:func:`ignore_section`), when there is one
+    ignored_legend: str = IGNORED_LEGEND
 
 
 def most_anomalous(rows: Sequence[dict[str, Any]], n: int, thresholds: Thresholds) -> list[dict[str, Any]]:
@@ -98,18 +104,36 @@ def most_anomalous(rows: Sequence[dict[str, Any]], n: int, thresholds: Threshold
     return scored[: max(n, 0)]
 
 
-def item_panels(image: np.ndarray, overlay: np.ndarray | None, mask: np.ndarray) -> dict[str, str | None]:
+def item_panels(image: np.ndarray, overlay: np.ndarray | None, mask: np.ndarray,
+                ignored: np.ndarray | None = None) -> dict[str, str | None]:
     """original | heatmap overlay | mask outline, each downscaled to at most 256 px and JPEG-encoded.
 
-    ``overlay`` is None where the run wrote none for this image (``--visuals anomalous`` or ``none``).
+    ``overlay`` is None where the run wrote none for this image (``--visuals anomalous`` or ``none``);
+    ``ignored`` (the ignore region in the image's output frame) is hatched grey on both overlay panels.
     """
     small = thumbnail(image, PANEL_SIDE)
     small_mask = thumbnail(mask, PANEL_SIDE, binary=True)
+    small_ignored = thumbnail(ignored, PANEL_SIDE, binary=True) if ignored is not None else None
+
+    def marked(picture: np.ndarray) -> np.ndarray:
+        return hatch(picture, small_ignored) if small_ignored is not None else picture
+
     return {
         "original": jpeg_data_uri(small),
-        "heatmap overlay": jpeg_data_uri(thumbnail(overlay, PANEL_SIDE)) if overlay is not None else None,
-        "mask outline": jpeg_data_uri(draw_outline(small, small_mask)),
+        "heatmap overlay": jpeg_data_uri(marked(thumbnail(overlay, PANEL_SIDE))) if overlay is not None else None,
+        "mask outline": jpeg_data_uri(marked(draw_outline(small, small_mask))),
     }
+
+
+def ignore_section(region: IgnoreRegion, legend: str = IGNORED_LEGEND) -> str:
+    """The ignore mask itself, once, at the top of a report: hatched where map values never count."""
+    mask = thumbnail(region.mask, PANEL_SIDE, binary=True)
+    picture = hatch(np.full((*mask.shape, 3), 255, np.uint8), mask, spacing=4)
+    height, width = region.shape
+    share = float(region.mask.mean())
+    return (f'<h2>Ignored region</h2><figure><img src="{jpeg_data_uri(picture)}" alt="ignore mask">'
+            f"<figcaption>grey hatching: {escape(legend)}, {width}x{height} px frame, {share:.1%} of it; map values "
+            "there are zero before thresholds, masks and image scores</figcaption></figure>")
 
 
 def neighbour_pictures(names_and_uris: Sequence[tuple[str, str]], storage_options: dict[str, Any] | None = None,
@@ -197,15 +221,16 @@ def render_report(report: Report) -> str:
         more = f" (first {len(shown)} of {total})" if total > len(shown) else ""
         errors = _table(f"Errors{more}", ["image", "reason"], [[a, b] for a, b in shown])
     items = "".join(_item_html(i + 1, item) for i, item in enumerate(report.items))
+    ignored = f" Grey hatching: {escape(report.ignored_legend)}." if report.ignored else ""
     top = (f"<h2>The {len(report.items)} most anomalous images</h2><p class=\"legend\">Ranked by how far each is past "
            "its thresholds (image score / image threshold, or map maximum / pixel threshold, whichever is larger). "
            "Overlay: the heat colour fades in above half the pixel threshold (red → yellow at twice the threshold); "
            "cyan outline: the mask (map above the pixel threshold). Right: the nearest normal images of the bank, "
-           "which the image was compared against.</p>" + items) if report.items else "<h2>No images to show</h2>"
+           f"which the image was compared against.{ignored}</p>" + items) if report.items else "<h2>No images to show</h2>"
     return ("<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\">"
             f"<title>{escape(report.title)}</title><style>{_CSS}</style></head><body>"
             f"<h1>{escape(report.title)}</h1><table class=\"facts\">{facts}</table>"
-            f"<h2>Counts</h2><div class=\"counts\">{counts}</div>"
+            f"{report.ignored or ''}<h2>Counts</h2><div class=\"counts\">{counts}</div>"
             f"<h2>Score distributions</h2><div class=\"charts\">{''.join(report.charts)}</div>"
             f"{tables}{errors}{top}</body></html>")
 
@@ -228,14 +253,16 @@ _REPORT_COLUMNS = ("uri", "relpath", "status", "error", "image_score", "pixel_ma
 
 
 def _score_item(row: dict[str, Any], preprocessor: Preprocessor, storage_options: dict[str, Any] | None,
-                cache: dict[str, Neighbour]) -> ReportItem:
+                cache: dict[str, Neighbour], ignore: IgnoreRegion | None = None) -> ReportItem:
     name = row.get("relpath") or row["uri"]
     neighbours = neighbour_pictures([(posixpath.basename(u.rstrip("/")) or u, u) for u in (row.get("neighbours") or [])],
                                     storage_options, cache)
     item = ReportItem(name, float(row["image_score"]), float(row["pixel_max"]), bool(row["is_anomalous"]),
                       {"original": None, "heatmap overlay": None, "mask outline": None}, neighbours)
     try:
-        image = preprocessor.image_to_output(load_image(row["uri"], storage_options))
+        source = load_image(row["uri"], storage_options)
+        image = preprocessor.image_to_output(source)
+        ignored = ignore.at_output(preprocessor, *source.shape[:2]) if ignore is not None else None
         mask = decode_mask(read_bytes(row["mask_uri"], storage_options), row["mask_uri"])
         overlay = None
         if row.get("overlay_uri"):
@@ -246,7 +273,7 @@ def _score_item(row: dict[str, Any], preprocessor: Preprocessor, storage_options
             item.note = NO_OVERLAY_NOTE  # the legend says why the overlay panel is empty
         if image.shape[:2] != mask.shape:
             raise ValueError(f"image {image.shape[:2]} and mask {mask.shape} differ in size")
-        item.panels = item_panels(image, overlay, mask)
+        item.panels = item_panels(image, overlay, mask, ignored)
     except Exception as exc:  # an output or the source went missing: keep the scores, say why
         item.problem = error_reason(exc, MAX_REASON_CHARS)
     return item
@@ -255,10 +282,11 @@ def _score_item(row: dict[str, Any], preprocessor: Preprocessor, storage_options
 def score_report(output: str, *, source: str, bank_id: str, thresholds: Thresholds,
                  preprocessor: Preprocessor, skipped: int = 0, top: int = DEFAULT_REPORT_TOP,
                  storage_options: dict[str, Any] | None = None,
-                 progress: Callable[[int], None] | None = None) -> Report:
+                 progress: Callable[[int], None] | None = None, ignore: IgnoreRegion | None = None) -> Report:
     """The report of everything scored into ``output`` (all runs), from its result rows and outputs.
 
-    ``preprocessor`` is the bank's geometry: it puts a source image into its map's frame.
+    ``preprocessor`` is the bank's geometry: it puts a source image into its map's frame; ``ignore``
+    the bank's ignore region, shown at the top and hatched on the overlay panels.
     """
     table = read_results(output, _REPORT_COLUMNS, storage_options)
     status = np.asarray(table.column("status").to_pylist(), dtype=object)
@@ -274,7 +302,7 @@ def score_report(output: str, *, source: str, bank_id: str, thresholds: Threshol
     cache: dict[str, Neighbour] = {}
     items = []
     for row in most_anomalous(candidates, top, thresholds):
-        items.append(_score_item(row, preprocessor, storage_options, cache))
+        items.append(_score_item(row, preprocessor, storage_options, cache, ignore))
         if progress:
             progress(1)
     error_rows = np.flatnonzero(~ok)
@@ -290,4 +318,5 @@ def score_report(output: str, *, source: str, bank_id: str, thresholds: Threshol
     facts = [("input", source), ("output", output), ("bank", bank_id),
              ("image threshold", f"{thresholds.image:.6g}"), ("pixel threshold", f"{thresholds.pixel:.6g}"),
              ("written", now_utc())]
-    return Report("spade-ray score report", facts, counts, charts, items, errors=errors, n_errors=counts["error"])
+    return Report("spade-ray score report", facts, counts, charts, items, errors=errors, n_errors=counts["error"],
+                  ignored=ignore_section(ignore) if ignore is not None else None)

@@ -70,6 +70,10 @@ class ArtifactChoice:
         kinds = {k.strip() for k in write.split(",") if k.strip()} if write else {"masks", "heatmaps", "overlays"}
         return cls(frozenset(kinds | ({"maps"} if save_maps else set())), visuals or "anomalous")
 
+    def adding(self, kinds: set[str]) -> ArtifactChoice:
+        """The same choice with more kinds written (``--save-maps`` adds ``maps``)."""
+        return ArtifactChoice(self.kinds | kinds, self.visuals)
+
     def kinds_for(self, flagged: bool) -> list[str]:
         """The artifacts an image gets, given whether it was flagged."""
         visual = self.visuals == "all" or (self.visuals == "anomalous" and flagged)

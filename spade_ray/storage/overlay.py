@@ -17,7 +17,7 @@ from scipy import ndimage
 
 from spade_ray.storage.outputs import encode_jpeg, heatmap_rgb
 
-__all__ = ["OUTLINE_RGB", "draw_outline", "jpeg_data_uri", "mask_outline", "overlay_rgb", "thumbnail"]
+__all__ = ["OUTLINE_RGB", "draw_outline", "hatch", "jpeg_data_uri", "mask_outline", "overlay_rgb", "thumbnail"]
 
 OUTLINE_RGB = (0, 255, 255)
 # Most of the heat colour where the map reaches the top of the scale; the image still shows through.
@@ -45,6 +45,24 @@ def draw_outline(image: np.ndarray, mask: np.ndarray, width: int | None = None,
         raise ValueError(f"image {image.shape[:2]} and mask {np.shape(mask)} must have the same size")
     out = np.array(image, dtype=np.uint8, copy=True)
     out[mask_outline(mask, width)] = colour
+    return out
+
+
+HATCH_RGB = (128, 128, 128)
+
+
+def hatch(image: np.ndarray, region: np.ndarray, spacing: int = 6) -> np.ndarray:
+    """A copy of ``image`` with grey diagonal stripes over ``region`` (HxW bool, same size): the ignored region.
+
+    Stripes rather than a fill keep the part visible under them (an inspector checks that the mask
+    covers the serial number, not more), and grey is in neither the heat scale nor the mask outline.
+    """
+    if image.shape[:2] != np.shape(region):
+        raise ValueError(f"image {image.shape[:2]} and region {np.shape(region)} must have the same size")
+    rows, cols = np.indices(np.shape(region))
+    stripes = np.asarray(region, dtype=bool) & ((rows + cols) % max(spacing, 2) < max(spacing // 3, 1))
+    out = np.array(image, dtype=np.uint8, copy=True)
+    out[stripes] = HATCH_RGB
     return out
 
 
