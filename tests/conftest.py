@@ -49,6 +49,26 @@ def evaluated(synthetic_dataset, tmp_path_factory):
     )
     assert proc.returncode == 0, proc.stderr
     return out, proc
+@pytest.fixture(scope="session")
+def demo_run(tmp_path_factory):
+    """One small `spade-ray demo` as a new user runs it, in a subprocess with stdout and stderr captured.
+
+    Shared by the test of its outputs (test_cli) and the test that a successful run prints no
+    error or warning (test_quiet_run): the run takes a minute, so it is made once.  Returns
+    (output folder, finished process).
+    """
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path_factory.mktemp("demo") / "demo"
+    # Ray sets RAY_AUTH_MODE in a process that started a local Ray (this one, after other tests): not a new user's
+    env = {k: v for k, v in os.environ.items() if k != "RAY_AUTH_MODE"}
+    proc = subprocess.run([sys.executable, "-m", "spade_ray.apps.cli", "demo", "--output", str(out), "--pixel-k", "5",
+                           "--image-size", "128", "--quiet"], capture_output=True, text=True, timeout=600, env=env)
+    return out, proc
+
+
 SMALL_IMAGE_SIZE = 64
 SMALL_SETTINGS = {"image_k": 2, "pixel_k": 3, "kappa": 1}
 

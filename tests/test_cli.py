@@ -15,9 +15,8 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "spade_ray.apps.cli", *args], capture_output=True, text=True, timeout=600)
 
 
-def test_demo_runs_the_distributed_pipeline_and_writes_every_output(tmp_path) -> None:
-    out = tmp_path / "demo"
-    proc = run_cli("demo", "--output", str(out), "--pixel-k", "5", "--image-size", "128", "--quiet")
+def test_demo_runs_the_distributed_pipeline_and_writes_every_output(demo_run) -> None:
+    out, proc = demo_run
     assert proc.returncode == 0, proc.stderr
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["n_test"] == 34 and metrics["image_auroc"] > 0.8 and metrics["pixel_auroc"] > 0.85

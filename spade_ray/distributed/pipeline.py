@@ -7,10 +7,12 @@ from __future__ import annotations
 import logging
 import time
 import uuid
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
 import ray
+from ray.util.annotations import RayDeprecationWarning
 
 from spade_ray.distributed.decode_stage import DecodeImages
 from spade_ray.distributed.devices import cluster_gpus, count_devices
@@ -134,15 +136,38 @@ def _writers() -> int:
     return max(1, cluster_cpus() // 8)
 
 
-# Fault tolerance of the pipeline (Ray Data's ray_remote_args): a UDF actor that dies (node lost,
-# OOM-killed, preempted) is restarted as often as needed, since a pool lives for the whole night,
-# and each batch it had in flight is retried on a live actor up to TASK_RETRIES times.  A batch
-# that kills its worker every time fails the job after that many tries instead of looping
-# forever; the images already committed stay, and the rerun resumes.  Decode tasks get the same
-# number of retries.  Ray Data's own defaults are unbounded (-1) for both; they are passed
-# explicitly so the bound is ours.  (Ray 2.60 marks passing them through ``ray_remote_args`` as
-# deprecated for 2.64 without a named replacement yet; revisit on upgrade.)
+# Fault tolerance of the pipeline: a UDF actor that dies (node lost, OOM-killed, preempted) is
+# restarted as often as needed, since a pool lives for the whole night, and each batch it had in
+# flight is retried on a live actor up to TASK_RETRIES times.  A batch that kills its worker every
+# time fails the job after that many tries instead of looping forever; the images already
+# committed stay, and the rerun resumes.  Decode tasks get the same number of retries.  Ray Data's
+# own defaults are unbounded (-1) for both; they are passed explicitly so the bound is ours
+# (see _map_batches for how, in Ray 2.60).
 TASK_RETRIES = 3
+# Ray's deprecation of every option passed through ``**ray_remote_args`` (ray/data/dataset.py,
+# _warn_on_ray_remote_args); matched from the start of the message.
+_REMOTE_ARGS_DEPRECATED = r"`ray_remote_args` is deprecated"
+
+
+def _map_batches(ds: ray.data.Dataset, fn: Any, *, retries: dict[str, int], **options: Any) -> ray.data.Dataset:
+    """``ds.map_batches(fn, **options)`` with our retry bounds, without Ray's deprecation warning.
+
+    Ray 2.60 deprecates ``**ray_remote_args`` (removal in 2.64) in favour of named parameters, but
+    names only label_selector, fallback_strategy, max_calls, resources, accelerator_type and
+    runtime_env (ray-project/ray#65227, #65228): ``max_retries``, ``max_restarts`` and
+    ``max_task_retries`` have no replacement, no DataContext setting bounds system-failure retries
+    (``max_map_retries`` covers only exceptions raised by the UDF), and without them the bounds are
+    Ray Data's unbounded defaults.  So the bounds are still passed this way and that one warning is
+    silenced here, where it is raised; a user reading it could do nothing about it.  Should Ray
+    name these parameters, the same call binds to them; should 2.64 drop them unnamed, the call
+    fails loudly instead of silently retrying forever.
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=_REMOTE_ARGS_DEPRECATED, category=RayDeprecationWarning)
+        return ds.map_batches(fn, **options, **retries)
+
+
+_ACTOR_RETRIES = {"max_restarts": -1, "max_task_retries": TASK_RETRIES}
 
 
 def run_pipeline(items: list[InputImage], decode: DecodeImages, udf: type, udf_kwargs: dict[str, Any],
@@ -167,18 +192,17 @@ def run_pipeline(items: list[InputImage], decode: DecodeImages, udf: type, udf_k
     ds = ray.data.from_items([{"uri": it.uri, "relpath": it.relpath, "image_id": it.image_id,
                                "key": keys.get(it.image_id) or output_stem(it.relpath)} for it in items],
                              override_num_blocks=max(1, -(-len(items) // batch_size)))
-    ds = ds.map_batches(decode, batch_size=batch_size, num_cpus=DECODE_CPUS, max_retries=TASK_RETRIES)
+    ds = _map_batches(ds, decode, batch_size=batch_size, num_cpus=DECODE_CPUS, retries={"max_retries": TASK_RETRIES})
     writer_cpus = WRITE_CPUS * _writers() if write is not None else 0.0
     plan = plan_actors(len(items), batch_size, max_actors, reserved_cpus + writer_cpus, concurrent_batches, gpus_per_actor,
                        reserved_gpus)
-    ds = ds.map_batches(udf, fn_constructor_kwargs={**udf_kwargs, "threads": plan.threads}, batch_size=batch_size,
-                        num_cpus=plan.cpus_per_actor, num_gpus=plan.gpus_per_actor or None, compute=plan.pool,
-                        max_restarts=-1, max_task_retries=TASK_RETRIES)
+    ds = _map_batches(ds, udf, fn_constructor_kwargs={**udf_kwargs, "threads": plan.threads}, batch_size=batch_size,
+                      num_cpus=plan.cpus_per_actor, num_gpus=plan.gpus_per_actor or None, compute=plan.pool,
+                      retries=_ACTOR_RETRIES)
     if write is not None:
         writer, writer_kwargs = write
-        ds = ds.map_batches(writer, fn_constructor_kwargs=writer_kwargs, batch_size=None, num_cpus=WRITE_CPUS,
-                            compute=ray.data.ActorPoolStrategy(size=_writers()), max_restarts=-1,
-                            max_task_retries=TASK_RETRIES)
+        ds = _map_batches(ds, writer, fn_constructor_kwargs=writer_kwargs, batch_size=None, num_cpus=WRITE_CPUS,
+                          compute=ray.data.ActorPoolStrategy(size=_writers()), retries=_ACTOR_RETRIES)
     bar = no_progress(len(items), desc) if ray_bars else progress(len(items), desc)
     first: tuple[float, int] | None = None
     done = 0

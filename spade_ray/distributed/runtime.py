@@ -47,10 +47,51 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
         "log_to_driver": True,
     }
     if address is None:
-        kwargs.update(include_dashboard=False, num_cpus=num_cpus)
-    ray.init(address=address, **kwargs)
+        _start_local_ray({**kwargs, "include_dashboard": False, "num_cpus": num_cpus})
+    else:
+        ray.init(address=address, **kwargs)
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False  # on only for a run on a terminal (ray_data_output); bars spam logs
+
+
+# A child of the CLI's ``spade_ray`` logger (apps/logs.py), which prints and formats its records.
+_log = logging.getLogger(__name__)
+# Ray's switch for authentication, and the logger that warns about it
+# (ray/_private/authentication/authentication_token_setup.py).
+AUTH_MODE_ENV = "RAY_AUTH_MODE"
+_RAY_AUTH_LOGGER = "ray._private.authentication.authentication_token_setup"
+
+
+class _DropTokenAuthEnabled(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Token authentication is enabled for this Ray cluster")
+
+
+_TOKEN_AUTH_FILTER = _DropTokenAuthEnabled()
+
+
+def _start_local_ray(kwargs: dict[str, Any]) -> None:
+    """Start a local Ray with its default, token authentication, and say once in our words what that means.
+
+    With ``RAY_AUTH_MODE`` unset, Ray 2.60 turns token auth on for a new local cluster and logs a
+    WARNING about it ("Token authentication is enabled for this Ray cluster. Set
+    RAY_AUTH_MODE=disabled to opt out ...") on every run, which a new user reads as a problem.
+    Setting the variable ourselves is no way out: Ray reads it once, when ``ray`` is imported, so
+    set later it would reach the Ray processes but not this driver, which then fails to connect.
+    So Ray keeps choosing (auth stays on, the secure default), only that one message is dropped,
+    and one INFO line replaces it when token auth is really on.  An explicit ``RAY_AUTH_MODE``
+    is the user's choice; Ray says nothing then, and neither do we unless it is ``token``.
+    """
+    ray_auth_logger = logging.getLogger(_RAY_AUTH_LOGGER)
+    ray_auth_logger.addFilter(_TOKEN_AUTH_FILTER)
+    try:
+        ray.init(address=None, **kwargs)
+    finally:
+        ray_auth_logger.removeFilter(_TOKEN_AUTH_FILTER)
+    if os.environ.get(AUTH_MODE_ENV, "").lower() == "token":
+        _log.info("local Ray: token authentication is on, so only processes holding this user's Ray token "
+                  "(~/.ray/auth_token, created on first use) can run work on it; "
+                  f"{AUTH_MODE_ENV}=disabled turns it off (docs/operations.md)")
 
 
 class _DropProgressBarsDisabled(logging.Filter):
