@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import pytest
@@ -94,3 +95,19 @@ def small_bank(tmp_path_factory: pytest.TempPathFactory) -> dict:
     if not was_running:
         ray.shutdown()
     return {"dataset": dataset, "bank": work / "bank", "image_size": SMALL_IMAGE_SIZE}
+
+
+@pytest.fixture(autouse=True)
+def _spade_ray_logger_restored():
+    """Each test starts with the ``spade_ray`` logger as the session had it.
+
+    The CLI's ``main()`` (run in process by some tests) points the logger at that test's captured
+    stderr and stops propagation; left so, a later test's ``caplog`` would see nothing and the
+    handler would write to a closed stream.
+    """
+    logger = logging.getLogger("spade_ray")
+    handlers, propagate, level = list(logger.handlers), logger.propagate, logger.level
+    yield
+    logger.handlers[:] = handlers
+    logger.propagate = propagate
+    logger.setLevel(level)
