@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Protocol
 
 import numpy as np
@@ -85,24 +86,32 @@ class Prediction:
     maps: list[np.ndarray]
     neighbours: list[list[str]]
     knn_scores: np.ndarray | None = None
-    is_anomalous: np.ndarray | None = None
-    masks: list[np.ndarray] | None = None
+    thresholds: Thresholds | None = None
 
-    @property
+    @cached_property
     def pixel_max(self) -> np.ndarray:
         return np.array([float(m.max()) for m in self.maps], dtype=np.float32)
 
+    @cached_property
+    def is_anomalous(self) -> np.ndarray | None:
+        if self.thresholds is None:
+            return None
+        return np.asarray(self.thresholds.is_anomalous(self.image_scores, self.pixel_max), dtype=bool).reshape(-1)
+
+    @cached_property
+    def masks(self) -> list[np.ndarray] | None:
+        """Made on first use: the score job writes its masks from the maps and never asks for these."""
+        return None if self.thresholds is None else [self.thresholds.mask(amap) for amap in self.maps]
+
     @staticmethod
     def concat(parts: Sequence[Prediction]) -> Prediction:
-        decided = all(p.is_anomalous is not None for p in parts) and bool(parts)
-        masked = all(p.masks is not None for p in parts) and bool(parts)
+        """The parts as one prediction (parts of one model's predict share its thresholds)."""
         return Prediction(
             np.concatenate([p.image_scores for p in parts]).astype(np.float32) if parts else np.zeros(0, np.float32),
             [m for p in parts for m in p.maps],
             [n for p in parts for n in p.neighbours],
             np.concatenate([p.knn_scores for p in parts]).astype(np.float32) if parts else np.zeros(0, np.float32),
-            np.concatenate([p.is_anomalous for p in parts]) if decided else None,
-            [m for p in parts for m in p.masks] if masked else None,  # type: ignore[union-attr]
+            parts[0].thresholds if parts else None,
         )
 
 
@@ -173,10 +182,5 @@ class Scorer:
                 maps = [IgnoreRegion.apply(amap, self.ignore.at_output(preprocessor, height, width))
                         for amap, (height, width) in zip(maps, sizes)]
         neighbours = self.index.neighbour_names(matched.rows[:, : self.config.image_k])
-        prediction = Prediction(np.asarray(scores, dtype=np.float32), maps, neighbours,
-                                np.asarray(matched.knn_scores, dtype=np.float32))
-        if self.thresholds is not None:
-            prediction.is_anomalous = np.asarray(self.thresholds.is_anomalous(prediction.image_scores, prediction.pixel_max),
-                                                 dtype=bool).reshape(-1)
-            prediction.masks = [self.thresholds.mask(amap) for amap in maps]
-        return prediction
+        return Prediction(np.asarray(scores, dtype=np.float32), maps, neighbours,
+                          np.asarray(matched.knn_scores, dtype=np.float32), self.thresholds)
