@@ -167,6 +167,7 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
                         "line is visible to every user of the machine")
     _add_output_options(parser)
 
+
 def _add_demo_command(sub: argparse._SubParsersAction) -> None:
     """``demo``: the whole pipeline on a synthetic dataset, for a first look at every output."""
     parser = sub.add_parser("demo", help="make a synthetic inspection dataset, fit, score, write masks/heatmaps/metrics",

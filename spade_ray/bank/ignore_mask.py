@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from spade_ray.bank.manifest import BankManifest, IgnoreMaskEntry
+from spade_ray.bank.shard_loader import manifest_relpath, read_manifest_file
 from spade_ray.method.ignore import IgnoreRegion
 from spade_ray.storage.images import ImageDecodeError, decode_mask
 from spade_ray.storage.outputs import encode_png
@@ -68,18 +69,8 @@ def load_ignore_mask(bank_root: str, manifest: BankManifest,
     entry = manifest.ignore_mask
     if entry is None:
         return None
-    parts = entry.path.split("/")
-    if entry.path.startswith("/") or any(p in ("", ".", "..") for p in parts):
-        raise ValueError(f"ignore mask path {entry.path!r} in the manifest must be a plain relative path")
-    url = join(bank_root, entry.path)
-    try:
-        data = read_bytes(url, storage_options)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"bank file {url} (the ignore mask) listed in the manifest is missing") from None
-    got = hashlib.sha256(data).hexdigest()
-    if got != entry.sha256:
-        raise ValueError(f"bank file {url} (the ignore mask) is corrupt or was replaced: sha256 {got} != "
-                         f"{entry.sha256} recorded in the manifest")
+    url = join(bank_root, manifest_relpath(entry.path, "ignore mask"))
+    data = read_manifest_file(url, entry.sha256, storage_options, " (the ignore mask)")
     region = decode_ignore_mask(data, url)
     if region.shape != (entry.height, entry.width):
         raise ValueError(f"bank file {url} (the ignore mask) is {region.shape}, the manifest says "

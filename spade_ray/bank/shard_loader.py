@@ -22,7 +22,7 @@ from spade_ray.bank.manifest import BankManifest, ShardEntry
 from spade_ray.method.retrieval import search_exact
 from spade_ray.storage.urls import join, read_bytes
 
-__all__ = ["BankArrays", "BankShard", "load_bank_arrays", "load_shard"]
+__all__ = ["BankArrays", "BankShard", "load_bank_arrays", "load_shard", "manifest_relpath", "read_manifest_file"]
 
 _LEVEL_RE = re.compile(r"^level(\d+)\.npy$")
 _REQUIRED_FILES = ("ids.json", "index.faiss", "global.npy")
@@ -56,11 +56,31 @@ class BankShard:
         return search_exact(self.index, self.global_, queries, k, exclude)
 
 
-def _safe_relpath(path: str) -> str:
+def manifest_relpath(path: str, what: str) -> str:
+    """A path the manifest gives relative to the bank root, refused unless plain (it must not leave the bank)."""
     parts = path.split("/")
     if path.startswith("/") or any(p in ("", ".", "..") for p in parts):
-        raise ValueError(f"shard path {path!r} in the manifest must be a plain relative path")
+        raise ValueError(f"{what} path {path!r} in the manifest must be a plain relative path")
     return path
+
+
+def read_manifest_file(url: str, sha256: str | None, storage_options: dict[str, Any] | None = None,
+                       label: str = "") -> bytes:
+    """A bank file the manifest lists, fetched once and, unless ``sha256`` is None, checked against it.
+
+    The check comes before anything parses the bytes, so a truncated upload or a file of another
+    build is refused with a message naming it (``label`` says what it is) instead of giving wrong scores.
+    """
+    try:
+        data = read_bytes(url, storage_options)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"bank file {url}{label} listed in the manifest is missing") from None
+    if sha256 is not None:
+        got = hashlib.sha256(data).hexdigest()
+        if got != sha256:
+            raise ValueError(f"bank file {url}{label} is corrupt or was replaced: sha256 {got} != {sha256} "
+                             "recorded in the manifest")
+    return data
 
 
 def load_shard(
@@ -78,21 +98,10 @@ def load_shard(
     if missing or not level_files or [i for i, _ in level_files] != list(range(len(level_files))):
         raise ValueError(f"manifest entry of shard {entry.name!r} lists files {sorted(files)}; "
                          f"expected {list(_REQUIRED_FILES)} + level0.npy, level1.npy, ...")
-    shard_url = join(bank_root, _safe_relpath(entry.path))
+    shard_url = join(bank_root, manifest_relpath(entry.path, "shard"))
 
     def fetch(file_name: str) -> bytes:
-        url = join(shard_url, file_name)
-        try:
-            data = read_bytes(url, storage_options)
-        except FileNotFoundError:
-            raise FileNotFoundError(f"bank file {url} listed in the manifest is missing") from None
-        if verify:
-            got = hashlib.sha256(data).hexdigest()
-            if got != files[file_name]:
-                raise ValueError(
-                    f"bank file {url} is corrupt or was replaced: sha256 {got} != {files[file_name]} recorded in the manifest"
-                )
-        return data
+        return read_manifest_file(join(shard_url, file_name), files[file_name] if verify else None, storage_options)
 
     def load_npy(file_name: str) -> np.ndarray:
         try:
