@@ -25,6 +25,7 @@ from typing import Any
 from spade_ray.apps.cli_parser import build_parser
 from spade_ray.apps.config_file import parse_args
 from spade_ray.apps.logs import configure_logging, fields, get_logger
+from spade_ray.apps.stderr_filter import filtered_stderr
 from spade_ray.errors import error_message
 from spade_ray.method.config import METHODS
 from spade_ray.progress import Progress, terminal_progress
@@ -226,7 +227,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(build_parser(), argv)
     log = configure_logging(args.log_format)
     try:
-        return COMMANDS[args.command](args)
+        with filtered_stderr():  # Ray Data's harmless core-worker ERROR line, and only that, never reaches a person
+            return COMMANDS[args.command](args)
     except KeyboardInterrupt:
         log.error("spade-ray: interrupted", **fields(stage=args.command))
         return 130
