@@ -222,10 +222,19 @@ COMMANDS = {"bench": _cmd_bench, "demo": _cmd_demo, "evaluate": _cmd_evaluate, "
             "build-bank": _cmd_build_bank, "score": _cmd_score}
 
 
+def _use_storage_retry(args: argparse.Namespace) -> None:
+    """The command's retry policy for this process and (through the environment) for the Ray workers it starts."""
+    from spade_ray.storage.retry import StorageRetry, use_retry
+
+    if getattr(args, "storage_retries", None) is not None:
+        use_retry(StorageRetry(retries=args.storage_retries, seconds=args.storage_retry_seconds))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(build_parser(), argv)
     log = configure_logging(args.log_format)
     try:
+        _use_storage_retry(args)
         return COMMANDS[args.command](args)
     except KeyboardInterrupt:
         log.error("spade-ray: interrupted", **fields(stage=args.command))
