@@ -17,12 +17,15 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from PIL import Image
 
+from spade_ray.storage.results import read_results
+from spade_ray.storage.urls import read_bytes
 from spade_ray.testing.s3server import S3Server
 from spade_ray.testing.tcpproxy import FaultProxy
 
@@ -63,8 +66,6 @@ class ScoreRun:
 
 def result_rows(server: S3Server, output: str) -> list[dict[str, Any]]:
     """Every committed row, read past the proxy (what is really in the store)."""
-    from spade_ray.storage.results import read_results
-
     return read_results(output, storage_options=server.storage_options).to_pylist()
 
 
@@ -88,11 +89,10 @@ def summary_of(records: list[dict[str, Any]]) -> dict[str, Any]:
 
 def assert_rows_point_at_whole_objects(server: S3Server, rows: list[dict[str, Any]]) -> None:
     """Each committed row's mask, heatmap and overlay exist, whole (they decode)."""
-    fs = server.filesystem()
     for row in rows:
         for column in ("mask_uri", "heatmap_uri", "overlay_uri"):
             if row[column]:
-                Image.open(io.BytesIO(fs.cat_file(row[column]))).load()
+                Image.open(io.BytesIO(read_bytes(row[column], server.storage_options))).load()
 
 
 def assert_one_ok_row_per_image(rows: list[dict[str, Any]]) -> None:
@@ -126,13 +126,12 @@ def test_a_long_outage_fails_the_job_clearly_and_the_rerun_completes(small_bank,
     wait_for_first_commit(s3_server, output, run)
     fault_proxy.set_down(True)
     try:
-        code, _, err = run.wait()
+        code, records, err = run.wait()
     finally:
         fault_proxy.set_down(False)
     assert code == 1, err
-    last = err.strip().splitlines()[-1]
-    assert last.startswith("spade-ray score: error: "), err[-3000:]
-    assert "storage unavailable: s3://" in last and "--storage-retries 3" in last, last
+    [line] = [r["message"] for r in records if r["message"].startswith("spade-ray score: error: ")]
+    assert "storage unavailable: s3://" in line and "--storage-retries 3" in line, line
     rows = result_rows(s3_server, output)
     assert 0 < len(rows) < N_IMAGES  # committed batches stay; the rest have no row, not an error row
     assert all(r["status"] == "ok" for r in rows)
@@ -159,3 +158,38 @@ def test_throttling_costs_retries_never_a_row(small_bank, inputs, s3_server, s3_
     # every 503 the job's own reads and writes met was retried and counted (listings retry in the client)
     assert 0 < summary["storage_retries"] <= throttled
     assert_one_ok_row_per_image(result_rows(s3_server, output))
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A 1 MiB tmpfs: an output disk that fills up mid-run (needs the right to mount; skips without it)."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    made = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)], capture_output=True, text=True)
+    if made.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here: {made.stderr.strip()}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", str(mount)], check=True)
+
+
+def test_a_full_output_disk_fails_the_job_naming_the_output_and_the_rerun_completes(small_bank, inputs, s3_server,
+                                                                                    fault_proxy, small_disk) -> None:
+    output = str(small_disk / "out")
+    code, records, err = ScoreRun(inputs, small_bank["bank"], output, s3_server, fault_proxy).wait()
+    assert code == 1, err
+    [line] = [r["message"] for r in records if r["message"].startswith("spade-ray score: error: ")]
+    assert f"cannot write the output {output}: " in line and "No space left on device" in line, line
+    rows = read_results(output).to_pylist()
+    assert 0 < len(rows) < N_IMAGES and all(r["status"] == "ok" for r in rows)
+    assert_rows_point_at_whole_objects(s3_server, rows)
+    assert not list(small_disk.rglob("*.tmp-*"))  # no half-written file left behind
+
+    subprocess.run(["mount", "-o", "remount,size=64m", str(small_disk)], check=True)  # the operator frees space
+    code, records, err = ScoreRun(inputs, small_bank["bank"], output, s3_server, fault_proxy).wait()
+    assert code == 0, err
+    assert summary_of(records)["skipped"] == len(rows)
+    rows = read_results(output).to_pylist()
+    assert_one_ok_row_per_image(rows)
+    assert_rows_point_at_whole_objects(s3_server, rows)
