@@ -187,8 +187,8 @@ def _add_storage_retry(parser: argparse.ArgumentParser) -> None:
                         f"503 SlowDown), with backoff doubling from {default.backoff:g}s to {default.max_backoff:g}s "
                         f"(default {default.retries}); after them the job stops with exit 1 and the rerun resumes")
     parser.add_argument("--storage-retry-seconds", type=_non_negative(float), default=default.seconds, metavar="S",
-                        help=f"time one read or write may keep retrying (default {default.seconds:g}: an outage of "
-                        "about a minute and a half is ridden out)")
+                        help=f"time one read or write may keep retrying (default {default.seconds:g}; with the "
+                        "default retries an outage of up to a minute is always ridden out)")
 
 
 def _add_demo_command(sub: argparse._SubParsersAction) -> None:

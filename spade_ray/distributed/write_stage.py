@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from spade_ray.distributed.decode_stage import batch_retries
 from spade_ray.storage.results import batch_name, write_results
 from spade_ray.storage.retry import OutputWriteError, retries_so_far
 from spade_ray.storage.urls import write_many
@@ -43,9 +44,8 @@ class WriteResults:
             write_results(self.output, rows, batch_name(self.run_id, [r["image_id"] for r in rows]), self.storage_options)
         except Exception as exc:
             raise OutputWriteError(self.output, exc) from exc
-        retries = np.zeros(len(rows), dtype=np.int64) if "storage_retries" not in batch else batch["storage_retries"].copy()
-        if len(rows):
-            retries[0] += retries_so_far() - retries_before
+        retries = batch["storage_retries"].copy() if "storage_retries" in batch else batch_retries(len(rows), 0)
+        retries[:1] += retries_so_far() - retries_before
         out = {"image_id": batch["image_id"], "status": np.array([r["status"] for r in rows], dtype=object),
                "error": np.array([r["error"] or "" for r in rows], dtype=object), "storage_retries": retries}
         if "device" in batch:

@@ -45,15 +45,16 @@ T = TypeVar("T")
 class StorageRetry:
     """How long one read or write keeps trying through transient failures.
 
-    The defaults ride out an outage of about a minute and a half (a store restarting, a
-    load balancer failing over) and give up within ``seconds`` on one that lasts: a night's job
-    should wait for a blip but fail clearly, not hang, when the store is really gone.  The delay
-    doubles from ``backoff`` up to ``max_backoff``, each drawn between half and all of that
-    (jitter), so the many workers of a job do not come back at the same instant.  The timeouts
-    bound one attempt: a store that accepts connections but never answers is a failure too.
+    The defaults always ride out an outage of a minute (a store restarting, a load balancer
+    failing over: the twelve waits add up to at least 60 s, jitter at its shortest) and give up
+    after ``seconds`` on one that lasts: a night's job should wait for a blip but fail clearly,
+    not hang, when the store is really gone.  The delay doubles from ``backoff`` up to
+    ``max_backoff``, each drawn between half and all of that (jitter), so the many workers of a
+    job do not come back at the same instant.  The timeouts bound one attempt: a store that
+    accepts connections but never answers is a failure too.
     """
 
-    retries: int = 10
+    retries: int = 12
     seconds: float = 120.0
     backoff: float = 0.5
     max_backoff: float = 15.0
