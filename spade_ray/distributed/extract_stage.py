@@ -62,7 +62,7 @@ class ExtractFeatures:
         try:
             write_feature_shard(url, table, self.storage_options)
         except Exception as exc:  # the output's problem (full, denied, store gone), not the images'
-            raise OutputWriteError(self.output, exc) from exc
+            raise OutputWriteError.of(self.output, exc) from exc
         retries = batch["storage_retries"].copy() if "storage_retries" in batch else batch_retries(len(ids), 0)
         retries[:1] += retries_so_far() - retries_before
         return {"image_id": batch["image_id"], "status": batch["status"], "error": batch["error"],

@@ -43,7 +43,7 @@ class WriteResults:
                         for url, data in zip(urls, datas)}, self.storage_options)
             write_results(self.output, rows, batch_name(self.run_id, [r["image_id"] for r in rows]), self.storage_options)
         except Exception as exc:
-            raise OutputWriteError(self.output, exc) from exc
+            raise OutputWriteError.of(self.output, exc) from exc
         retries = batch["storage_retries"].copy() if "storage_retries" in batch else batch_retries(len(rows), 0)
         retries[:1] += retries_so_far() - retries_before
         out = {"image_id": batch["image_id"], "status": np.array([r["status"] for r in rows], dtype=object),

@@ -101,23 +101,26 @@ def use_retry(policy: StorageRetry) -> None:
     os.environ.update(policy.env())
 
 
-class StorageUnavailableError(RuntimeError):
-    """A read or write that kept failing transiently until the retry budget was spent."""
+class StorageUnavailableError(OSError):
+    """A read or write that kept failing transiently until the retry budget was spent (an I/O error, retried already).
 
-    def __init__(self, url: str, cause: BaseException, attempts: int, seconds: float, policy: StorageRetry) -> None:
-        super().__init__(f"storage unavailable: {url}: {error_reason(cause)} (still failing after {attempts} attempts "
-                         f"in {seconds:.0f}s; --storage-retries {policy.retries}, --storage-retry-seconds "
-                         f"{policy.seconds:g})")
-        self.url = url
+    Built from its message alone (see :meth:`after`), so it survives the trip from a Ray worker to the driver.
+    """
+
+    @classmethod
+    def after(cls, url: str, cause: BaseException, attempts: int, seconds: float,
+              policy: StorageRetry) -> StorageUnavailableError:
+        return cls(f"storage unavailable: {url}: {error_reason(cause)} (still failing after {attempts} attempts "
+                   f"in {seconds:.0f}s; --storage-retries {policy.retries}, --storage-retry-seconds {policy.seconds:g})")
 
 
-class OutputWriteError(RuntimeError):
-    """A job's output could not be written (store gone, disk full, write denied)."""
+class OutputWriteError(OSError):
+    """A job's output could not be written (store gone, disk full, write denied); built from its message alone."""
 
-    def __init__(self, output: str, cause: BaseException) -> None:
+    @classmethod
+    def of(cls, output: str, cause: BaseException) -> OutputWriteError:
         reason = str(cause) if isinstance(cause, StorageUnavailableError) else error_reason(cause)
-        super().__init__(f"cannot write the output {output}: {reason}")
-        self.output = output
+        return cls(f"cannot write the output {output}: {reason}")
 
 
 # errno values of a transient failure: the store or the network, not the request
@@ -204,7 +207,7 @@ def with_retries(fn: Callable[[], T], url: str, policy: StorageRetry | None = No
             delay = next(delays, None)
             elapsed = time.monotonic() - start
             if delay is None or elapsed + delay > policy.seconds:
-                raise StorageUnavailableError(url, exc, attempts, elapsed, policy) from exc
+                raise StorageUnavailableError.after(url, exc, attempts, elapsed, policy) from exc
         _counted()
         time.sleep(delay)
 
