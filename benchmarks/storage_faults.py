@@ -94,31 +94,39 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=200)
     parser.add_argument("--outage", type=float, default=10.0)
+    parser.add_argument("--reads-only", action="store_true", help="only the single-read outages (no Ray)")
     parser.add_argument("--json", help="write the figures here")
     args = parser.parse_args()
-    result: dict[str, Any] = {"images": args.images}
+    result: dict[str, Any] = {}
     with tempfile.TemporaryDirectory() as tmp, run_s3_server(Path(tmp) / "s3") as server, \
             FaultProxy(server.endpoint_url) as proxy:
-        dataset, bank = build_bank(Path(tmp))
         bucket = server.make_bucket()
-        sources = sorted((dataset / "test").glob("*/*.png"))
-        server.filesystem().pipe({f"{bucket}/in/{n:04d}.png": sources[n % len(sources)].read_bytes()
-                                  for n in range(args.images)})
-        inputs = f"s3://{bucket}/in"
-        result["undisturbed"] = score(inputs, bank, f"s3://{bucket}/a", server, proxy)
-        out = f"s3://{bucket}/b"
-        result[f"outage_{args.outage:g}s"] = score(inputs, bank, out, server, proxy,
-                                                   after_first_commit(server, out, lambda: proxy.outage(args.outage)))
-        proxy.reset_counts()
-        proxy.throttle(0.3)
-        result["throttle_30pct"] = {**score(inputs, bank, f"s3://{bucket}/c", server, proxy),
-                                    "throttled_requests": proxy.counts().throttled,
-                                    "requests": sum(proxy.counts().by_kind.values())}
-        proxy.throttle(0.0)
+        if not args.reads_only:
+            result.update(jobs(Path(tmp), server, proxy, bucket, args.images, args.outage))
         result["single_read"] = [single_read_through(server, proxy, bucket, s) for s in (10.0, 30.0, 60.0)]
     print(json.dumps(result, indent=2))
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+
+
+def jobs(tmp: Path, server: S3Server, proxy: FaultProxy, bucket: str, images: int, outage: float) -> dict[str, Any]:
+    """The score job undisturbed, through an outage after its first commit, and throttled."""
+    result: dict[str, Any] = {"images": images}
+    dataset, bank = build_bank(tmp)
+    sources = sorted((dataset / "test").glob("*/*.png"))
+    server.filesystem().pipe({f"{bucket}/in/{n:04d}.png": sources[n % len(sources)].read_bytes() for n in range(images)})
+    inputs = f"s3://{bucket}/in"
+    result["undisturbed"] = score(inputs, bank, f"s3://{bucket}/a", server, proxy)
+    out = f"s3://{bucket}/b"
+    result[f"outage_{outage:g}s"] = score(inputs, bank, out, server, proxy,
+                                          after_first_commit(server, out, lambda: proxy.outage(outage)))
+    proxy.reset_counts()
+    proxy.throttle(0.3)
+    result["throttle_30pct"] = {**score(inputs, bank, f"s3://{bucket}/c", server, proxy),
+                                "throttled_requests": proxy.counts().throttled,
+                                "requests": sum(proxy.counts().by_kind.values())}
+    proxy.throttle(0.0)
+    return result
 
 
 if __name__ == "__main__":

@@ -9,7 +9,10 @@ the fault proxy, whose latency is raised while the build runs.
 
 from __future__ import annotations
 
+import os
 import shutil
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -19,7 +22,6 @@ import ray
 
 from spade_ray.bank.shard_loader import load_shard
 from spade_ray.bank.store import MANIFEST, open_bank
-from spade_ray.distributed.build_bank_job import run_build_bank
 from spade_ray.distributed.score_job import run_score
 from spade_ray.storage.results import read_results
 from spade_ray.testing.s3server import S3Server
@@ -27,7 +29,7 @@ from spade_ray.testing.tcpproxy import FaultProxy
 
 pytestmark = pytest.mark.timeout(600)
 
-N_IMAGES = 16
+N_IMAGES = 24
 BATCH = 2
 SETTINGS = {"image_k": 2, "pixel_k": 3, "kappa": 1}
 
@@ -84,10 +86,20 @@ class VersionWatcher:
             except Exception as exc:  # noqa: BLE001 - reported by the test
                 self.failures.append(f"v{manifest.version}: {exc}")
             self.seen.append(manifest.version)
+            time.sleep(0.05)
 
     def close(self) -> None:
         self.stop.set()
         self.thread.join(60)
+
+
+def build_new_version(features: Path, bank: Path) -> subprocess.CompletedProcess:
+    """``spade-ray build-bank FEATURES --add-to BANK`` in a subprocess (its own local Ray)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_MODE")}
+    settings = [f"--{name.replace('_', '-')}={value}" for name, value in SETTINGS.items()]
+    return subprocess.run([sys.executable, "-m", "spade_ray.apps.cli", "build-bank", str(features), "--add-to", str(bank),
+                           "--calibration-samples", "4", *settings, "--quiet"], capture_output=True, text=True,
+                          env=env, timeout=400)
 
 
 def many_images(small_bank: dict, root: Path) -> Path:
@@ -115,10 +127,11 @@ def test_a_running_job_keeps_its_version_and_a_new_job_takes_the_new_one(small_b
     while not read_results(output, ["image_id"], s3_server.storage_options).num_rows:
         assert job.thread.is_alive() and time.time() < deadline, job.error
         time.sleep(0.1)
-    fault_proxy.latency_ms = 1500  # every write now takes seconds: the job stays mid-run through the build
+    fault_proxy.latency_ms = 4000  # every write now takes many seconds: the job stays mid-run through the build
     watcher = VersionWatcher(bank)
     try:
-        build = run_build_bank(str(features), None, add_to=str(bank), calibration_samples=4, **SETTINGS)
+        build = build_new_version(features, bank)  # as an operator would: another command, its own Ray
+        assert build.returncode == 0, build.stderr
         assert job.thread.is_alive()  # the build finished while the job was still scoring
         time.sleep(0.5)  # let the watcher open the finished v0002 too
     finally:
@@ -126,7 +139,7 @@ def test_a_running_job_keeps_its_version_and_a_new_job_takes_the_new_one(small_b
         fault_proxy.latency_ms = 0
     summary = job.join(300)
 
-    assert build.extra["version"] == "v0002"
+    assert (bank / "v0002" / MANIFEST).is_file()
     assert not watcher.failures, watcher.failures
     assert set(watcher.seen) <= {1, 2} and watcher.seen[0] == 1 and watcher.seen[-1] == 2
     assert watcher.seen == sorted(watcher.seen)  # once v0002 was served, never v0001 again
