@@ -9,10 +9,7 @@ the fault proxy, whose latency is raised while the build runs.
 
 from __future__ import annotations
 
-import os
 import shutil
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -22,6 +19,8 @@ import ray
 
 from spade_ray.bank.shard_loader import load_shard
 from spade_ray.bank.store import MANIFEST, open_bank
+from spade_ray.distributed.build_bank_job import run_build_bank
+from spade_ray.distributed.runtime import init_ray
 from spade_ray.distributed.score_job import run_score
 from spade_ray.storage.results import read_results
 from spade_ray.testing.s3server import S3Server
@@ -36,6 +35,9 @@ SETTINGS = {"image_k": 2, "pixel_k": 3, "kappa": 1}
 
 @pytest.fixture(scope="module", autouse=True)
 def _own_ray():
+    """One Ray for the module, with room for a score job and a build at once (as a cluster would have)."""
+    ray.shutdown()
+    init_ray(num_cpus=8)
     yield
     ray.shutdown()
 
@@ -93,15 +95,6 @@ class VersionWatcher:
         self.thread.join(60)
 
 
-def build_new_version(features: Path, bank: Path) -> subprocess.CompletedProcess:
-    """``spade-ray build-bank FEATURES --add-to BANK`` in a subprocess (its own local Ray)."""
-    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_MODE")}
-    settings = [f"--{name.replace('_', '-')}={value}" for name, value in SETTINGS.items()]
-    return subprocess.run([sys.executable, "-m", "spade_ray.apps.cli", "build-bank", str(features), "--add-to", str(bank),
-                           "--calibration-samples", "4", *settings, "--quiet"], capture_output=True, text=True,
-                          env=env, timeout=400)
-
-
 def many_images(small_bank: dict, root: Path) -> Path:
     sources = sorted((small_bank["dataset"] / "test").glob("*/*.png"))
     for n in range(N_IMAGES):
@@ -130,14 +123,15 @@ def test_a_running_job_keeps_its_version_and_a_new_job_takes_the_new_one(small_b
     fault_proxy.latency_ms = 4000  # every write now takes many seconds: the job stays mid-run through the build
     watcher = VersionWatcher(bank)
     try:
-        build = build_new_version(features, bank)  # as an operator would: another command, its own Ray
-        assert build.returncode == 0, build.stderr
-        assert job.thread.is_alive()  # the build finished while the job was still scoring
+        build = run_build_bank(str(features), None, add_to=str(bank), calibration_samples=4, **SETTINGS)
+        still_scoring = job.thread.is_alive()
         time.sleep(0.5)  # let the watcher open the finished v0002 too
     finally:
         watcher.close()
         fault_proxy.latency_ms = 0
-    summary = job.join(300)
+    summary = job.join(300)  # before any assertion: the job's thread must not outlive the test's Ray
+    assert build.extra["version"] == "v0002"
+    assert still_scoring  # the build finished while the job was still scoring
 
     assert (bank / "v0002" / MANIFEST).is_file()
     assert not watcher.failures, watcher.failures
