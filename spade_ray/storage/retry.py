@@ -247,8 +247,19 @@ def find_storage_failure(exc: BaseException) -> StorageUnavailableError | Output
             continue
         seen.add(id(current))
         if isinstance(current, (StorageUnavailableError, OutputWriteError)):
-            inner = getattr(current, "cause", None)  # Ray's wrapper is an instance too; its message is a traceback
-            return inner if isinstance(inner, (StorageUnavailableError, OutputWriteError)) else current
+            return _clean(current)
         stack.extend(e for e in (current.__cause__, current.__context__, getattr(current, "cause", None))
                      if isinstance(e, BaseException))
     return None
+
+
+_MARKERS = {OutputWriteError: "cannot write the output ", StorageUnavailableError: "storage unavailable: "}
+
+
+def _clean(exc: StorageUnavailableError | OutputWriteError) -> StorageUnavailableError | OutputWriteError:
+    """The failure with its own message: Ray's wrapper is an instance of it too, whose message is a traceback."""
+    for cls, marker in _MARKERS.items():
+        if isinstance(exc, cls):
+            lines = [line for line in str(exc).splitlines() if marker in line]
+            return cls(lines[-1][lines[-1].index(marker):]) if lines else exc
+    return exc
