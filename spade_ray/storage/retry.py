@@ -250,6 +250,16 @@ def find_storage_failure(exc: BaseException) -> StorageUnavailableError | Output
             return _clean(current)
         stack.extend(e for e in (current.__cause__, current.__context__, getattr(current, "cause", None))
                      if isinstance(e, BaseException))
+    return _from_text(exc)
+
+
+def _from_text(exc: BaseException) -> StorageUnavailableError | OutputWriteError | None:
+    """The failure named in ``exc``'s text: Ray may hand back only the remote traceback, not the exception."""
+    text = str(exc)
+    for cls, marker in _MARKERS.items():
+        lines = [line for line in text.splitlines() if marker in line]
+        if lines:
+            return cls(lines[-1][lines[-1].index(marker):])
     return None
 
 
