@@ -242,7 +242,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as exc:  # one-line reason, no traceback, for operators and CI logs
         if os.environ.get("SPADE_RAY_DEBUG"):
             raise
-        reason = error_message(exc)
+        from spade_ray.storage.retry import find_storage_failure
+
+        reason = error_message(find_storage_failure(exc) or exc)  # a storage failure in a worker: its own line
         log.error(f"spade-ray {args.command}: error: {reason}", **fields(stage=args.command, reason=reason))
         return 1
 
