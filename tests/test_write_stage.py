@@ -37,7 +37,7 @@ def test_no_row_is_committed_when_an_artifact_cannot_be_stored(tmp_path) -> None
     blocker = tmp_path / "blocker"
     blocker.write_text("a file where the masks' folder should be: every mask write fails, even as root")
     writer = WriteResults(str(tmp_path / "out"), "run1")
-    with pytest.raises(OSError):
+    with pytest.raises(OSError, match=f"cannot write the output {tmp_path / 'out'}: "):  # it names the output
         writer(_batch(str(blocker)))
     assert read_results(str(tmp_path / "out")).num_rows == 0  # the rerun scores both images again
 

@@ -223,10 +223,19 @@ COMMANDS = {"bench": _cmd_bench, "demo": _cmd_demo, "evaluate": _cmd_evaluate, "
             "build-bank": _cmd_build_bank, "score": _cmd_score}
 
 
+def _use_storage_retry(args: argparse.Namespace) -> None:
+    """The command's retry policy for this process and (through the environment) for the Ray workers it starts."""
+    from spade_ray.storage.retry import StorageRetry, use_retry
+
+    if getattr(args, "storage_retries", None) is not None:
+        use_retry(StorageRetry(retries=args.storage_retries, seconds=args.storage_retry_seconds))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(build_parser(), argv)
     log = configure_logging(args.log_format)
     try:
+        _use_storage_retry(args)
         with filtered_stderr():  # Ray Data's harmless core-worker ERROR line, and only that, never reaches a person
             return COMMANDS[args.command](args)
     except KeyboardInterrupt:
@@ -235,7 +244,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as exc:  # one-line reason, no traceback, for operators and CI logs
         if os.environ.get("SPADE_RAY_DEBUG"):
             raise
-        reason = error_message(exc)
+        from spade_ray.storage.retry import find_storage_failure
+
+        reason = error_message(find_storage_failure(exc) or exc)  # a storage failure in a worker: its own line
         log.error(f"spade-ray {args.command}: error: {reason}", **fields(stage=args.command, reason=reason))
         return 1
 

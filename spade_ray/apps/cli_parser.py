@@ -19,6 +19,7 @@ from spade_ray.method.preprocess import PROTOCOLS
 from spade_ray.report.report import DEFAULT_REPORT_TOP
 from spade_ray.storage.artifacts import ARTIFACT_KINDS, VISUALS
 from spade_ray.storage.images import DEFAULT_MAX_PIXELS
+from spade_ray.storage.retry import StorageRetry
 
 __all__ = ["build_parser"]
 
@@ -165,7 +166,29 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
                         help="JSON object passed to fsspec for every URL (e.g. S3 endpoint). Never logged or "
                         "written; still, prefer AWS_*/GOOGLE_* variables or config files for secrets: a command "
                         "line is visible to every user of the machine")
+    _add_storage_retry(parser)
     _add_output_options(parser)
+
+
+def _non_negative(kind: type) -> object:
+    def parse(text: str) -> int | float:
+        value = kind(text)
+        if value < 0:
+            raise argparse.ArgumentTypeError(f"must be >= 0; got {text}")
+        return value
+    return parse
+
+
+def _add_storage_retry(parser: argparse.ArgumentParser) -> None:
+    """How long reads and writes ride out a storage outage or throttling (docs/operations.md)."""
+    default = StorageRetry()
+    parser.add_argument("--storage-retries", type=_non_negative(int), default=default.retries, metavar="N",
+                        help="retries of a read or write that failed transiently (store unreachable, timeout, 5xx, "
+                        f"503 SlowDown), with backoff doubling from {default.backoff:g}s to {default.max_backoff:g}s "
+                        f"(default {default.retries}); after them the job stops with exit 1 and the rerun resumes")
+    parser.add_argument("--storage-retry-seconds", type=_non_negative(float), default=default.seconds, metavar="S",
+                        help=f"time one read or write may keep retrying (default {default.seconds:g}; with the "
+                        "default retries an outage of up to a minute is always ridden out)")
 
 
 def _add_demo_command(sub: argparse._SubParsersAction) -> None:

@@ -7,7 +7,12 @@ encoded file travels on with the batch (compressed, as stored) so the scorer nev
 again; decoded full-size frames never enter the object store.
 
 A bad image never fails its batch: it becomes a row with ``status="error"`` and a reason naming
-the input, carried through to the job's results, so every input ends with exactly one row.
+the input, carried through to the job's results, so every input ends with exactly one row.  A
+store that stays unreachable or throttling past the retry budget
+(:class:`~spade_ray.storage.retry.StorageUnavailableError`) is no fact about an image, so it fails
+the batch instead: the job stops, the batch has no row, and the rerun reads it again.
+
+Each batch carries ``storage_retries``, the retries its reads needed (on its first row), for the job's summary.
 """
 
 from __future__ import annotations
@@ -19,11 +24,20 @@ import numpy as np
 from spade_ray.errors import error_reason
 from spade_ray.method.preprocess import Preprocessor
 from spade_ray.storage.images import DEFAULT_MAX_PIXELS, decode_image
+from spade_ray.storage.retry import StorageUnavailableError, retries_so_far
 from spade_ray.storage.urls import read_many
 
-__all__ = ["Batch", "DecodeImages"]
+__all__ = ["Batch", "DecodeImages", "batch_retries"]
 
 Batch = dict[str, np.ndarray]
+
+
+def batch_retries(n: int, retries: int) -> np.ndarray:
+    """A batch's storage retries as a column (all on the first row), so they travel with its rows and add up."""
+    column = np.zeros(n, dtype=np.int64)
+    if n:
+        column[0] = retries
+    return column
 
 
 class DecodeImages:
@@ -46,7 +60,12 @@ class DecodeImages:
         error = np.full(n, "", dtype=object)
         encoded = np.full(n, b"", dtype=object)
         uris = [str(uri) for uri in batch["uri"]]
-        for i, (uri, data) in enumerate(zip(uris, read_many(uris, self.storage_options))):
+        retries_before = retries_so_far()
+        files = read_many(uris, self.storage_options)
+        unavailable = next((data for data in files if isinstance(data, StorageUnavailableError)), None)
+        if unavailable is not None:
+            raise unavailable  # the store, not the image: no row (see the module docstring)
+        for i, (uri, data) in enumerate(zip(uris, files)):
             if isinstance(data, Exception):  # unreadable: the reason names the input, whatever the store said
                 reason = error_reason(data)
                 status[i], error[i] = "error", reason if uri in reason else f"{reason} ({uri})"
@@ -59,7 +78,8 @@ class DecodeImages:
                     encoded[i] = data
             except Exception as exc:  # one bad image never kills the batch
                 status[i], error[i] = "error", error_reason(exc)
-        out = {**batch, "pixels": pixels, "height": heights, "width": widths, "status": status, "error": error}
+        out = {**batch, "pixels": pixels, "height": heights, "width": widths, "status": status, "error": error,
+               "storage_retries": batch_retries(n, retries_so_far() - retries_before)}
         if self.keep_encoded:
             out["encoded"] = encoded
         return out

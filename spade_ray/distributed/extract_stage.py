@@ -6,7 +6,7 @@ from typing import Any
 
 import numpy as np
 
-from spade_ray.distributed.decode_stage import Batch
+from spade_ray.distributed.decode_stage import Batch, batch_retries
 from spade_ray.distributed.devices import actor_device
 from spade_ray.distributed.runtime import set_worker_threads
 from spade_ray.method.backbones import load_backbone
@@ -14,6 +14,7 @@ from spade_ray.method.features import features_from_tensor
 from spade_ray.method.preprocess import Preprocessor
 from spade_ray.storage.featurestore import FeatureMeta, features_to_table, write_feature_shard
 from spade_ray.storage.results import batch_name
+from spade_ray.storage.retry import OutputWriteError, retries_so_far
 from spade_ray.storage.urls import join
 
 __all__ = ["ExtractFeatures"]
@@ -57,9 +58,15 @@ class ExtractFeatures:
             errors=[str(e) or None for e in batch["error"]], relpaths=[str(r) for r in batch["relpath"]],
         )
         url = join(self.output, batch_name(self.run_id, ids))
-        write_feature_shard(url, table, self.storage_options)
+        retries_before = retries_so_far()
+        try:
+            write_feature_shard(url, table, self.storage_options)
+        except Exception as exc:  # the output's problem (full, denied, store gone), not the images'
+            raise OutputWriteError.of(self.output, exc) from exc
+        retries = batch["storage_retries"].copy() if "storage_retries" in batch else batch_retries(len(ids), 0)
+        retries[:1] += retries_so_far() - retries_before
         return {"image_id": batch["image_id"], "status": batch["status"], "error": batch["error"],
-                "device": np.full(len(ids), self.device, dtype=object)}
+                "device": np.full(len(ids), self.device, dtype=object), "storage_retries": retries}
 
 
 def _meta_without_features(backbone: Any, preprocessor: Preprocessor) -> FeatureMeta:

@@ -8,6 +8,7 @@ import logging
 import time
 import uuid
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,6 +20,7 @@ from spade_ray.distributed.devices import cluster_gpus, count_devices
 from spade_ray.distributed.runtime import cluster_cpus, node_cpus, ray_data_output
 from spade_ray.progress import Progress, no_progress, shows_ray_data_bars
 from spade_ray.storage.outputs import output_stem
+from spade_ray.storage.retry import find_storage_failure
 from spade_ray.storage.sources import InputImage
 
 __all__ = ["DECODE_CPUS", "TASK_RETRIES", "WRITE_CPUS", "ActorPlan", "JobSummary", "new_run_id", "plan_actors", "run_pipeline"]
@@ -69,8 +71,9 @@ class JobSummary:
         flagged = f", {self.extra['anomalous']} anomalous" if "anomalous" in self.extra else ""
         devices = self.extra.get("devices") or {}
         on = f" on {', '.join(f'{kind} ({n})' for kind, n in sorted(devices.items()))}" if devices else ""
+        retries = f", {self.extra['storage_retries']} storage retries" if self.extra.get("storage_retries") else ""
         return (f"{self.job}: {self.ok} ok, {self.error} error, {self.skipped} skipped{flagged} in {self.seconds:.1f}s "
-                f"({self.images_per_second:.1f} images/s){on} -> {self.output}")
+                f"({self.images_per_second:.1f} images/s){on}{retries} -> {self.output}")
 
     def fields(self) -> dict[str, Any]:
         """The summary as flat JSON-ready fields, for structured logs."""
@@ -209,10 +212,12 @@ def run_pipeline(items: list[InputImage], decode: DecodeImages, udf: type, udf_k
     summary.extra["gpus_per_actor"] = plan.gpus_per_actor
     devices = summary.extra.setdefault("devices", {})
     try:
-        for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+        for batch in _results(ds):
             done += len(batch["image_id"])
             if "device" in batch:
                 count_devices(batch["device"], devices)
+            if "storage_retries" in batch:
+                summary.extra["storage_retries"] = summary.extra.get("storage_retries", 0) + int(batch["storage_retries"].sum())
             first = first or (time.perf_counter(), done)
             for image_id, status, error in zip(batch["image_id"], batch["status"], batch["error"]):
                 if status == "ok":
@@ -226,6 +231,21 @@ def run_pipeline(items: list[InputImage], decode: DecodeImages, udf: type, udf_k
     if first is not None:
         summary.stream_timing(first[0], first[1], time.perf_counter(), done)
     _warn_if_gpus_idle(summary, plan.gpus_per_actor, desc)
+
+
+def _results(ds: ray.data.Dataset) -> Iterator[dict[str, Any]]:
+    """The last stage's batches as they stream back; a storage failure in a worker is raised as itself.
+
+    Ray raises a worker's exception inside its own wrappers, whose first line names the task; the
+    operator needs the storage URL and what it said (:func:`~spade_ray.storage.retry.find_storage_failure`).
+    """
+    try:
+        yield from ds.iter_batches(batch_size=None, batch_format="numpy")
+    except Exception as exc:
+        failure = find_storage_failure(exc)
+        if failure is None:
+            raise
+        raise failure from None
 
 
 def _warn_if_gpus_idle(summary: JobSummary, gpus_per_actor: float, desc: str) -> None:

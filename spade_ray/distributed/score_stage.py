@@ -102,7 +102,8 @@ class ScoreImages:
             row["seconds"] = seconds
         return {"image_id": batch["image_id"], "row": np.array([json.dumps(r) for r in rows], dtype=object),
                 "file_urls": _lists([list(f) for f in files]), "file_bytes": _lists([list(f.values()) for f in files]),
-                "device": np.full(n, self.device, dtype=object)}
+                "device": np.full(n, self.device, dtype=object),
+                **({"storage_retries": batch["storage_retries"]} if "storage_retries" in batch else {})}
 
     def _score(self, batch: Batch, ok: np.ndarray, rows: list[dict[str, Any]], files: list[dict[str, bytes]]) -> None:
         query = features_from_tensor(self.backbone, self.preprocessor.normalize(batch["pixels"][ok]))

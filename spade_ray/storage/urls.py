@@ -17,6 +17,8 @@ from typing import Any
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
+from spade_ray.storage.retry import client_options, with_retries
+
 __all__ = ["MAX_IN_FLIGHT", "join", "read_bytes", "read_many", "relative", "resolve", "write_bytes", "write_many"]
 
 
@@ -63,16 +65,31 @@ def _protocol(fs: Any) -> str:
     return fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
 
 
+def _whole_file_fs(url: str, storage_options: dict[str, Any] | None) -> tuple[Any, str]:
+    """(filesystem, path) for whole-file reads and writes, whose only retries are :mod:`~spade_ray.storage.retry`'s.
+
+    The client is made with its own retries off (:func:`~spade_ray.storage.retry.client_options`);
+    s3fs's loop is a class attribute, not an option, so it is set on this instance, which fsspec
+    keeps for these options alone.
+    """
+    protocol = fsspec.core.split_protocol(url)[0] or "file"
+    fs, path = fsspec.core.url_to_fs(url, **client_options(protocol, storage_options))
+    if protocol in ("s3", "s3a"):
+        fs.retries = 1
+    return fs, path
+
+
 def read_bytes(url: str, storage_options: dict[str, Any] | None = None) -> bytes:
     """A whole file from a local path or any fsspec URL, in one request (one GET on object stores).
 
     Everything this package reads (images, masks, feature shards, result files, bank files) is read
     whole and parsed from memory, so one plain GET is the cheapest way to get it.  s3fs would first
     ask for the size with a HEAD (to split large objects into concurrent ranged GETs): a second
-    round trip for every image, so it is told to read in one request.
+    round trip for every image, so it is told to read in one request.  Transient failures are
+    retried (:func:`~spade_ray.storage.retry.with_retries`).
     """
-    fs, path = fsspec.core.url_to_fs(url, **(storage_options or {}))
-    return fs.cat_file(path, **_ONE_REQUEST.get(_protocol(fs), {}))
+    fs, path = _whole_file_fs(url, storage_options)
+    return with_retries(lambda: fs.cat_file(path, **_ONE_REQUEST.get(_protocol(fs), {})), url)
 
 
 def write_bytes(url: str, data: bytes, storage_options: dict[str, Any] | None = None) -> None:
@@ -82,17 +99,28 @@ def write_bytes(url: str, data: bytes, storage_options: dict[str, Any] | None = 
     either the old file or the whole new one, never a truncated PNG or Parquet footer; a crashed
     writer leaves at most a ``NAME.tmp-XXXXXXXX`` file locally (no reader picks it up: its name no
     longer ends in ``.parquet``, ``.json``, ...), and nothing on object stores, where an object
-    appears only when its PUT completes.
+    appears only when its PUT completes.  Transient failures are retried; a PUT retried after a
+    lost answer writes the same bytes again.
     """
-    fs, path = fsspec.core.url_to_fs(url, **(storage_options or {}))
+    fs, path = _whole_file_fs(url, storage_options)
     if _protocol(fs) in ("file", "local"):
-        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-        tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+        _write_local(path, data)
+    else:
+        with_retries(lambda: fs.pipe_file(path, data), url)
+
+
+def _write_local(path: str, data: bytes) -> None:
+    """Temp file + rename; a write that fails (disk full) removes its temp file, so nothing partial is left."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+    try:
         with open(tmp, "wb") as fh:
             fh.write(data)
         os.replace(tmp, path)
-    else:
-        fs.pipe_file(path, data)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
 
 
 # Requests one caller keeps in flight at once.  An object store answers each request after a round
