@@ -22,6 +22,7 @@ import pyarrow.parquet as pq
 import pytest
 import ray
 
+from spade_ray.apps.memseries import session_pids
 from spade_ray.distributed.preemption import EXIT_PREEMPTED, STOP_SECONDS
 from spade_ray.distributed.score_job import run_score
 from spade_ray.storage.results import read_results
@@ -62,14 +63,6 @@ def wait_for(condition, what: str, timeout: float = 180) -> None:
         time.sleep(0.05)
 
 
-def group_alive(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
-        return False
-    return True
-
-
 def test_sigterm_stops_the_driver_cleanly_and_the_rerun_finishes(small_bank, inbox, tmp_path) -> None:
     out = tmp_path / "out"
     proc = subprocess.Popen(
@@ -89,11 +82,14 @@ def test_sigterm_stops_the_driver_cleanly_and_the_rerun_finishes(small_bank, inb
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+        for pid in session_pids(proc.pid):  # Ray workers lead process groups of their own
+            os.kill(pid, signal.SIGKILL)
     assert proc.returncode == EXIT_PREEMPTED, stderr[-3000:]
     assert "spade-ray score: stopped by SIGTERM" in stderr and "run the same command again" in stderr, stderr[-3000:]
     assert took < STOP_SECONDS, f"the stop took {took:.1f} s"  # the clean path, not the watchdog
     # nothing of the job is left running: its local Ray and every actor are gone, nothing still writes
-    wait_for(lambda: not group_alive(proc.pid), "the driver's processes to exit", timeout=10)
+    # its session: the driver, its local Ray and every Ray worker (a worker may take a moment to see its raylet gone)
+    wait_for(lambda: not session_pids(proc.pid), "every process of the job to exit", timeout=15)
     files = result_files(out)
     time.sleep(1.0)
     assert result_files(out) == files

@@ -233,7 +233,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return COMMANDS[args.command](args)
     except Preempted as stop:
         log.error(f"spade-ray {args.command}: stopped by SIGTERM ({stop.seconds():.1f} s to stop): committed batches are "
-                  "kept, batches in flight were discarded; run the same command again to finish",
+                  "kept, each batch in flight was committed whole or discarded; run the same command again to finish",
                   **fields(stage=args.command, reason="SIGTERM", stop_seconds=round(stop.seconds(), 3)))
         return EXIT_PREEMPTED
     except KeyboardInterrupt:
