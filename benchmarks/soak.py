@@ -37,6 +37,7 @@ class SoakSettings:
     unique: int = 200  # distinct frames drawn by the generator; the rest are links to them
     batch_size: int = 500
     interval: float = 1.0  # seconds between memory samples
+    seed: int = 7  # of the frames' material: the bank's normal images must share it (make_bank's seed)
 
 
 def make_inbox(root: Path, images: int, unique: int, seed: int = 7) -> Path:
@@ -86,7 +87,7 @@ class CommittedRows:
 
 def run_soak(workdir: Path, bank: Path, settings: SoakSettings) -> dict:
     """Score the soak's inbox in a subprocess, sampling memory; returns the figures (and the samples)."""
-    inbox = make_inbox(workdir, settings.images, settings.unique)
+    inbox = make_inbox(workdir, settings.images, settings.unique, settings.seed)
     out = workdir / "out"
     command = [sys.executable, "-m", "spade_ray.apps.cli", "score", str(inbox), "--bank", str(bank), "--output", str(out),
                "--batch-size", str(settings.batch_size), "--visuals", "none", "--quiet", "--log-format", "json"]

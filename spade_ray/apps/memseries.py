@@ -124,19 +124,27 @@ class MemorySeries:
 
 
 def growth(samples: list[Sample], total: int) -> dict[str, dict[str, float]]:
-    """Per process kind: the peak resident MiB in the first quarter of the images and in the last, and the growth.
+    """Per process kind: peak resident MiB in the first quarter of the images and in the last, the growth,
+    and the peak once every image is committed (the driver's report).
 
     Quarters are counted in images committed, not in time, so start-up (no image yet) counts in
-    neither: memory that grows with the work done shows, a slow start does not.
+    neither, and the last quarter ends with the last row: memory that grows with the work done
+    shows, a slow start or the report's one-off read of the results does not.
     """
-    first = [s for s in samples if 0 < s.images <= total / 4]
-    last = [s for s in samples if s.images >= 3 * total / 4]
-    kinds = sorted({k for s in first + last for k in s.rss})
+    scoring = [s for s in samples if s.images < total]
+    first = [s for s in scoring if 0 < s.images <= total / 4]
+    last = [s for s in scoring if s.images >= 3 * total / 4]
+    after = [s for s in samples if s.images >= total]
+
+    def peak(group: list[Sample], kind: str) -> int:
+        return max((s.rss[kind] for s in group if kind in s.rss), default=0)
+
     out: dict[str, dict[str, float]] = {}
-    for kind in kinds:
-        a = max((s.rss[kind] for s in first if kind in s.rss), default=0)
-        b = max((s.rss[kind] for s in last if kind in s.rss), default=0)
+    for kind in sorted({k for s in first + last for k in s.rss}):
+        a, b = peak(first, kind), peak(last, kind)
         if a and b:
             out[kind] = {"first_quarter_mib": round(a / 2**20, 1), "last_quarter_mib": round(b / 2**20, 1),
                          "growth": round(b / a - 1, 4)}
+            if peak(after, kind):
+                out[kind]["after_last_row_mib"] = round(peak(after, kind) / 2**20, 1)
     return out
