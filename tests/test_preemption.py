@@ -73,7 +73,8 @@ def test_sigterm_stops_the_driver_cleanly_and_the_rerun_finishes(small_bank, inb
     )
     try:
         wait_for(lambda: len(result_files(out)) >= 1 or proc.poll() is not None, "the first committed batch")
-        assert proc.poll() is None and len(result_files(out)) < N_IMAGES // BATCH  # mid-run
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        assert len(result_files(out)) < N_IMAGES // BATCH  # mid-run
         sent = time.monotonic()
         proc.send_signal(signal.SIGTERM)  # to the driver alone, as kubelet and `ray job stop` do
         stdout, stderr = proc.communicate(timeout=STOP_SECONDS + 30)
@@ -131,10 +132,10 @@ def _hung_driver(stop_seconds: float) -> subprocess.Popen:
 
 
 def test_a_stop_that_hangs_is_ended_by_the_watchdog_with_the_same_code() -> None:
-    sent = time.monotonic()
     proc = _hung_driver(stop_seconds=1.0)
+    stopping = time.monotonic()  # the watchdog started just before: with the signal
     assert proc.wait(timeout=30) == EXIT_PREEMPTED
-    assert 1.0 <= time.monotonic() - sent < 10
+    assert time.monotonic() - stopping < 10  # the cleanup would have slept 60 s
 
 
 @pytest.mark.parametrize("second", [signal.SIGTERM, signal.SIGINT], ids=["sigterm", "sigint"])
