@@ -28,7 +28,7 @@ from spade_ray.distributed.score_job import run_score
 from spade_ray.storage.results import read_results
 from spade_ray.storage.sources import resolve_inputs
 
-pytestmark = pytest.mark.timeout(300)
+pytestmark = pytest.mark.timeout(600)  # the stopped run, then its rerun: two Ray start-ups
 
 N_IMAGES = 40
 BATCH = 2
@@ -103,7 +103,7 @@ def test_sigterm_stops_the_driver_cleanly_and_the_rerun_finishes(small_bank, inb
         assert r["status"] == "ok", r["error"]
         assert Path(r["mask_uri"].removeprefix("file://")).is_file(), r["mask_uri"]
 
-    rerun = run_score(str(inbox), str(small_bank["bank"]), str(out), batch_size=BATCH, max_actors=1)
+    rerun = run_score(str(inbox), str(small_bank["bank"]), str(out), batch_size=4 * BATCH, max_actors=1)
     assert (rerun.skipped, rerun.ok, rerun.error) == (len(rows), N_IMAGES - len(rows), 0)
     ids = read_results(str(out), ["image_id"]).column("image_id").to_pylist()
     assert sorted(ids) == sorted(it.image_id for it in resolve_inputs(str(inbox)))  # one row per image
