@@ -7,7 +7,9 @@ Exit codes (what a scheduler acts on):
 * 1 — the job could not run (bad bank, unreachable storage, ...): a one-line reason on stderr.
 * 2 — wrong arguments (argparse).
 * 3 — the job ran and wrote every row, but more images failed than ``--max-error-rate`` allows.
-* 130 — interrupted.
+* 130 — interrupted (Ctrl-C, SIGINT).
+* 143 — stopped by SIGTERM (a deleted or preempted Kubernetes job, ``ray job stop``): committed
+  batches are kept, batches in flight are discarded whole; the rerun of the same command finishes.
 
 ``--help`` on each command documents its options (they are declared in :mod:`spade_ray.apps.cli_parser`).
 """
@@ -26,6 +28,7 @@ from spade_ray.apps.cli_parser import build_parser
 from spade_ray.apps.config_file import parse_args
 from spade_ray.apps.logs import configure_logging, fields, get_logger
 from spade_ray.apps.stderr_filter import filtered_stderr
+from spade_ray.distributed.preemption import EXIT_PREEMPTED, Preempted, graceful_sigterm
 from spade_ray.errors import error_message
 from spade_ray.method.config import METHODS
 from spade_ray.progress import Progress, terminal_progress
@@ -236,8 +239,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     log = configure_logging(args.log_format)
     try:
         _use_storage_retry(args)
-        with filtered_stderr():  # Ray Data's harmless core-worker ERROR line, and only that, never reaches a person
+        # filtered_stderr: Ray Data's harmless core-worker ERROR line, and only that, never reaches a person
+        with graceful_sigterm(), filtered_stderr():
             return COMMANDS[args.command](args)
+    except Preempted as stop:
+        log.error(f"spade-ray {args.command}: stopped by SIGTERM ({stop.seconds():.1f} s to stop): committed batches are "
+                  "kept, each batch in flight was committed whole or discarded; run the same command again to finish",
+                  **fields(stage=args.command, reason="SIGTERM", stop_seconds=round(stop.seconds(), 3)))
+        return EXIT_PREEMPTED
     except KeyboardInterrupt:
         log.error("spade-ray: interrupted", **fields(stage=args.command))
         return 130

@@ -20,6 +20,7 @@ KINDS = (
     ("ScoreImages", "scorer actor"),
     ("ExtractFeatures", "extractor actor"),
     ("DecodeImages", "decode task"),
+    ("WriteResults", "writer actor"),
 )
 
 

@@ -20,6 +20,8 @@ from typing import Any
 
 import ray
 
+from spade_ray.distributed import preemption
+
 __all__ = ["FORWARDED_ENV_PREFIXES", "SECRET_ENV_MARKERS", "cluster_cpus", "forwarded_env", "init_ray",
            "node_cpus", "ray_data_output", "set_worker_threads"]
 
@@ -50,6 +52,7 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
         _start_local_ray({**kwargs, "include_dashboard": False, "num_cpus": num_cpus})
     else:
         ray.init(address=address, **kwargs)
+    preemption.rearm()  # ray.init replaced the CLI's SIGTERM handler with its own sys.exit(15)
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False  # on only for a run on a terminal (ray_data_output); bars spam logs
 

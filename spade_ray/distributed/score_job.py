@@ -5,6 +5,8 @@ from __future__ import annotations
 import time
 from typing import Any
 
+import pyarrow.compute as pc
+
 from spade_ray.bank.ignore_mask import load_ignore_mask
 from spade_ray.bank.manifest import BankManifest
 from spade_ray.bank.store import check_compatible, open_bank
@@ -26,6 +28,7 @@ from spade_ray.method.preprocess import Preprocessor
 from spade_ray.progress import Progress, no_progress
 from spade_ray.report.report import DEFAULT_REPORT_TOP, score_report, write_report
 from spade_ray.storage.artifacts import ArtifactChoice
+from spade_ray.storage.done_set import DoneSet
 from spade_ray.storage.images import DEFAULT_MAX_PIXELS
 from spade_ray.storage.outputs import unique_output_stems
 from spade_ray.storage.results import drop_error_rows, read_results, remove_results
@@ -62,24 +65,25 @@ def _open_bank(bank_url: str, storage_options: dict[str, Any] | None) -> tuple[s
 
 
 def _done_images(output: str, bank_id: str, overwrite: bool, retry_errors: bool,
-                 storage_options: dict[str, Any] | None) -> dict[str, str]:
-    """Image id -> status of the rows already in ``output`` that this run keeps (and so skips).
+                 storage_options: dict[str, Any] | None) -> DoneSet:
+    """The images with a row in ``output`` that this run keeps (and so skips), compact (10^7 rows fit).
 
     ``overwrite`` removes every result first; ``retry_errors`` drops the error rows first; results
     of another bank in the same output are refused, so it always holds one row per image.
     """
     if overwrite:
         remove_results(output, storage_options)
-        return {}
-    existing = read_results(output, ["image_id", "bank_id", "status"], storage_options).to_pylist()
-    others = {r["bank_id"] for r in existing} - {bank_id}
+        return DoneSet.empty()
+    existing = read_results(output, ["image_id", "bank_id", "status"], storage_options)
+    others = set(pc.unique(existing.column("bank_id")).to_pylist()) - {bank_id}
     if others:
-        raise ValueError(f"{output} holds results scored against another bank ({', '.join(sorted(others))}); "
+        raise ValueError(f"{output} holds results scored against another bank ({', '.join(sorted(map(str, others)))}); "
                          f"use --overwrite to replace them or choose another --output")
-    if retry_errors and any(r["status"] != "ok" for r in existing):
+    done = DoneSet.from_rows(existing)
+    if retry_errors and len(done.errors):
         drop_error_rows(output, storage_options)
-        existing = [r for r in existing if r["status"] == "ok"]
-    return {r["image_id"]: r["status"] for r in existing}
+        done = DoneSet.from_rows(existing.filter(pc.equal(existing.column("status"), "ok")))
+    return done
 
 
 def _decision(served: ServedBank | None, config: SpadeConfig, calibration: Calibration | None, threshold: float | None,
@@ -160,10 +164,10 @@ def run_score(source: str, bank_url: str, output: str, *, weights: str | None = 
     items = resolve_inputs(source, storage_options)
     bank_id = manifest.bank_id
     done = _done_images(output, bank_id, overwrite, retry_errors, storage_options)
-    todo = [it for it in items if it.image_id not in done]
+    ids = [it.image_id for it in items]
+    todo = [it for it, held in zip(items, done.holds(ids)) if not held]
     summary = JobSummary("score", started=start, skipped=len(items) - len(todo), output=output,
-                         skipped_error=sum(1 for it in items if done.get(it.image_id, "ok") != "ok"),
-                         extra={"bank_id": bank_id})
+                         skipped_error=done.count_errors(ids), extra={"bank_id": bank_id})
     spec = BACKBONES[config.backbone]
     pre = Preprocessor(config.image_size, config.protocol, spec.mean, spec.std)  # type: ignore[arg-type]
     recalibrate = calibration is not None and not calibration.matches(config)
