@@ -63,7 +63,7 @@ def _absolute(path: str) -> str:
     return os.path.abspath(path) + ("/" if path.endswith("/") and path != "/" else "")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Route:
     """One line of the table: images matching ``pattern`` are scored against ``bank`` with ``settings``.
 
