@@ -181,3 +181,23 @@ def test_a_routed_run_on_s3_with_the_table_on_s3(plant, ray_with_s3_env, tmp_pat
     assert summary["banks"][ids["line2"]]["recalibrated"] and not summary["banks"][ids["line1"]]["recalibrated"]
     report = fs.cat_file(f"{bucket}/scored/report.html").decode()
     assert len(re.findall('<section class="bank">', report)) == 2
+
+
+def test_the_rebuild_job_rebuilds_every_routed_bank_from_its_normals(plant, tmp_path, capsys) -> None:
+    import runpy
+
+    from spade_ray.apps.synthetic import make_synthetic_dataset
+
+    normals = {line: make_synthetic_dataset(tmp_path / line, n_train=5, n_test_good=1, n_test_per_defect=1, size=64,
+                                            seed=seed) / "train" / "good" for line, seed in (("line1", 21), ("line2", 22))}
+    rows = "".join(f"{line}/,{tmp_path}/banks/{line},{normals[line]},{tmp_path}/features/{line}\n" for line in normals)
+    (tmp_path / "routes.csv").write_text(f"match,bank,normals,features\n{rows}line9/,{plant['banks']['line1']},,\n")
+    rebuild = runpy.run_path(str(Path(__file__).resolve().parents[1] / "jobs" / "rebuild_bank.py"))
+    code = rebuild["run"](["--routes", str(tmp_path / "routes.csv"), "--image-size", "64", "--batch-size", "8",
+                           "--calibration-samples", "2", "--image-k", "2", "--pixel-k", "3", "--quiet"])
+    assert code == 0
+    for line in normals:  # each bank from its own normal images
+        root, manifest = open_bank(str(tmp_path / "banks" / line))
+        assert manifest.n_images == 5 and manifest.calibration is not None
+    assert "line9/" in capsys.readouterr().err  # a route without normals is named and left as it is
+    assert open_bank(plant["banks"]["line1"])[1].version == 1

@@ -99,3 +99,20 @@ def test_a_wrong_csv_table_or_file_is_refused_naming_it(tmp_path) -> None:
         load_routes(str(tmp_path / "missing.yaml"))
     with pytest.raises(ValueError, match="use a .yaml, .yml or .csv file"):
         load_routes(str(tmp_path / "routes.json"))
+
+
+def test_the_readme_table_reads_and_routes_as_it_says(tmp_path) -> None:
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    [example] = [b for b in re.findall(r"```yaml\n(.*?)```", readme, flags=re.S) if "routes:" in b and "bank:" in b]
+    (tmp_path / "routes.yaml").write_text(example)
+    table = load_routes(str(tmp_path / "routes.yaml"))
+    day = "s3://plant/2026-11-28"
+    assert table.route(f"{day}/line1/cam2/x.png", "line1/cam2/x.png").bank == "s3://plant/banks/line1"
+    line2 = table.route(f"{day}/line2/cam9/x.png", "line2/cam9/x.png")
+    assert line2.label == "line 2 (both cameras)" and line2.scoring() == {"pixel_k": 20} and line2.threshold == 3.5
+    top = table.route(f"{day}/line3/top/x.png", "line3/top/x.png")
+    assert top.bank == "s3://plant/banks/line3-top" and top.normals == "s3://plant/normals/line3-top"
+    assert table.route(f"{day}/line9/x.png", "line9/x.png") is None
