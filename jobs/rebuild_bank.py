@@ -27,10 +27,15 @@ from spade_ray.apps.cli import main
 
 
 def parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
+    from_env = os.environ.get("ROUTES", "").strip()
+    # With --routes on the command line there is no INPUT: without the positional, a pass-through
+    # flag's value (--calibration-samples 2) cannot be taken for it.
+    positional = not any(a == "--routes" or a.startswith("--routes=") for a in argv)
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog="Other flags pass through to `spade-ray build-bank` (e.g. --calibration-samples, "
                                      "--target-fpr, --image-k, --pixel-k, --kappa).")
-    parser.add_argument("input", nargs="?", help="folder, URL prefix, glob or list of normal images")
+    if positional:
+        parser.add_argument("input", nargs="?", help="folder, URL prefix, glob or list of normal images")
     parser.add_argument("--features", help="prefix for the Parquet feature shards")
     parser.add_argument("--routes", help="routing table (.yaml/.csv): rebuild the bank of every route with "
                         "normals and features, instead of INPUT --features --output")
@@ -49,7 +54,7 @@ def parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument("--storage-options")
     parser.add_argument("--quiet", action="store_true")
     args, extra = parser.parse_known_args(argv)
-    from_env = os.environ.get("ROUTES", "").strip()
+    args.input = getattr(args, "input", None)
     if from_env and not args.routes:  # the ConfigMap's table replaces the one-bank arguments it comes with
         args.routes, args.input, args.features, args.output, args.add_to = from_env, None, None, None, None
     if args.routes and (args.input or args.features or args.output or args.add_to):

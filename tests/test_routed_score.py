@@ -81,12 +81,17 @@ def _rows(output: str) -> list[dict]:
     return read_results(output, ["relpath", "image_id", "bank_id", "status", "error"]).to_pylist()
 
 
-def test_a_routed_run_scores_each_image_against_its_bank_and_reports_per_bank(plant, tmp_path) -> None:
-    banks, ids = plant["banks"], plant["ids"]
-    table = load_routes(str(_table(tmp_path / "routes.yaml", banks["line1"], banks["line2"])))
-    out = str(tmp_path / "out")
-    summary = run_score(str(plant["archive"]), table, out, batch_size=4)
+@pytest.fixture(scope="module")
+def routed(plant, tmp_path_factory) -> dict:
+    """The night's run: the mixed archive scored with a table routing line1 and line2 (line9 has no route)."""
+    work = tmp_path_factory.mktemp("routed")
+    table = load_routes(str(_table(work / "routes.yaml", plant["banks"]["line1"], plant["banks"]["line2"])))
+    out = work / "out"
+    return {"out": out, "summary": run_score(str(plant["archive"]), table, str(out), batch_size=4), "table": table}
 
+
+def test_a_routed_run_scores_each_image_against_its_bank_and_reports_per_bank(plant, routed) -> None:
+    ids, summary, out = plant["ids"], routed["summary"], str(routed["out"])
     assert (summary.ok, summary.error, summary.skipped) == (8, 1, 0)
     rows = _rows(out)
     assert len(rows) == 9 and len({r["image_id"] for r in rows}) == 9
@@ -103,7 +108,7 @@ def test_a_routed_run_scores_each_image_against_its_bank_and_reports_per_bank(pl
     assert {b["route"] for b in per_bank.values()} == {"line1/cam*/**", "line 2"}
     assert all(b["scored"] == 4 and b["ok"] == 4 and b["wave"] == 0 for b in per_bank.values())
 
-    html = (tmp_path / "out" / "report.html").read_text()
+    html = (routed["out"] / "report.html").read_text()
     assert html.count('<section class="bank">') == 2
     for bank_id, b in per_bank.items():  # each section shows its own bank's thresholds
         section = html.split(f"<td>bank id</td><td>{bank_id}</td>", 1)[1].split('<section class="bank">', 1)[0]
@@ -111,44 +116,30 @@ def test_a_routed_run_scores_each_image_against_its_bank_and_reports_per_bank(pl
     assert per_bank[ids["line1"]]["image_threshold"] != per_bank[ids["line2"]]["image_threshold"]
     assert "no bank for" in html and "stray.png" in html
 
-    again = run_score(str(plant["archive"]), table, out, batch_size=4)  # the rerun: everything is done
+    again = run_score(str(plant["archive"]), routed["table"], out, batch_size=4)  # the rerun: everything is done
     assert (again.ok, again.error, again.skipped, again.skipped_error) == (0, 0, 9, 1)
     assert "waves" not in again.extra and len(_rows(out)) == 9
 
 
-def test_a_rerouted_product_is_scored_again_with_its_rows_replaced(plant, tmp_path) -> None:
+def test_rerouted_products_are_scored_again_bank_by_bank_within_the_memory_budget(plant, routed, tmp_path,
+                                                                                   capsys) -> None:
+    """The products swap banks, and the budget fits one bank only: two waves, one bank each, every row replaced."""
     banks, ids = plant["banks"], plant["ids"]
     out = str(tmp_path / "out")
-    line2 = plant["archive"] / "line2"  # scored alone: the routes name full paths, not paths below the input
-
-    def table(name: str, bank: str) -> Path:
-        (tmp_path / name).write_text(f"- match: {line2}/\n  bank: {bank}\n")
-        return tmp_path / name
-
-    run_score(str(line2), load_routes(str(table("a.yaml", banks["line2"]))), out, batch_size=4)
-    assert {r["bank_id"] for r in _rows(out)} == {ids["line2"]}
-    # line 2 now goes to bank 1: its images are scored again, one row each, against bank 1
-    moved = load_routes(str(table("b.yaml", banks["line1"])))
-    summary = run_score(str(plant["archive"] / "line2"), moved, out, batch_size=4)
-    assert (summary.ok, summary.skipped) == (4, 0)
-    rows = _rows(out)
-    assert len(rows) == 4 and {r["bank_id"] for r in rows} == {ids["line1"]}
-
-
-def test_a_memory_budget_too_small_for_both_banks_serves_them_one_after_the_other(plant, tmp_path, capsys) -> None:
-    banks, ids = plant["banks"], plant["ids"]
-    sizes = [served_bytes(open_bank(url)[1]) for url in banks.values()]
-    routes = _table(tmp_path / "routes.yaml", banks["line1"], banks["line2"])
-    out = tmp_path / "out"
-    budget_gib = max(sizes) / 2**30  # each bank fits alone, both together do not
-    code = main(["score", str(plant["archive"]), "--routes", str(routes), "--output", str(out), "--batch-size", "4",
+    shutil.copytree(routed["out"], out)  # the night's output, as the run left it
+    before = {r["relpath"]: r["bank_id"] for r in _rows(out)}
+    swapped = _table(tmp_path / "swapped.yaml", banks["line2"], banks["line1"])
+    budget_gib = max(served_bytes(open_bank(url)[1]) for url in banks.values()) / 2**30  # one fits, both do not
+    code = main(["score", str(plant["archive"]), "--routes", str(swapped), "--output", out, "--batch-size", "4",
                  "--bank-memory", f"{budget_gib:.6f}", "--quiet", "--log-format", "json", "--max-error-rate", "0.5"])
     assert code == 0
     summary = json.loads([line for line in capsys.readouterr().out.splitlines() if '"waves"' in line][-1])
-    assert summary["waves"] == [[ids["line1"]], [ids["line2"]]]  # bank by bank, in table order
-    assert {b["wave"] for b in summary["banks"].values()} == {0, 1}
-    rows = _rows(str(out))
-    assert sorted(r["bank_id"] or "none" for r in rows) == sorted([ids["line1"]] * 4 + [ids["line2"]] * 4 + ["none"])
+    assert summary["waves"] == [[ids["line2"]], [ids["line1"]]]  # bank by bank, in table order
+    assert (summary["ok"], summary["skipped"]) == (8, 1)  # the unrouted image's row stays: still no route
+    rows = _rows(out)
+    assert len(rows) == 9 and len({r["image_id"] for r in rows}) == 9  # replaced, never doubled
+    other = {ids["line1"]: ids["line2"], ids["line2"]: ids["line1"], None: None}
+    assert {r["relpath"]: r["bank_id"] for r in rows} == {k: other[v] for k, v in before.items()}
 
 
 def test_a_routed_run_on_s3_with_the_table_on_s3(plant, ray_with_s3_env, tmp_path, capsys) -> None:
