@@ -24,9 +24,13 @@ from spade_ray.bank.store import open_bank
 from spade_ray.distributed.bank_plan import served_bytes
 
 
+def _images(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".bmp"))
+
+
 def _build(dataset: Path, work: Path, normals: int, image_size: int) -> str:
     listing = work / f"{dataset.name}-normals.txt"
-    listing.write_text("\n".join(str(p) for p in sorted((dataset / "train" / "good").glob("*.png"))[:normals]) + "\n")
+    listing.write_text("\n".join(str(p) for p in _images(dataset / "train" / "good")[:normals]) + "\n")
     for argv in (["extract", str(listing), "--output", str(work / f"features-{dataset.name}"),
                   "--image-size", str(image_size)],
                  ["build-bank", str(work / f"features-{dataset.name}"), "--output", str(work / f"bank-{dataset.name}"),
@@ -60,7 +64,7 @@ def main_bench(argv: list[str] | None = None) -> dict:
     args.work.mkdir(parents=True, exist_ok=True)
     banks = {d.name: _build(d, args.work, args.normals, args.image_size) for d in args.datasets}
     sizes = {name: served_bytes(open_bank(url)[1]) for name, url in banks.items()}
-    tests = {d.name: sorted((d / "test").rglob("*.png"))[:args.per_product] for d in args.datasets}
+    tests = {d.name: _images(d / "test")[:args.per_product] for d in args.datasets}
     archive = args.work / "archive.txt"
     archive.write_text("\n".join(str(p) for pair in zip(*tests.values()) for p in pair) + "\n")
     routes = args.work / "routes.yaml"

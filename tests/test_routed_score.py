@@ -190,5 +190,5 @@ def test_the_rebuild_job_rebuilds_every_routed_bank_from_its_normals(plant, tmp_
     for line in normals:  # each bank from its own normal images
         root, manifest = open_bank(str(tmp_path / "banks" / line))
         assert manifest.n_images == 5 and manifest.calibration is not None
-    assert "line9/" in capsys.readouterr().err  # a route without normals is named and left as it is
+    assert "routes.csv line 4: no normals/features" in capsys.readouterr().err  # named, and its bank left as it is
     assert open_bank(plant["banks"]["line1"])[1].version == 1
