@@ -12,6 +12,7 @@ from typing import Any
 
 import ray
 
+from spade_ray.bank.store import open_bank
 from spade_ray.distributed.bank_plan import BankPlan, done_images, pack_waves, plan_banks, route_items
 from spade_ray.distributed.decode_stage import DecodeImages
 from spade_ray.distributed.devices import gpus_per_actor as resolve_gpus
@@ -247,6 +248,8 @@ def run_score(source: str, bank: str | RoutingTable, output: str, *, weights: st
     choice = (artifacts or ArtifactChoice()).adding({"maps"} if save_maps else set())
     run = _Run(output, weights, batch_size, max_actors, choice, max_pixels, storage_options, progress, gpus_per_actor,
                shard_gpus, bank_memory)
+    if not isinstance(bank, RoutingTable):  # a wrong bank is the first error, before the inputs are listed
+        open_bank(bank, storage_options)
     items = resolve_inputs(source, storage_options)
     routed, unmatched = route_items(table, items)
     plans = plan_banks(routed, {"image_k": image_k, "pixel_k": pixel_k, "kappa": kappa, **(scoring or {})}, threshold,
