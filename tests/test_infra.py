@@ -1102,3 +1102,52 @@ def test_rayjob_entrypoints_run_end_to_end_on_a_token_auth_head(tmp_path) -> Non
             assert Path(row["heatmap_uri"]).is_file() and Path(row["heatmap_uri"]).is_relative_to(out / "heatmaps"), row
         else:
             assert row["heatmap_uri"] is None and row["overlay_uri"] is None, row
+
+
+# ----------------------------------------------------------------------------- a mixed archive: the routing table
+
+ROUTES_CONFIGMAP, ROUTES_MOUNT = "spade-ray-routes", "/etc/spade-ray/routes"
+
+
+@pytest.mark.parametrize("name", RENDERINGS)
+def test_the_routing_table_configmap_is_mounted_where_the_driver_runs(name: str, tmp_path) -> None:
+    """Both jobs' drivers run on the Ray head: the spade-ray-routes ConfigMap is mounted there, and the
+    table it ships is one `score --routes` and the rebuild read."""
+    from spade_ray.storage.routes import load_routes
+
+    docs = rendering(name)
+    table = named(docs, "ConfigMap", ROUTES_CONFIGMAP)["data"]["routes.yaml"]
+    (tmp_path / "routes.yaml").write_text(table)
+    assert all(r.bank and r.normals and r.features for r in load_routes(str(tmp_path / "routes.yaml")).routes)
+    jobs = [spec for doc in docs for spec in cluster_specs(doc) if doc["kind"] in ("RayJob", "RayCronJob")]
+    assert jobs
+    for spec in jobs:
+        pod = spec["headGroupSpec"]["template"]["spec"]
+        volume = {v["name"]: v for v in pod["volumes"]}["routes"]
+        assert volume["configMap"]["name"] == ROUTES_CONFIGMAP
+        assert {"name": "routes", "mountPath": ROUTES_MOUNT, "readOnly": True} in pod["containers"][0]["volumeMounts"]
+    assert named(docs, "ConfigMap", PARAMS)["data"]["ROUTES"] == ""  # off by default: one bank, as before
+
+
+def test_routes_in_the_configmap_turn_both_entrypoints_into_routed_runs(monkeypatch) -> None:
+    """ROUTES set: the scoring entrypoint scores with --routes in place of --bank, the rebuild rebuilds every
+    route's bank; unset, both are the one-bank jobs (test_entrypoints_expand_the_configmap_into_arguments_that_parse)."""
+    import runpy
+
+    from spade_ray.apps.cli import build_parser
+
+    eps, values = entrypoints(), params()
+    table = f"{ROUTES_MOUNT}/routes.yaml"
+    score = runpy.run_path(str(REPO / "jobs" / "score_archive.py"))
+    argv = expand(eps["jobs/score_archive.py"], {**values, "ARCHIVE_DATE": "2026-11-28", "ROUTES": table})
+    args = build_parser().parse_args(score["score_argv"](argv[1:], {"ROUTES": table}))
+    assert (args.routes, args.bank, args.input) == (table, None, f"{values['INPUT_PREFIX']}/2026-11-28/")
+    args = build_parser().parse_args(score["score_argv"](argv[1:], {"ROUTES": ""}))
+    assert (args.routes, args.bank) == (None, values["BANK"])
+
+    rebuild = runpy.run_path(str(REPO / "jobs" / "rebuild_bank.py"))
+    argv = expand(eps["jobs/rebuild_bank.py"], values)
+    monkeypatch.setenv("ROUTES", table)
+    own, extra = rebuild["parse"](argv[1:])
+    assert (own.routes, own.input, own.features, own.output) == (table, None, None, None)
+    assert own.shards == values["BANK_SHARDS"] and "--calibration-samples" in extra

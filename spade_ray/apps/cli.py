@@ -189,18 +189,36 @@ def _cmd_build_bank(args: argparse.Namespace) -> int:
 
 def _cmd_score(args: argparse.Namespace) -> int:
     from spade_ray.distributed.score_job import run_score
+    from spade_ray.storage.routes import load_routes
 
-    summary = run_score(args.input, args.bank, args.output, weights=args.weights, image_k=args.image_k,
+    storage_options = _storage_options(args.storage_options)
+    bank = load_routes(args.routes, storage_options) if args.routes else args.bank
+    summary = run_score(args.input, bank, args.output, weights=args.weights, image_k=args.image_k,
                         pixel_k=args.pixel_k, kappa=args.kappa, scoring=_scoring(args), threshold=args.threshold,
                         image_threshold=args.image_threshold, batch_size=args.batch_size, max_actors=args.max_actors,
                         overwrite=args.overwrite, retry_errors=args.retry_errors,
                         artifacts=ArtifactChoice.parse(args.write, args.visuals, args.save_maps),
-                        max_pixels=args.max_pixels, storage_options=_storage_options(args.storage_options),
+                        max_pixels=args.max_pixels, storage_options=storage_options,
                         address=args.address, progress=_progress(args), report_top=args.report_top,
-                        gpus_per_actor=args.gpus_per_actor, shard_gpus=args.shard_gpus)
+                        gpus_per_actor=args.gpus_per_actor, shard_gpus=args.shard_gpus,
+                        bank_memory=args.bank_memory * 2**30 if args.bank_memory else None)
     if args.log_format == "text":
+        if args.routes:
+            _log_banks(summary)
         get_logger().info(f"report {summary.extra['report']}")
     return _finish(summary, args.max_error_rate)
+
+
+def _log_banks(summary: Any) -> None:
+    """A routed run's line per bank (the JSON log has them in ``banks``), and the inputs no route matched."""
+    log = get_logger()
+    for bank_id, b in summary.extra.get("banks", {}).items():
+        wave = f", wave {b['wave'] + 1} of {len(summary.extra['waves'])}" if b.get("wave") is not None else ""
+        log.info(f"bank {b['route']} -> {b['bank']} ({bank_id}): {b['scored']} scored, {b['skipped']} skipped{wave}; "
+                 f"in the output {b.get('ok', 0)} ok, {b.get('error', 0)} error, {b.get('anomalous', 0)} anomalous; "
+                 f"thresholds image {b['image_threshold']:.4g}, pixel {b['pixel_threshold']:.4g}")
+    if summary.extra.get("no_bank"):
+        log.warning(f"{summary.extra['no_bank']} images matched no route: error rows 'no bank for ...'")
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:

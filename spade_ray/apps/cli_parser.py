@@ -277,7 +277,7 @@ def _add_score_command(sub: argparse._SubParsersAction) -> None:
                             "(one row per input, ok or error) and OUT/report.html. "
                             "Images already scored into OUT against the same bank are skipped.")
     parser.add_argument("input", help="folder, URL prefix, glob, or a .txt/.parquet list of image URIs")
-    parser.add_argument("--bank", required=True, help="bank folder/prefix (latest version) or a version folder BANK/vNNNN")
+    _add_bank_or_routes(parser)
     parser.add_argument("--output", required=True, help="output folder or URL prefix")
     parser.add_argument("--threshold", type=float, help="anomaly-map threshold for masks (default: the bank's calibration)")
     parser.add_argument("--image-threshold", type=float, help="image-score threshold (default: the bank's calibration)")
@@ -306,6 +306,26 @@ def _add_score_command(sub: argparse._SubParsersAction) -> None:
     _add_ray(parser)
     _add_gpus(parser, shards=True)
     _add_common(parser)
+
+
+def _gib(text: str) -> float:
+    value = float(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be > 0 GiB; got {text}")
+    return value
+
+
+def _add_bank_or_routes(parser: argparse.ArgumentParser) -> None:
+    """``score``: one bank for every image, or a routing table giving each image its bank (a mixed archive)."""
+    target = parser.add_mutually_exclusive_group(required=True)
+    target.add_argument("--bank", help="bank folder/prefix (latest version) or a version folder BANK/vNNNN")
+    target.add_argument("--routes", metavar="ROUTES",
+                        help="routing table (.yaml/.yml/.csv, local or URL): ordered routes 'match -> bank' with "
+                        "optional per-bank settings; each image is scored against the bank of the first route "
+                        "matching it, an image no route matches gets an error row (README: Many products in one run)")
+    parser.add_argument("--bank-memory", type=_gib, metavar="GiB",
+                        help="memory the served banks' shard actors may take together: routed banks are served all "
+                        "at once when they fit, otherwise in waves, bank by bank (default: half of Ray's memory)")
 
 
 def _add_bench_command(sub: argparse._SubParsersAction) -> None:

@@ -183,8 +183,9 @@ def _drop_overridden_alternatives(parser: argparse.ArgumentParser, settings: dic
     """
     options = _long_options(parser)
     for group in parser._mutually_exclusive_groups:
-        if any(_given(args, action) for action in group._group_actions):
-            settings = {k: v for k, v in settings.items() if options[k] not in group._group_actions}
+        given = [action for action in group._group_actions if _given(args, action)]
+        if given:  # the file's same option stays (checked, then overridden by the command line's)
+            settings = {k: v for k, v in settings.items() if options[k] not in group._group_actions or options[k] in given}
     return settings
 
 

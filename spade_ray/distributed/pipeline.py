@@ -177,7 +177,8 @@ def run_pipeline(items: list[InputImage], decode: DecodeImages, udf: type, udf_k
                   batch_size: int, max_actors: int | None, summary: JobSummary, progress: Progress, desc: str,
                   reserved_cpus: float = 0.0, keys: dict[str, str] | None = None,
                   write: tuple[type, dict[str, Any]] | None = None, concurrent_batches: int = 1,
-                  gpus_per_actor: float = 0.0, reserved_gpus: float = 0.0) -> None:
+                  gpus_per_actor: float = 0.0, reserved_gpus: float = 0.0,
+                  columns: dict[str, dict[str, str]] | None = None) -> None:
     """from_items -> decode (tasks) -> UDF (actor pool) [-> write (tasks)]; counts results as they stream back.
 
     ``keys`` maps image ids to their output key stems (default: :func:`output_stem` of the relpath).
@@ -185,15 +186,18 @@ def run_pipeline(items: list[InputImage], decode: DecodeImages, udf: type, udf_k
     of I/O actors of its own, so the scorers' next batch overlaps the previous one's requests.  The
     last stage returns ``image_id``, ``status``, ``error`` and ``device`` (where the UDF ran; counted
     per device kind in ``summary.extra["devices"]``).  ``gpus_per_actor`` (> 0) gives each UDF actor
-    that share of a GPU (``reserved_gpus`` are the shard actors').
+    that share of a GPU (``reserved_gpus`` are the shard actors').  ``columns``: more columns the
+    rows carry to the UDF (name -> image id -> value; e.g. ``target``, the bank a routed image goes to).
     """
     # On a terminal Ray Data draws its own bars (one per operator); otherwise it stays silent and
     # so does the driver's bar.  Set before the dataset exists: a dataset keeps the context it was made with.
     ray_bars = shows_ray_data_bars(progress)
     ray_data_output(interactive=ray_bars)
     keys = keys or {}
+    columns = columns or {}
     ds = ray.data.from_items([{"uri": it.uri, "relpath": it.relpath, "image_id": it.image_id,
-                               "key": keys.get(it.image_id) or output_stem(it.relpath)} for it in items],
+                               "key": keys.get(it.image_id) or output_stem(it.relpath),
+                               **{name: values[it.image_id] for name, values in columns.items()}} for it in items],
                              override_num_blocks=max(1, -(-len(items) // batch_size)))
     ds = _map_batches(ds, decode, batch_size=batch_size, num_cpus=DECODE_CPUS, retries={"max_retries": TASK_RETRIES})
     writer_cpus = WRITE_CPUS * _writers() if write is not None else 0.0

@@ -1,22 +1,26 @@
-"""The score job: images -> masks, heatmaps, overlays, result rows and the report, against a served bank."""
+"""The score job: images -> masks, heatmaps, overlays, result rows and the report, against each image's served bank.
+
+``score --bank`` is the one-route case of ``score --routes``: the same planning (:mod:`bank_plan`),
+the same waves of served banks, the same pipeline and writer.
+"""
 
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from typing import Any
 
-import pyarrow.compute as pc
+import ray
 
-from spade_ray.bank.ignore_mask import load_ignore_mask
-from spade_ray.bank.manifest import BankManifest
-from spade_ray.bank.store import check_compatible, open_bank
+from spade_ray.bank.store import open_bank
+from spade_ray.distributed.bank_plan import BankPlan, done_images, pack_waves, plan_banks, route_items
 from spade_ray.distributed.decode_stage import DecodeImages
 from spade_ray.distributed.devices import gpus_per_actor as resolve_gpus
 from spade_ray.distributed.devices import shard_gpus as resolve_shard_gpus
 from spade_ray.distributed.pipeline import JobSummary, new_run_id, run_pipeline
 from spade_ray.distributed.remote_bank import calibrate_served
 from spade_ray.distributed.runtime import init_ray
-from spade_ray.distributed.score_stage import ScoreImages
+from spade_ray.distributed.score_stage import ScoreImages, ScoreTarget
 from spade_ray.distributed.shard_actors import ServedBank, shard_actor_cpus, start_shard_actors
 from spade_ray.distributed.write_stage import WriteResults
 from spade_ray.method.backbones import BACKBONES
@@ -26,13 +30,14 @@ from spade_ray.method.decision import Thresholds
 from spade_ray.method.ignore import IgnoreRegion
 from spade_ray.method.preprocess import Preprocessor
 from spade_ray.progress import Progress, no_progress
-from spade_ray.report.report import DEFAULT_REPORT_TOP, score_report, write_report
+from spade_ray.report.report import DEFAULT_REPORT_TOP, Report, score_report
+from spade_ray.report.routed_report import BankSection, RoutedReport, routed_report, write_routed_report
 from spade_ray.storage.artifacts import ArtifactChoice
-from spade_ray.storage.done_set import DoneSet
 from spade_ray.storage.images import DEFAULT_MAX_PIXELS
 from spade_ray.storage.outputs import unique_output_stems
-from spade_ray.storage.results import drop_error_rows, read_results, remove_results
-from spade_ray.storage.sources import resolve_inputs
+from spade_ray.storage.results import batch_name, write_results
+from spade_ray.storage.routes import RoutingTable
+from spade_ray.storage.sources import InputImage, resolve_inputs
 from spade_ray.storage.urls import join
 
 __all__ = ["SCORER_CONCURRENT_BATCHES", "run_score"]
@@ -41,49 +46,6 @@ __all__ = ["SCORER_CONCURRENT_BATCHES", "run_score"]
 # answers, the next one's backbone runs (torch releases the GIL), so the actor's cores do not idle
 # through every round trip to the shards.
 SCORER_CONCURRENT_BATCHES = 2
-
-
-def _check_weights_on_driver(manifest: BankManifest, config: SpadeConfig, weights: str | None) -> None:
-    """Refuse a bank of another backbone or other weights before any worker starts.
-
-    The scorer actors check again (they are what really loads the weights); this check only makes
-    the common mistake one clear error.  A driver that cannot see the weights file leaves it to them.
-    """
-    from spade_ray.method.backbones import WeightsNotFoundError, file_sha256, weights_path
-
-    try:
-        sha = file_sha256(weights_path(config.backbone, weights))
-    except WeightsNotFoundError:
-        return
-    check_compatible(manifest, config.backbone, sha, config.image_size, config.protocol)
-
-
-def _open_bank(bank_url: str, storage_options: dict[str, Any] | None) -> tuple[str, BankManifest, IgnoreRegion | None]:
-    """(bank root, manifest, ignore region): the mask is read and verified once, here; the actors get the small array."""
-    bank_root, manifest = open_bank(bank_url, storage_options)
-    return bank_root, manifest, load_ignore_mask(bank_root, manifest, storage_options)
-
-
-def _done_images(output: str, bank_id: str, overwrite: bool, retry_errors: bool,
-                 storage_options: dict[str, Any] | None) -> DoneSet:
-    """The images with a row in ``output`` that this run keeps (and so skips), compact (10^7 rows fit).
-
-    ``overwrite`` removes every result first; ``retry_errors`` drops the error rows first; results
-    of another bank in the same output are refused, so it always holds one row per image.
-    """
-    if overwrite:
-        remove_results(output, storage_options)
-        return DoneSet.empty()
-    existing = read_results(output, ["image_id", "bank_id", "status"], storage_options)
-    others = set(pc.unique(existing.column("bank_id")).to_pylist()) - {bank_id}
-    if others:
-        raise ValueError(f"{output} holds results scored against another bank ({', '.join(sorted(map(str, others)))}); "
-                         f"use --overwrite to replace them or choose another --output")
-    done = DoneSet.from_rows(existing)
-    if retry_errors and len(done.errors):
-        drop_error_rows(output, storage_options)
-        done = DoneSet.from_rows(existing.filter(pc.equal(existing.column("status"), "ok")))
-    return done
 
 
 def _decision(served: ServedBank | None, config: SpadeConfig, calibration: Calibration | None, threshold: float | None,
@@ -105,93 +67,206 @@ def _decision(served: ServedBank | None, config: SpadeConfig, calibration: Calib
     return Thresholds(float(image), float(pixel)), calibration
 
 
-def _serve(bank_root: str, manifest: BankManifest, aggregate: int, storage_options: dict[str, Any] | None,
-           address: str | None, gpus_per_actor: float | None, shard_gpus: float) -> tuple[ServedBank, float, float]:
-    """Join Ray and start the bank's shard actors; returns them, the CPUs they reserve, and each scorer's GPUs.
+@dataclass(frozen=True)
+class _Run:
+    """The run-wide settings every bank of a score run shares (per-bank ones are in its :class:`BankPlan`)."""
+
+    output: str
+    weights: str | None
+    batch_size: int
+    max_actors: int | None
+    artifacts: ArtifactChoice
+    max_pixels: int
+    storage_options: dict[str, Any] | None
+    progress: Progress
+    gpus_per_actor: float | None
+    shard_gpus: float
+    bank_memory: float | None
+
+
+def default_bank_memory() -> float:
+    """Half the memory Ray may give tasks and actors: the rest is for the scorers, the decode tasks and Ray itself."""
+    return 0.5 * float(ray.cluster_resources().get("memory", 8 * 2**30))
+
+
+def _serve_wave(wave: list[BankPlan], run: _Run) -> tuple[dict[str, ServedBank], float, float]:
+    """Start the shard actors of every bank of the wave; returns them, the CPUs they reserve, and each scorer's GPUs.
 
     The GPUs are settled before any actor starts, so a request the cluster cannot meet fails in one line.
     """
-    init_ray(address)
-    n_shards = len(manifest.shards)
-    per_shard = resolve_shard_gpus(shard_gpus, n_shards)
-    scorer_gpus = resolve_gpus(gpus_per_actor, reserved=per_shard * n_shards)
+    n_shards = sum(len(plan.manifest.shards) for plan in wave)
+    per_shard = resolve_shard_gpus(run.shard_gpus, n_shards)
+    scorer_gpus = resolve_gpus(run.gpus_per_actor, reserved=per_shard * n_shards)
     cpus = shard_actor_cpus(n_shards)
-    served = start_shard_actors(bank_root, manifest, storage_options, num_cpus=cpus, aggregate=aggregate, num_gpus=per_shard)
+    served: dict[str, ServedBank] = {}
+    try:
+        for plan in wave:
+            served[plan.key] = start_shard_actors(plan.bank_root, plan.manifest, run.storage_options, num_cpus=cpus,
+                                                  aggregate=plan.config.aggregate, num_gpus=per_shard)
+    except BaseException:
+        for bank in served.values():
+            bank.shutdown()
+        raise
     return served, cpus * n_shards, scorer_gpus
 
 
-def _write_report(output: str, source: str, bank_id: str, thresholds: Thresholds, preprocessor: Preprocessor,
-                  summary: JobSummary, n_items: int, report_top: int, storage_options: dict[str, Any] | None,
-                  progress: Progress, ignore: IgnoreRegion | None) -> None:
-    """``output/report.html`` over every result row in ``output``; its URL and the anomalous count go in the summary."""
-    bar = progress(min(report_top, n_items), "report")
+Decisions = dict[str, tuple[Thresholds, Calibration | None]]
+
+
+def _score_wave(wave: list[BankPlan], run: _Run, summary: JobSummary, keys: dict[str, str], decisions: Decisions) -> None:
+    """Serve the wave's banks, decide each one's thresholds (recalibrating where settings changed), score their images."""
+    served, shard_cpus, scorer_gpus = _serve_wave(wave, run)
     try:
-        report = score_report(output, source=source, bank_id=bank_id, thresholds=thresholds, preprocessor=preprocessor,
-                              skipped=summary.skipped, top=report_top, storage_options=storage_options,
-                              progress=bar.update, ignore=ignore)
+        targets = []
+        for plan in wave:
+            decisions[plan.key] = _decision(served[plan.key], plan.config, plan.calibration, plan.threshold,
+                                            plan.image_threshold, run.batch_size, run.progress, plan.ignore)
+            thresholds, calibration = decisions[plan.key]
+            targets.append(ScoreTarget(plan.key, served[plan.key], plan.config, thresholds,
+                                       calibration.scales if calibration else None, plan.ignore))
+        todo = sorted((it for plan in wave for it in plan.todo), key=lambda it: it.uri)
+        if not todo:
+            return
+        route_of = {it.image_id: plan.key for plan in wave for it in plan.todo}
+        pre = _preprocessor(wave[0].config)
+        run_pipeline(todo, DecodeImages(pre, run.storage_options, run.max_pixels, keep_encoded=run.artifacts.may_need_images),
+                     ScoreImages, {"targets": targets, "weights": run.weights, "output": run.output,
+                                   "artifacts": run.artifacts, "max_pixels": run.max_pixels},
+                     run.batch_size, run.max_actors, summary, run.progress, "score", reserved_cpus=shard_cpus, keys=keys,
+                     write=(WriteResults, {"output": run.output, "run_id": new_run_id(),
+                                           "storage_options": run.storage_options}),
+                     concurrent_batches=SCORER_CONCURRENT_BATCHES, gpus_per_actor=scorer_gpus,
+                     reserved_gpus=sum(bank.gpus for bank in served.values()), columns={"target": route_of})
+    finally:
+        for bank in served.values():
+            bank.shutdown()
+
+
+def _preprocessor(config: SpadeConfig) -> Preprocessor:
+    spec = BACKBONES[config.backbone]
+    return Preprocessor(config.image_size, config.protocol, spec.mean, spec.std)  # type: ignore[arg-type]
+
+
+def _score_banks(plans: list[BankPlan], run: _Run, summary: JobSummary, keys: dict[str, str],
+                 address: str | None) -> Decisions:
+    """Every bank's thresholds, scoring the banks with work in waves that fit ``run.bank_memory`` (see :func:`pack_waves`)."""
+    decisions: Decisions = {}
+    if any(plan.needs_serving for plan in plans):
+        init_ray(address)
+        budget = run.bank_memory if run.bank_memory is not None else default_bank_memory()
+        waves = pack_waves(plans, budget)
+        summary.extra.update(bank_memory=budget, waves=[[plan.bank_id for plan in wave] for wave in waves])
+        for wave in waves:
+            _score_wave(wave, run, summary, keys, decisions)
+    for plan in plans:
+        if plan.key not in decisions:  # nothing to score and nothing to recalibrate: the bank's own decision
+            decisions[plan.key] = _decision(None, plan.config, plan.calibration, plan.threshold, plan.image_threshold,
+                                            run.batch_size, run.progress, plan.ignore)
+    return decisions
+
+
+def _write_unmatched(items: list[InputImage], table: RoutingTable, run: _Run, summary: JobSummary) -> None:
+    """An error row for each input no route matches ("no bank for ..."), through the result writer like any other."""
+    if not items:
+        return
+    reason = f"no route of {table.source} matches it"
+    rows = [{"uri": it.uri, "relpath": it.relpath, "image_id": it.image_id, "bank_id": None, "status": "error",
+             "error": f"no bank for {it.uri}: {reason}"} for it in items]
+    for start in range(0, len(rows), 1000):
+        part = rows[start:start + 1000]
+        write_results(run.output, part, batch_name(new_run_id(), [r["image_id"] for r in part]), run.storage_options)
+    summary.error += len(rows)
+    summary.errors.extend((r["image_id"], r["error"]) for r in rows)
+
+
+def _write_report(source: str, table: RoutingTable, plans: list[BankPlan], decisions: Decisions, summary: JobSummary,
+                  n_items: int, report_top: int, run: _Run) -> None:
+    """``output/report.html`` over every result row in ``output``: one bank's page, or a section per bank."""
+    sections = [BankSection(plan.bank_id, plan.route.label, plan.route.bank, decisions[plan.key][0],
+                            _preprocessor(plan.config), plan.ignore) for plan in plans]
+    bar = run.progress(min(report_top * max(len(plans), 1), n_items), "report")
+    try:
+        if len(plans) == 1 and not summary.extra.get("no_bank"):
+            s = sections[0]
+            report: Report | RoutedReport = score_report(
+                run.output, source=source, bank_id=s.bank_id, thresholds=s.thresholds, preprocessor=s.preprocessor,
+                skipped=summary.skipped, top=report_top, storage_options=run.storage_options, progress=bar.update,
+                ignore=s.ignore)
+        else:
+            report = routed_report(run.output, source=source, routes=table.source, sections=sections,
+                                   skipped=summary.skipped, top=report_top, storage_options=run.storage_options,
+                                   progress=bar.update)
     finally:
         bar.close()
-    summary.extra["report"] = join(output, "report.html")
+    summary.extra["report"] = join(run.output, "report.html")
     summary.extra["anomalous"] = report.counts["anomalous"]
-    write_report(summary.extra["report"], report, storage_options)
+    parts = report.sections if isinstance(report, RoutedReport) else [(sections[0], report)]
+    for section, part in parts:
+        summary.extra["banks"][section.bank_id].update({k: part.counts[k] for k in ("images", "ok", "error", "anomalous")})
+    write_routed_report(summary.extra["report"], report, run.storage_options)
 
 
-def run_score(source: str, bank_url: str, output: str, *, weights: str | None = None, image_k: int | None = None,
-              pixel_k: int | None = None, kappa: int | None = None, scoring: dict[str, Any] | None = None,
-              threshold: float | None = None, image_threshold: float | None = None, batch_size: int = 16,
-              max_actors: int | None = None, overwrite: bool = False, retry_errors: bool = False, save_maps: bool = False,
-              artifacts: ArtifactChoice | None = None, max_pixels: int = DEFAULT_MAX_PIXELS,
+def _bank_facts(plans: list[BankPlan], decisions: Decisions, summary: JobSummary) -> None:
+    """Per bank in the summary (and the JSON log line): its route, URL, what this run did, its thresholds."""
+    waves = {bank_id: i for i, wave in enumerate(summary.extra.get("waves", [])) for bank_id in wave}
+    summary.extra["banks"] = {
+        plan.bank_id: {"route": plan.route.label, "bank": plan.route.bank, "inputs": len(plan.items),
+                       "scored": len(plan.todo), "skipped": len(plan.items) - len(plan.todo),
+                       "wave": waves.get(plan.bank_id), "recalibrated": plan.recalibrate,
+                       "image_threshold": decisions[plan.key][0].image, "pixel_threshold": decisions[plan.key][0].pixel}
+        for plan in plans}
+    if len(plans) == 1:  # the one-bank run's summary, as before routing existed
+        thresholds = decisions[plans[0].key][0]
+        summary.extra.update(bank_id=plans[0].bank_id, pixel_threshold=thresholds.pixel, image_threshold=thresholds.image,
+                             recalibrated=plans[0].recalibrate)
+
+
+def run_score(source: str, bank: str | RoutingTable, output: str, *, weights: str | None = None,
+              image_k: int | None = None, pixel_k: int | None = None, kappa: int | None = None,
+              scoring: dict[str, Any] | None = None, threshold: float | None = None, image_threshold: float | None = None,
+              batch_size: int = 16, max_actors: int | None = None, overwrite: bool = False, retry_errors: bool = False,
+              save_maps: bool = False, artifacts: ArtifactChoice | None = None, max_pixels: int = DEFAULT_MAX_PIXELS,
               storage_options: dict[str, Any] | None = None, address: str | None = None, progress: Progress = no_progress,
-              report_top: int = DEFAULT_REPORT_TOP, gpus_per_actor: float | None = None,
-              shard_gpus: float = 0.0) -> JobSummary:
-    """Score every image under ``source`` against a served bank; masks, heatmaps, overlays and result rows to ``output``.
+              report_top: int = DEFAULT_REPORT_TOP, gpus_per_actor: float | None = None, shard_gpus: float = 0.0,
+              bank_memory: float | None = None) -> JobSummary:
+    """Score every image under ``source`` against its bank; masks, heatmaps, overlays and result rows to ``output``.
 
-    Images already scored into ``output`` against the same bank are skipped (``overwrite`` redoes
-    them all, ``retry_errors`` only those whose row is an error); the mask threshold defaults to
-    the bank's normal-only calibration.  ``artifacts`` chooses the pictures written (default: masks
-    for every image, heatmaps and overlays for the flagged ones); ``save_maps`` adds the raw maps.
-    Finally ``output/report.html`` shows everything scored into ``output``, with the
-    ``report_top`` most anomalous images.  GPUs: ``gpus_per_actor`` per scorer (None: 1 if any), ``shard_gpus`` per shard.
+    ``bank``: one bank (URL) for every image, or a :class:`RoutingTable` sending each image to the
+    bank of the first route that matches it; an image no route matches gets an error row ("no bank
+    for ...").  Images already scored into ``output`` against the bank their route points to are
+    skipped (``overwrite`` redoes them all, ``retry_errors`` only those whose row is an error); a
+    one-bank output refuses rows of another bank, a routed one scores a re-routed image again.
+    The mask threshold defaults to each bank's normal-only calibration.  ``artifacts`` chooses the
+    pictures written (default: masks for every image, heatmaps and overlays for the flagged ones);
+    ``save_maps`` adds the raw maps.  The banks' shard actors are served in waves that fit
+    ``bank_memory`` bytes (default: half of Ray's memory).  Finally ``output/report.html`` shows
+    everything scored into ``output``, per bank.  GPUs: ``gpus_per_actor`` per scorer (None: 1 if any),
+    ``shard_gpus`` per shard.
     """
     start = time.perf_counter()
-    bank_root, manifest, ignore = _open_bank(bank_url, storage_options)
-    config = manifest.built_config().with_scoring({"image_k": image_k, "pixel_k": pixel_k, "kappa": kappa, **(scoring or {})})
-    calibration = manifest.built_calibration()
-    if calibration is None and (threshold is None or image_threshold is None or config.image_scoring != "knn"):
-        raise ValueError(f"bank {bank_url} has no calibration; pass --threshold and --image-threshold "
-                         "(and --image-scoring knn: the knn+map score needs the normal scales)")
-    _check_weights_on_driver(manifest, config, weights)
+    table = bank if isinstance(bank, RoutingTable) else RoutingTable.single(bank)
+    choice = (artifacts or ArtifactChoice()).adding({"maps"} if save_maps else set())
+    run = _Run(output, weights, batch_size, max_actors, choice, max_pixels, storage_options, progress, gpus_per_actor,
+               shard_gpus, bank_memory)
+    if not isinstance(bank, RoutingTable):  # a wrong bank is the first error, before the inputs are listed
+        open_bank(bank, storage_options)
     items = resolve_inputs(source, storage_options)
-    bank_id = manifest.bank_id
-    done = _done_images(output, bank_id, overwrite, retry_errors, storage_options)
+    routed, unmatched = route_items(table, items)
+    plans = plan_banks(routed, {"image_k": image_k, "pixel_k": pixel_k, "kappa": kappa, **(scoring or {})}, threshold,
+                       image_threshold, weights, storage_options)
+    expected = {**{it.image_id: plan.bank_id for plan in plans for it in plan.items}, **{it.image_id: None for it in unmatched}}
+    done = done_images(output, expected, overwrite, retry_errors, not isinstance(bank, RoutingTable), storage_options)
+    for plan in plans:
+        plan.todo = [it for it, held in zip(plan.items, done.holds([it.image_id for it in plan.items])) if not held]
+    no_bank = [it for it, held in zip(unmatched, done.holds([it.image_id for it in unmatched])) if not held]
     ids = [it.image_id for it in items]
-    todo = [it for it, held in zip(items, done.holds(ids)) if not held]
-    summary = JobSummary("score", started=start, skipped=len(items) - len(todo), output=output,
-                         skipped_error=done.count_errors(ids), extra={"bank_id": bank_id})
-    spec = BACKBONES[config.backbone]
-    pre = Preprocessor(config.image_size, config.protocol, spec.mean, spec.std)  # type: ignore[arg-type]
-    recalibrate = calibration is not None and not calibration.matches(config)
-    served, shard_cpus, scorer_gpus = None, 0.0, 0.0
-    if recalibrate or todo:
-        served, shard_cpus, scorer_gpus = _serve(bank_root, manifest, config.aggregate, storage_options, address,
-                                                 gpus_per_actor, shard_gpus)
-    try:
-        thresholds, calibration = _decision(served, config, calibration, threshold, image_threshold, batch_size, progress, ignore)
-        summary.extra.update(pixel_threshold=thresholds.pixel, image_threshold=thresholds.image, recalibrated=recalibrate)
-        if todo:
-            keys = unique_output_stems((it.image_id, it.relpath) for it in items)  # all inputs: same keys on a rerun
-            choice = (artifacts or ArtifactChoice()).adding({"maps"} if save_maps else set())
-            run_pipeline(todo, DecodeImages(pre, storage_options, max_pixels, keep_encoded=choice.may_need_images),
-                         ScoreImages, {"bank": served, "config": config, "weights": weights, "output": output,
-                                       "thresholds": thresholds, "artifacts": choice, "max_pixels": max_pixels,
-                                       "scales": calibration.scales if calibration else None, "ignore": ignore},
-                         batch_size, max_actors, summary, progress, "score", reserved_cpus=shard_cpus, keys=keys,
-                         write=(WriteResults, {"output": output, "run_id": new_run_id(), "storage_options": storage_options}),
-                         concurrent_batches=SCORER_CONCURRENT_BATCHES, gpus_per_actor=scorer_gpus,
-                         reserved_gpus=served.gpus if served else 0.0)
-    finally:
-        if served is not None:
-            served.shutdown()
-    _write_report(output, source, bank_id, thresholds, pre, summary, len(items), report_top, storage_options, progress, ignore)
+    summary = JobSummary("score", started=start, skipped=int(done.holds(ids).sum()), output=output,
+                         skipped_error=done.count_errors(ids),
+                         extra={"no_bank": len(unmatched)})
+    _write_unmatched(no_bank, table, run, summary)
+    keys = unique_output_stems((it.image_id, it.relpath) for it in items)  # all inputs: same keys on a rerun
+    decisions = _score_banks(plans, run, summary, keys, address)
+    _bank_facts(plans, decisions, summary)
+    _write_report(source, table, plans, decisions, summary, len(items), report_top, run)
     summary.seconds = time.perf_counter() - start
     return summary

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -25,7 +26,7 @@ from spade_ray.errors import error_reason
 from spade_ray.method.backbones import load_backbone
 from spade_ray.method.config import SpadeConfig
 from spade_ray.method.decision import Thresholds
-from spade_ray.method.features import features_from_tensor
+from spade_ray.method.features import FeatureBatch, features_from_tensor
 from spade_ray.method.ignore import IgnoreRegion
 from spade_ray.method.preprocess import Preprocessor
 from spade_ray.method.scorer import Prediction, Scorer
@@ -33,7 +34,7 @@ from spade_ray.storage.artifacts import ArtifactChoice, Artifacts
 from spade_ray.storage.images import DEFAULT_MAX_PIXELS, decode_image
 from spade_ray.storage.outputs import output_stem
 
-__all__ = ["ScoreImages"]
+__all__ = ["ScoreImages", "ScoreTarget"]
 
 _EMPTY_SCORES = {"image_score": None, "knn_score": None, "pixel_max": None, "is_anomalous": None, "mask_uri": None,
                  "heatmap_uri": None, "overlay_uri": None, "neighbours": None}
@@ -46,11 +47,40 @@ def _lists(values: list[list[Any]]) -> np.ndarray:
     return column
 
 
+@dataclass(frozen=True)
+class ScoreTarget:
+    """One bank the scorer actors score against in a pipeline, with the decision its images get.
+
+    A routed run serves several banks in one pipeline (a wave); each row carries its target's
+    ``key`` (the ``target`` column), and the scorer holds one :class:`Scorer` per target.
+    """
+
+    key: str
+    bank: ServedBank
+    config: SpadeConfig
+    thresholds: Thresholds
+    scales: tuple[float, float] | None = None
+    ignore: IgnoreRegion | None = None
+
+
+class _Served:
+    """A target inside a scorer actor: the scorer over its shard actors, and the artifacts at its thresholds."""
+
+    def __init__(self, target: ScoreTarget, output: str, artifacts: ArtifactChoice) -> None:
+        remote = RemoteBank(target.bank, target.config.aggregate)
+        self.scorer = Scorer(target.config, remote, remote, target.scales, target.thresholds, ignore=target.ignore)
+        self.artifacts = Artifacts(output, target.thresholds, artifacts)
+        self.bank_id = target.bank.bank_id
+
+
 class ScoreImages:
-    """Actor-pool UDF: the backbone and a :class:`~spade_ray.method.scorer.Scorer` over the shard actors.
+    """Actor-pool UDF: the backbone and a :class:`~spade_ray.method.scorer.Scorer` over the shard actors
+    of each target bank (one for ``score --bank``; those of a wave for ``score --routes``).
 
     The backbone runs on the actor's GPU when Ray gave it one (:func:`actor_device`); the
     correspondence runs where the bank is, in the shard actors, and fusion and encoding on the CPU.
+    The targets of one pipeline share a backbone and input geometry (the routed run groups banks so),
+    so a batch mixing banks is decoded and extracted once and scored per bank.
 
     Returns, per image, its result row as JSON (``row``: exact floats, and one column type however
     many fields are null) and its encoded artifacts (``file_urls``, ``file_bytes``).
@@ -61,36 +91,37 @@ class ScoreImages:
     on a restarted actor, and if that fails too the job stops and its rerun scores the batch.
     """
 
-    def __init__(self, bank: ServedBank, config: SpadeConfig, weights: str | None, output: str,
-                 thresholds: Thresholds, artifacts: ArtifactChoice | None = None,
-                 max_pixels: int = DEFAULT_MAX_PIXELS, scales: tuple[float, float] | None = None,
-                 threads: int | None = None, ignore: IgnoreRegion | None = None) -> None:
+    def __init__(self, targets: list[ScoreTarget], weights: str | None, output: str,
+                 artifacts: ArtifactChoice | None = None, max_pixels: int = DEFAULT_MAX_PIXELS,
+                 threads: int | None = None) -> None:
         set_worker_threads(threads=threads)
         self.max_pixels = max_pixels
         self.device = actor_device("scorer")
+        config = targets[0].config
         self.backbone = load_backbone(config.backbone, weights, self.device)
-        check_compatible(bank.manifest, config.backbone, self.backbone.weights_sha256, config.image_size, config.protocol)
+        for target in targets:
+            check_compatible(target.bank.manifest, config.backbone, self.backbone.weights_sha256, config.image_size,
+                             config.protocol)
         spec = self.backbone.spec
         self.preprocessor = Preprocessor(config.image_size, config.protocol, spec.mean, spec.std)  # type: ignore[arg-type]
-        remote = RemoteBank(bank, config.aggregate)
-        self.scorer = Scorer(config, remote, remote, scales, thresholds, ignore=ignore)
-        self.artifacts = Artifacts(output, thresholds, artifacts or ArtifactChoice())
-        self.bank_id = bank.bank_id
+        self.targets = {t.key: _Served(t, output, artifacts or ArtifactChoice()) for t in targets}
+        self.only = targets[0].key if len(targets) == 1 else None
 
     def __call__(self, batch: Batch) -> Batch:
         start = time.perf_counter()
         n = len(batch["uri"])
+        keys = [str(k) for k in batch["target"]] if "target" in batch else [str(self.only)] * n
         ok = np.flatnonzero(batch["status"] == "ok")
         rows: list[dict[str, Any]] = [
             {"uri": str(batch["uri"][i]), "relpath": str(batch["relpath"][i]), "image_id": str(batch["image_id"][i]),
-             "bank_id": self.bank_id, "status": str(batch["status"][i]), "error": str(batch["error"][i]) or None,
-             **_EMPTY_SCORES}
+             "bank_id": self.targets[keys[i]].bank_id, "status": str(batch["status"][i]),
+             "error": str(batch["error"][i]) or None, **_EMPTY_SCORES}
             for i in range(n)
         ]
         files: list[dict[str, bytes]] = [{} for _ in range(n)]
         if ok.size:
             try:
-                self._score(batch, ok, rows, files)
+                self._score(batch, ok, keys, rows, files)
             except ray.exceptions.RayError:
                 raise  # infrastructure, not the images: let Ray retry the batch (see the class docstring)
             except Exception as exc:  # a failure of the batch is recorded on each of its images
@@ -105,15 +136,23 @@ class ScoreImages:
                 "device": np.full(n, self.device, dtype=object),
                 **({"storage_retries": batch["storage_retries"]} if "storage_retries" in batch else {})}
 
-    def _score(self, batch: Batch, ok: np.ndarray, rows: list[dict[str, Any]], files: list[dict[str, bytes]]) -> None:
+    def _score(self, batch: Batch, ok: np.ndarray, keys: list[str], rows: list[dict[str, Any]],
+               files: list[dict[str, bytes]]) -> None:
         query = features_from_tensor(self.backbone, self.preprocessor.normalize(batch["pixels"][ok]))
+        for key in sorted({keys[i] for i in ok}):
+            part = np.flatnonzero([keys[i] == key for i in ok])
+            self._score_target(self.targets[key], batch, ok[part], query.select(part) if len(part) < len(ok) else query,
+                               rows, files)
+
+    def _score_target(self, target: _Served, batch: Batch, ok: np.ndarray, query: FeatureBatch,
+                      rows: list[dict[str, Any]], files: list[dict[str, bytes]]) -> None:
         sizes = [(int(batch["height"][i]), int(batch["width"][i])) for i in ok]
-        prediction = self.scorer.score(query, sizes, self.preprocessor)
+        prediction = target.scorer.score(query, sizes, self.preprocessor)
         for j, i in enumerate(ok):
             rows[i].update(self._row(prediction, j))
             stem = str(batch["key"][i]) if "key" in batch else output_stem(str(batch["relpath"][i]))
-            uris, files[i] = self.artifacts.encode(stem, prediction.maps[j], lambda i=i: self._image(batch, i),
-                                                   bool(rows[i]["is_anomalous"]))
+            uris, files[i] = target.artifacts.encode(stem, prediction.maps[j], lambda i=i: self._image(batch, i),
+                                                     bool(rows[i]["is_anomalous"]))
             rows[i].update(uris)
 
     @staticmethod

@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from spade_ray.errors import error_reason
 from spade_ray.method.decision import Thresholds
@@ -43,8 +44,11 @@ __all__ = [
     "most_anomalous",
     "neighbour_pictures",
     "now_utc",
+    "page",
     "render_report",
+    "report_body",
     "score_report",
+    "tables_html",
     "write_report",
 ]
 
@@ -210,16 +214,21 @@ def _table(title: str, header: list[str], rows: list[list[str]]) -> str:
 def render_report(report: Report) -> str:
     """The report as one HTML document with no external reference (pictures are data URIs, charts SVG)."""
     facts = "".join(f"<tr><td>{escape(k)}</td><td>{escape(v)}</td></tr>" for k, v in report.facts)
+    return page(report.title, f"<table class=\"facts\">{facts}</table>{report_body(report)}")
+
+
+def page(title: str, body: str) -> str:
+    """A self-contained HTML page: the report's style, the title as heading, then ``body``."""
+    return ("<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\">"
+            f"<title>{escape(title)}</title><style>{_CSS}</style></head><body>"
+            f"<h1>{escape(title)}</h1>{body}</body></html>")
+
+
+def report_body(report: Report) -> str:
+    """Everything of a report below its facts: ignored region, counts, charts, tables, errors, the top images."""
     counts = "".join(
-        f'<div class="count{" bad" if k in ("error", "anomalous") and v else ""}"><b>{v}</b>{escape(k)}</div>'
+        f'<div class="count{" bad" if k in ("error", "anomalous", "no bank") and v else ""}"><b>{v}</b>{escape(k)}</div>'
         for k, v in report.counts.items())
-    tables = "".join(_table(*t) for t in report.tables)
-    errors = ""
-    if report.errors:
-        shown = report.errors[:MAX_ERRORS_SHOWN]
-        total = max(report.n_errors or 0, len(report.errors))
-        more = f" (first {len(shown)} of {total})" if total > len(shown) else ""
-        errors = _table(f"Errors{more}", ["image", "reason"], [[a, b] for a, b in shown])
     items = "".join(_item_html(i + 1, item) for i, item in enumerate(report.items))
     ignored = f" Grey hatching: {escape(report.ignored_legend)}." if report.ignored else ""
     top = (f"<h2>The {len(report.items)} most anomalous images</h2><p class=\"legend\">Ranked by how far each is past "
@@ -227,12 +236,20 @@ def render_report(report: Report) -> str:
            "Overlay: the heat colour fades in above half the pixel threshold (red → yellow at twice the threshold); "
            "cyan outline: the mask (map above the pixel threshold). Right: the nearest normal images of the bank, "
            f"which the image was compared against.{ignored}</p>" + items) if report.items else "<h2>No images to show</h2>"
-    return ("<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\">"
-            f"<title>{escape(report.title)}</title><style>{_CSS}</style></head><body>"
-            f"<h1>{escape(report.title)}</h1><table class=\"facts\">{facts}</table>"
-            f"{report.ignored or ''}<h2>Counts</h2><div class=\"counts\">{counts}</div>"
+    return (f"{report.ignored or ''}<h2>Counts</h2><div class=\"counts\">{counts}</div>"
             f"<h2>Score distributions</h2><div class=\"charts\">{''.join(report.charts)}</div>"
-            f"{tables}{errors}{top}</body></html>")
+            f"{tables_html(report)}{top}")
+
+
+def tables_html(report: Report) -> str:
+    """The report's tables, then its errors table (the first :data:`MAX_ERRORS_SHOWN`, and how many there are)."""
+    tables = "".join(_table(*t) for t in report.tables)
+    if not report.errors:
+        return tables
+    shown = report.errors[:MAX_ERRORS_SHOWN]
+    total = max(report.n_errors or 0, len(report.errors))
+    more = f" (first {len(shown)} of {total})" if total > len(shown) else ""
+    return tables + _table(f"Errors{more}", ["image", "reason"], [[a, b] for a, b in shown])
 
 
 def write_report(url: str, report: Report, storage_options: dict[str, Any] | None = None) -> None:
@@ -248,7 +265,7 @@ def now_utc() -> str:
 # ----------------------------------------------------------------------------- from a score output folder
 
 
-_REPORT_COLUMNS = ("uri", "relpath", "status", "error", "image_score", "pixel_max", "is_anomalous",
+_REPORT_COLUMNS = ("uri", "relpath", "bank_id", "status", "error", "image_score", "pixel_max", "is_anomalous",
                    "mask_uri", "overlay_uri", "neighbours")
 
 
@@ -282,13 +299,17 @@ def _score_item(row: dict[str, Any], preprocessor: Preprocessor, storage_options
 def score_report(output: str, *, source: str, bank_id: str, thresholds: Thresholds,
                  preprocessor: Preprocessor, skipped: int = 0, top: int = DEFAULT_REPORT_TOP,
                  storage_options: dict[str, Any] | None = None,
-                 progress: Callable[[int], None] | None = None, ignore: IgnoreRegion | None = None) -> Report:
+                 progress: Callable[[int], None] | None = None, ignore: IgnoreRegion | None = None,
+                 only_bank: bool = False) -> Report:
     """The report of everything scored into ``output`` (all runs), from its result rows and outputs.
 
     ``preprocessor`` is the bank's geometry: it puts a source image into its map's frame; ``ignore``
-    the bank's ignore region, shown at the top and hatched on the overlay panels.
+    the bank's ignore region, shown at the top and hatched on the overlay panels.  ``only_bank``:
+    only the rows of ``bank_id`` (one bank's section of a routed run's report).
     """
     table = read_results(output, _REPORT_COLUMNS, storage_options)
+    if only_bank:
+        table = table.filter(pc.fill_null(pc.equal(table.column("bank_id"), bank_id), False))
     status = np.asarray(table.column("status").to_pylist(), dtype=object)
     ok = status == "ok"
     scores = np.asarray(table.column("image_score").to_numpy(zero_copy_only=False), dtype=np.float64)[ok]

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import io
-from collections.abc import Sequence
+from collections.abc import Callable, Collection, Sequence
 from typing import Any
 
 import numpy as np
@@ -21,7 +21,7 @@ import pyarrow.parquet as pq
 from spade_ray.storage.parquet import list_parquet_files, read_columns
 from spade_ray.storage.urls import join, read_bytes, resolve, write_bytes
 
-__all__ = ["RESULTS", "RESULT_SCHEMA", "batch_name", "drop_error_rows", "read_results", "remove_results",
+__all__ = ["RESULTS", "RESULT_SCHEMA", "batch_name", "drop_error_rows", "drop_image_rows", "read_results", "remove_results",
            "write_results"]
 
 RESULTS = "results"  # the folder under OUT
@@ -92,10 +92,26 @@ def drop_error_rows(output: str, storage_options: dict[str, Any] | None = None) 
     every image with one row or none (the next run scores it), never two.  Each file is
     replaced whole (atomic write), and a file left with no rows is removed.
     """
+    return _drop(output, lambda table: pc.equal(table.column("status"), "ok"), storage_options)
+
+
+def drop_image_rows(output: str, image_ids: Collection[str], storage_options: dict[str, Any] | None = None) -> int:
+    """Rewrite the result files without the rows of ``image_ids``; returns how many rows went.
+
+    A routed run whose table now sends an image to another bank scores it again: its old row goes
+    first, the same way as :func:`drop_error_rows`, so the image never has two rows.
+    """
+    if not image_ids:
+        return 0
+    ids = pa.array(sorted(image_ids), pa.string())
+    return _drop(output, lambda table: pc.invert(pc.is_in(table.column("image_id"), value_set=ids)), storage_options)
+
+
+def _drop(output: str, keep: Callable[[pa.Table], pa.ChunkedArray], storage_options: dict[str, Any] | None) -> int:
     dropped = 0
     for url in list_parquet_files(join(output, RESULTS), storage_options):
         table = pq.read_table(pa.BufferReader(read_bytes(url, storage_options)))
-        kept = table.filter(pc.equal(table.column("status"), "ok"))
+        kept = table.filter(keep(table))
         if kept.num_rows == table.num_rows:
             continue
         if kept.num_rows:

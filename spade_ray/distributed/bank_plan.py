@@ -1,0 +1,215 @@
+"""What a score run will do per bank, decided on the driver before any actor starts.
+
+``score --bank`` is the one-route case of ``score --routes``: the inputs are routed (first
+matching route wins), each routed bank is opened once and its settings resolved, the images
+already done for the bank their route points to now are skipped, and the banks are packed into
+waves whose shard actors fit the memory budget together (all at once when they fit, otherwise
+bank by bank).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from spade_ray.bank.ignore_mask import load_ignore_mask
+from spade_ray.bank.manifest import BankManifest
+from spade_ray.bank.store import check_compatible, open_bank
+from spade_ray.method.calibration import Calibration
+from spade_ray.method.config import SpadeConfig
+from spade_ray.method.ignore import IgnoreRegion
+from spade_ray.storage.done_set import DoneSet
+from spade_ray.storage.results import drop_error_rows, drop_image_rows, read_results, remove_results
+from spade_ray.storage.routes import Route, RoutingTable
+from spade_ray.storage.sources import InputImage
+
+__all__ = ["SHARD_ACTOR_BASE_BYTES", "BankPlan", "done_images", "pack_waves", "plan_banks", "route_items",
+           "served_bytes"]
+
+# A shard actor's own footprint before it holds a bank image (Python, torch, FAISS, buffers):
+# the figure infra/README.md sizes the workers with.
+SHARD_ACTOR_BASE_BYTES = int(0.8 * 2**30)
+
+
+def served_bytes(manifest: BankManifest) -> int:
+    """Memory the bank's shard actors take when served: each actor's base, plus per image its pyramids
+    (fp16 plus a float32 norm per pixel, as the matcher lays them out) and its global vector twice."""
+    per_image = 2 * 4 * manifest.global_dim + sum(c * h * w * 2 + h * w * 4 for c, h, w in manifest.levels)
+    return SHARD_ACTOR_BASE_BYTES * len(manifest.shards) + per_image * manifest.n_images
+
+
+def check_weights_on_driver(manifest: BankManifest, config: SpadeConfig, weights: str | None) -> None:
+    """Refuse a bank of another backbone or other weights before any worker starts.
+
+    The scorer actors check again (they are what really loads the weights); this check only makes
+    the common mistake one clear error.  A driver that cannot see the weights file leaves it to them.
+    """
+    from spade_ray.method.backbones import WeightsNotFoundError, file_sha256, weights_path
+
+    try:
+        sha = file_sha256(weights_path(config.backbone, weights))
+    except WeightsNotFoundError:
+        return
+    check_compatible(manifest, config.backbone, sha, config.image_size, config.protocol)
+
+
+@dataclass
+class BankPlan:
+    """One bank of the run: where it is, how its images are scored and decided, and which images go to it."""
+
+    key: str
+    route: Route
+    bank_root: str
+    manifest: BankManifest
+    config: SpadeConfig
+    calibration: Calibration | None
+    threshold: float | None
+    image_threshold: float | None
+    ignore: IgnoreRegion | None
+    items: list[InputImage] = field(default_factory=list)  # every input routed here
+    todo: list[InputImage] = field(default_factory=list)  # those this run scores
+
+    @property
+    def bank_id(self) -> str:
+        return self.manifest.bank_id
+
+    @property
+    def geometry(self) -> tuple[str, int, str, str]:
+        """What a scorer actor's backbone and decode stage depend on: banks that share it share a pipeline."""
+        return (self.config.backbone, self.config.image_size, self.config.protocol, self.manifest.weights_sha256)
+
+    @property
+    def recalibrate(self) -> bool:
+        return self.calibration is not None and not self.calibration.matches(self.config)
+
+    @property
+    def needs_serving(self) -> bool:
+        return bool(self.todo) or self.recalibrate
+
+    @property
+    def memory(self) -> int:
+        return served_bytes(self.manifest)
+
+
+def route_items(table: RoutingTable, items: Sequence[InputImage]) -> tuple[dict[Route, list[InputImage]], list[InputImage]]:
+    """Each input under the first route that matches it (routes in table order), and the inputs no route matches."""
+    routed: dict[Route, list[InputImage]] = {}
+    unmatched = []
+    for item in items:
+        route = table.route(item.uri, item.relpath)
+        if route is None:
+            unmatched.append(item)
+        else:
+            routed.setdefault(route, []).append(item)
+    return routed, unmatched
+
+
+def _open(route: Route, key: str, overrides: dict[str, Any], threshold: float | None, image_threshold: float | None,
+          weights: str | None, storage_options: dict[str, Any] | None) -> BankPlan:
+    """Open a route's bank; its settings: the route's, then the command line's, then the bank's own."""
+    bank_root, manifest = open_bank(route.bank, storage_options)
+    config = manifest.built_config().with_scoring({**overrides, **route.scoring()})
+    calibration = manifest.built_calibration()
+    pixel = route.threshold if route.threshold is not None else threshold
+    image = route.image_threshold if route.image_threshold is not None else image_threshold
+    if calibration is None and (pixel is None or image is None or config.image_scoring != "knn"):
+        raise ValueError(f"bank {route.bank} has no calibration; pass --threshold and --image-threshold "
+                         "(and --image-scoring knn: the knn+map score needs the normal scales)"
+                         + (f", or set threshold and image_threshold in its route ({route.where})"
+                            if route.where != "--bank" else ""))
+    check_weights_on_driver(manifest, config, weights)
+    ignore = load_ignore_mask(bank_root, manifest, storage_options)
+    return BankPlan(key, route, bank_root, manifest, config, calibration, pixel, image, ignore)
+
+
+def plan_banks(routed: dict[Route, list[InputImage]], overrides: dict[str, Any], threshold: float | None,
+               image_threshold: float | None, weights: str | None,
+               storage_options: dict[str, Any] | None) -> list[BankPlan]:
+    """One plan per distinct (bank, settings) that some input is routed to, in table order.
+
+    Routes naming the same bank with the same settings share one plan (one served copy); a bank
+    that no input is routed to is not opened, so a table may list tomorrow's products already.
+    """
+    plans: dict[tuple[str, str], BankPlan] = {}
+    for route, items in routed.items():
+        ident = (route.bank, repr(sorted(route.settings.items())))
+        if ident not in plans:
+            plans[ident] = _open(route, f"b{len(plans)}", overrides, threshold, image_threshold, weights, storage_options)
+        plans[ident].items.extend(items)
+    return list(plans.values())
+
+
+def done_images(output: str, expected: dict[str, str | None], overwrite: bool, retry_errors: bool, exclusive: bool,
+                storage_options: dict[str, Any] | None) -> DoneSet:
+    """The images with a row in ``output`` that this run keeps (and so skips), compact (10^7 rows fit).
+
+    ``expected`` maps each input to the bank id its route points to now (None: no route).
+    ``overwrite`` removes every result first; ``retry_errors`` drops the error rows first.  A row
+    of another bank than the expected one is refused when ``exclusive`` (``--bank``: the output is
+    one bank's), and otherwise (``--routes``) dropped so that the image is scored again against
+    its bank now: an image never has two rows.  Rows are handled column-wise (no Python object per
+    row) except for the re-route check of a routed run.
+    """
+    if overwrite:
+        remove_results(output, storage_options)
+        return DoneSet.empty()
+    existing = read_results(output, ["image_id", "bank_id", "status"], storage_options)
+    if exclusive:
+        others = set(pc.unique(existing.column("bank_id")).to_pylist()) - set(expected.values())
+        if others:
+            raise ValueError(f"{output} holds results scored against another bank ({', '.join(sorted(map(str, others)))}); "
+                             f"use --overwrite to replace them or choose another --output")
+    if retry_errors and pc.any(pc.not_equal(existing.column("status"), "ok")).as_py():
+        drop_error_rows(output, storage_options)
+        existing = existing.filter(pc.equal(existing.column("status"), "ok"))
+    if not exclusive:
+        existing = _drop_rerouted(output, existing, expected, storage_options)
+    return DoneSet.from_rows(existing)
+
+
+def _drop_rerouted(output: str, existing: pa.Table, expected: dict[str, str | None],
+                   storage_options: dict[str, Any] | None) -> pa.Table:
+    """Rows whose image is routed to another bank now are removed from ``output`` (and from ``existing``)."""
+    rerouted = {image_id for image_id, bank_id in zip(existing.column("image_id").to_pylist(),
+                                                      existing.column("bank_id").to_pylist())
+                if image_id in expected and bank_id != expected[image_id]}
+    if not rerouted:
+        return existing
+    logging.getLogger(__name__).info(f"score: {len(rerouted)} images are routed to another bank than their row's; "
+                                     "scoring them again")
+    drop_image_rows(output, rerouted, storage_options)
+    return existing.filter(pc.invert(pc.is_in(existing.column("image_id"), pa.array(sorted(rerouted)))))
+
+
+def pack_waves(plans: Sequence[BankPlan], budget: float) -> list[list[BankPlan]]:
+    """The banks to serve, in waves whose shard actors fit ``budget`` bytes together.
+
+    Banks of another backbone or input geometry go in another wave (a wave is one pipeline, whose
+    scorers share a backbone); within a geometry, banks join the current wave in table order while
+    it fits, so all are served at once when they fit and one by one when none fit together.  A bank
+    larger than the budget alone still gets its own wave (with a warning): it cannot be split.
+    """
+    waves: list[list[BankPlan]] = []
+    by_geometry: dict[tuple[str, int, str, str], list[BankPlan]] = {}
+    for plan in plans:
+        if plan.needs_serving:
+            by_geometry.setdefault(plan.geometry, []).append(plan)
+    for group in by_geometry.values():
+        current: list[BankPlan] = []
+        for plan in group:
+            if plan.memory > budget:
+                logging.getLogger(__name__).warning(
+                    f"score: bank {plan.route.bank} needs about {plan.memory / 2**30:.1f} GiB served, more than the "
+                    f"--bank-memory budget of {budget / 2**30:.1f} GiB; it is served alone")
+            if current and sum(p.memory for p in current) + plan.memory > budget:
+                waves.append(current)
+                current = []
+            current.append(plan)
+        if current:
+            waves.append(current)
+    return waves
