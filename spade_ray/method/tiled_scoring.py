@@ -111,6 +111,8 @@ def calibrate_frames(scorer: Scorer, bank: CalibrationSource, samples: int, targ
     frame share pixels and would match themselves), and a frame's kNN score and map maximum are
     its tiles' largest, as :func:`score_frames` makes them.
     """
+    if scorer.ignore is not None:
+        raise ValueError("an ignore mask is not supported with tiling yet")
     rows = bank.calibration_rows(samples)
     names = [frame_key(n[0]) for n in scorer.index.neighbour_names(rows[:, None])]
     groups: dict[str, list[int]] = {}
