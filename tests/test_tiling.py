@@ -105,3 +105,9 @@ def test_a_large_frame_scores_at_its_own_size_from_its_tiles(synthetic_dataset: 
     assert all(set(n) <= {str(i) for i in range(6)} and len(n) >= 1 for n in prediction.neighbours)
     assert model.calibration.n_images == 3  # frames, not tiles
     assert prediction.is_anomalous is not None and np.isfinite(prediction.image_scores).all()
+    model.save("memory://tiling/model")  # the tiling is saved with the model: it scores the same frames alike
+    loaded = Spade.load("memory://tiling/model")
+    assert loaded.config.tiling == model.config.tiling == Tiling(128, 32)
+    again = loaded.predict(test[:1])
+    np.testing.assert_array_equal(again.image_scores, prediction.image_scores[:1])
+    np.testing.assert_array_equal(again.maps[0], prediction.maps[0])
