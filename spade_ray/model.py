@@ -93,6 +93,8 @@ class Spade:
         as a bool/0-255 array at the camera's frame size (nonzero = ignore), a PNG path or URL (white
         = ignore) or an :class:`IgnoreRegion`; it applies to calibration and scoring alike."""
         base = backbone if isinstance(backbone, SpadeConfig) else SpadeConfig(backbone)
+        if "tile" in settings and "tile_overlap" not in settings:
+            settings["tile_overlap"] = -1  # the default overlap of the tile asked for, not the base's
         self._config = replace(base, **settings)
         self.batch_size = batch_size
         self.storage_options = storage_options
