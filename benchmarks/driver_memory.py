@@ -4,7 +4,7 @@
 
 Before the first batch the driver holds one entry per input, however many: the listing
 (``resolve_inputs``: a list of ``InputImage``), the set of images already scored into the output
-(``score_job._done_images``, read from every result row) and the output key of every input
+(``bank_plan.done_images``, read from every result row) and the output key of every input
 (``unique_output_stems``).  Each is measured here through the job's own functions on ``--images``
 synthetic URIs shaped like a plant's (``s3://bucket/archive/YYYY-MM-DD/lineN/camN/NNNNNNNN.png``,
 given as a list file; a bucket listing adds what the storage client keeps) and as many real result
@@ -24,7 +24,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from spade_ray.distributed.score_job import _done_images
+from spade_ray.distributed.bank_plan import done_images
 from spade_ray.storage.outputs import unique_output_stems
 from spade_ray.storage.results import batch_name, write_results
 from spade_ray.storage.sources import InputImage, resolve_inputs
@@ -67,7 +67,7 @@ def run(n: int, workdir: Path) -> dict[str, Any]:
     figures: dict[str, Any] = {"listing": {"bytes_per_uri": held / n, "peak_bytes_per_uri": peak / n}}
     out = workdir / "out"
     write_result_rows(out, items)
-    done, held, peak = measure(lambda: _done_images(str(out), BANK_ID, False, False, None))
+    done, held, peak = measure(lambda: done_images(str(out), {it.image_id: BANK_ID for it in items}, False, False, True, None))
     assert len(done) == n
     figures["done_set"] = {"bytes_per_uri": held / n, "peak_bytes_per_uri": peak / n}
     keys, held, peak = measure(lambda: unique_output_stems((it.image_id, it.relpath) for it in items))

@@ -42,6 +42,8 @@ from spade_ray.method.ignore import IgnoreRegion
 from spade_ray.method.local_bank import LocalBank
 from spade_ray.method.preprocess import Preprocessor
 from spade_ray.method.scorer import Prediction, Scorer
+from spade_ray.method.tiled_scoring import FrameTiles, calibrate_frames, cut_frame, extract_tiles, score_frames
+from spade_ray.method.tiling import tile_key
 from spade_ray.method.timing import StageTimer
 
 if TYPE_CHECKING:
@@ -91,6 +93,8 @@ class Spade:
         as a bool/0-255 array at the camera's frame size (nonzero = ignore), a PNG path or URL (white
         = ignore) or an :class:`IgnoreRegion`; it applies to calibration and scoring alike."""
         base = backbone if isinstance(backbone, SpadeConfig) else SpadeConfig(backbone)
+        if "tile" in settings and "tile_overlap" not in settings:
+            settings["tile_overlap"] = -1  # the default overlap of the tile asked for, not the base's
         self._config = replace(base, **settings)
         self.batch_size = batch_size
         self.storage_options = storage_options
@@ -123,9 +127,10 @@ class Spade:
     @config.setter
     def config(self, config: SpadeConfig) -> None:
         """Other scoring settings for the same bank (the backbone and input size cannot change)."""
-        if (config.backbone, config.image_size, config.protocol) != (self._config.backbone, self._config.image_size,
-                                                                     self._config.protocol):
-            raise ValueError("backbone, image size and protocol are the bank's features; fit another model to change them")
+        features = ("backbone", "image_size", "protocol", "tile", "tile_overlap", "scale")
+        if any(getattr(config, name) != getattr(self._config, name) for name in features):
+            raise ValueError("backbone, image size, protocol and tiling are the bank's features; "
+                             "fit another model to change them")
         self._config = config
         if self.bank is not None:
             self.bank.aggregate = config.aggregate
@@ -145,7 +150,7 @@ class Spade:
             self.weights_sha256 = self._backbone.weights_sha256
         return self._backbone
 
-    def _input_batches(self, images: Sequence[object]) -> Iterator[tuple[list[tuple[int, int]], np.ndarray]]:
+    def _input_batches(self, images: Sequence[object]) -> Iterator[tuple[list[tuple[int, int]], np.ndarray | FrameTiles]]:
         """(each image's own (height, width), (B, S, S, 3) uint8 network-size pixels) per batch.
 
         The next batch is decoded and resized in a background thread while the caller runs the
@@ -160,12 +165,31 @@ class Spade:
                 sizes = [(im.shape[0], im.shape[1]) for im in decoded]
                 return sizes, np.stack([self.preprocessor.resize_rgb(im) for im in decoded])
 
+        if self.config.tile:
+            yield from self._tiled_batches(images)
+            return
         batches = _batches(images, self.batch_size)
         with ThreadPoolExecutor(1, thread_name_prefix="spade-decode") as pool:
             pending = [pool.submit(prepare, batch) for batch in itertools.islice(batches, 1)]
             while pending:
                 ready = pending.pop().result()
                 pending.extend(pool.submit(prepare, batch) for batch in itertools.islice(batches, 1))
+                yield ready
+
+    def _tiled_batches(self, images: Sequence[object]) -> Iterator[tuple[list[tuple[int, int]], FrameTiles]]:
+        """([the frame's (height, width)], its tiles) per frame, cut in a background thread like ``_input_batches``."""
+        def prepare(item: object) -> tuple[list[tuple[int, int]], FrameTiles]:
+            with self.timer.stage("decode"):
+                frame = cut_frame(_as_image(item, self.storage_options, self.max_pixels), self.config.tiling,
+                                  self.preprocessor)
+                return [(frame.height, frame.width)], frame
+
+        with ThreadPoolExecutor(1, thread_name_prefix="spade-decode") as pool:
+            pending = [pool.submit(prepare, item) for item in images[:1]]
+            for following in itertools.chain(images[1:], [None]):
+                ready = pending.pop().result()
+                if following is not None:
+                    pending.append(pool.submit(prepare, following))
                 yield ready
 
     def _forward(self, resized: np.ndarray, level_dtype: type = np.float32) -> FeatureBatch:
@@ -178,10 +202,24 @@ class Spade:
         parts, sizes = [], []
         for batch_sizes, resized in self._input_batches(images):
             sizes.extend(batch_sizes)
-            parts.append(self._forward(resized, level_dtype))
+            if isinstance(resized, FrameTiles):  # a tiled frame: its tiles, in rows of the bank
+                parts.append(extract_tiles(resized, lambda px: self._forward(px, level_dtype), self.batch_size))
+            else:
+                parts.append(self._forward(resized, level_dtype))
             if progress:
                 progress(len(batch_sizes))
         return FeatureBatch.concat(parts), sizes
+
+    def _extract_tiled(self, images: Sequence[object],
+                       progress: Callable[[int], None] | None) -> tuple[FeatureBatch, list[int]]:
+        """float16 features of every tile of every frame, and each frame's tile count."""
+        parts, counts = [], []
+        for _, frame in self._tiled_batches(images):
+            parts.append(extract_tiles(frame, lambda px: self._forward(px, np.float16), self.batch_size))
+            counts.append(len(frame.boxes))
+            if progress:
+                progress(1)
+        return FeatureBatch.concat(parts), counts
 
     # ------------------------------------------------------------------ fit
 
@@ -206,7 +244,11 @@ class Spade:
         ids = list(ids)
         if len(ids) != len(images):
             raise ValueError(f"got {len(ids)} ids for {len(images)} images")
-        features, _ = self.extract(images, np.float16, progress)
+        if self.config.tile:  # a bank row per tile, named after its frame (tiling.tile_key)
+            features, tile_counts = self._extract_tiled(images, progress)
+            ids = [tile_key(frame, i) for frame, count in zip(ids, tile_counts) for i in range(count)]
+        else:
+            features, _ = self.extract(images, np.float16, progress)
         self.set_bank(ids, features.global_, features.levels)
         if calibration_samples > 0 and len(ids) > 1:
             self.calibration = self.calibrate(calibration_samples, target_fpr)
@@ -228,7 +270,8 @@ class Spade:
         with self.timer.stage("calibration"):
             bank.pyramids()
             self._calibrated_with = self.ignore.sha256 if self.ignore is not None else None
-            return calibrate(self._scorer(), bank, samples, target_fpr, self.batch_size, progress)
+            run = calibrate_frames if self.config.tile else calibrate
+            return run(self._scorer(), bank, samples, target_fpr, self.batch_size, progress)
 
     def _require_fitted(self) -> LocalBank:
         if self.bank is None:
@@ -269,7 +312,10 @@ class Spade:
         scorer = self._scorer(cal)
         parts = []
         for sizes, resized in self._input_batches(images):
-            parts.append(scorer.score(self._forward(resized), sizes, self.preprocessor))
+            if isinstance(resized, FrameTiles):
+                parts.append(score_frames(scorer, [resized], self._forward, self.batch_size))
+            else:
+                parts.append(scorer.score(self._forward(resized), sizes, self.preprocessor))
             if progress:
                 progress(len(sizes))
         return Prediction.concat(parts)

@@ -29,6 +29,7 @@ from spade_ray.apps.config_file import parse_args
 from spade_ray.apps.logs import configure_logging, fields, get_logger
 from spade_ray.apps.stderr_filter import filtered_stderr
 from spade_ray.distributed.preemption import EXIT_PREEMPTED, Preempted, graceful_sigterm
+from spade_ray.apps.tile_options import tiling_of
 from spade_ray.errors import error_message
 from spade_ray.method.config import METHODS
 from spade_ray.progress import Progress, terminal_progress
@@ -94,6 +95,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         progress=_progress(args),
         ignore_mask=args.ignore_mask,
         **_model_kwargs(args),
+        tiling=tiling_of(args),
     )
     log = get_logger()
     metrics = {k: result[k] for k in ("image_auroc", "pixel_auroc", "aupro", "image_f1_max", "pixel_f1_max")}

@@ -11,6 +11,7 @@ import argparse
 from spade_ray import __version__
 from spade_ray.apps.config_file import add_config_option
 from spade_ray.apps.logs import LOG_FORMATS
+from spade_ray.apps.tile_options import add_tile_options
 from spade_ray.method.backbones import BACKBONES
 from spade_ray.method.config import DEFAULT_IMAGE_K, DEFAULT_PIXEL_K, METHODS, SpadeConfig
 from spade_ray.method.image_scoring import IMAGE_SCORINGS
@@ -230,6 +231,7 @@ def _add_evaluate_command(sub: argparse._SubParsersAction) -> None:
     _add_max_pixels(parser)
     _add_calibration(parser)
     _add_model_options(parser)
+    add_tile_options(parser)
     _add_common(parser)
 
 

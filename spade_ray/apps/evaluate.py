@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import asdict, replace
 from typing import Any
 
 import numpy as np
@@ -19,6 +20,7 @@ from spade_ray.method.decision import Thresholds
 from spade_ray.method.matching import DEFAULT_KAPPA
 from spade_ray.method.metrics import compute_metrics
 from spade_ray.method.scorer import Prediction
+from spade_ray.method.tiling import Tiling
 from spade_ray.method.timing import peak_rss_mb
 from spade_ray.model import Spade
 from spade_ray.progress import Progress, no_progress
@@ -151,6 +153,11 @@ def _write_report_and_metrics(result: dict[str, Any], data: MVTecDataset, predic
     result["timing"]["report_seconds"] = round(time.perf_counter() - start, 3)
 
 
+def _config(base: SpadeConfig, tiling: Tiling, scoring: dict[str, Any] | None) -> SpadeConfig:
+    """The model's settings: the features' (with their tiling), then the scoring overrides."""
+    return replace(base, tile=tiling.tile, tile_overlap=tiling.overlap, scale=tiling.scale).with_scoring(scoring or {})
+
+
 def evaluate(
     dataset: str,
     output: str,
@@ -171,12 +178,12 @@ def evaluate(
     storage_options: dict[str, Any] | None = None,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     progress: Progress = no_progress,
-    ignore_mask: str | None = None,
+    ignore_mask: str | None = None, tiling: Tiling | None = None,  # high-resolution frames as tiles (SpadeConfig.tiling)
 ) -> dict[str, Any]:
     """Fit on train/good, score test/*, write metrics.json and report.html (``ignore_mask``: PNG, white = ignore)."""
-    started = time.perf_counter()
+    started, tiling = time.perf_counter(), tiling or Tiling()
     data = load_mvtec(dataset, storage_options)
-    config = SpadeConfig(backbone, image_size, protocol, image_k, pixel_k, kappa).with_scoring(scoring or {})
+    config = _config(SpadeConfig(backbone, image_size, protocol, image_k, pixel_k, kappa), tiling, scoring)
     model = Spade(config, weights=weights, batch_size=batch_size, storage_options=storage_options,
                   max_pixels=max_pixels, ignore_mask=ignore_mask)
     fit_seconds = _fit(data, model, calibration_samples, target_fpr, progress)
@@ -198,7 +205,7 @@ def evaluate(
     result: dict[str, Any] = {
         "dataset": dataset, "protocol": protocol, "backbone": backbone,
         "params": {**model.config.scoring(), "image_size": image_size, "weights_sha256": model.weights_sha256,
-                   "bank_dtype": "float16", "ignore_mask": ignore_mask},
+                   "bank_dtype": "float16", "ignore_mask": ignore_mask, **asdict(tiling)},
         "n_train": len(data.train), "n_test": len(data.test),
         **metrics,
         "per_defect_type": per_type,

@@ -17,6 +17,7 @@ import numpy as np
 from spade_ray.method.config import LEGACY_SCORING, SpadeConfig
 from spade_ray.method.features import FeatureBatch
 from spade_ray.method.image_scoring import combine_image_scores, normal_scales
+from spade_ray.method.tiling import frame_key
 
 if TYPE_CHECKING:
     from spade_ray.method.scorer import Scorer
@@ -89,11 +90,13 @@ def calibration_rows(keys: Sequence[str], samples: int) -> np.ndarray:
     A hash order is a uniform sample that depends on nothing but the images themselves: the same
     bank fitted in process or built into any number of shards, in any order, calibrates on the
     same images and so gets the same thresholds and score scales.  Choosing among the candidates
-    each shard proposes (its own smallest ``samples``) gives the bank-wide choice.
+    each shard proposes (its own smallest ``samples``) gives the bank-wide choice.  In a tiled
+    bank (keys ``frame#tileN``) the sample is of frames: every tile row of the chosen frames.
     """
-    digests = [hashlib.sha256(str(key).encode("utf-8")).digest() for key in keys]
-    order = sorted(range(len(digests)), key=digests.__getitem__)
-    return np.sort(np.asarray(order[: max(0, samples)], dtype=np.int64))
+    frames = [frame_key(str(key)) for key in keys]
+    digests = {frame: hashlib.sha256(frame.encode("utf-8")).digest() for frame in frames}
+    chosen = set(sorted(digests, key=digests.__getitem__)[: max(0, samples)])
+    return np.asarray([row for row, frame in enumerate(frames) if frame in chosen], dtype=np.int64)
 
 
 class CalibrationSource(Protocol):

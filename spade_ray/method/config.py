@@ -16,15 +16,19 @@ from spade_ray.method.fusion import DEFAULT_SIGMA
 from spade_ray.method.image_scoring import IMAGE_SCORINGS
 from spade_ray.method.matching import DEFAULT_AGGREGATE, DEFAULT_KAPPA, DEFAULT_MATCHING, MatchSettings
 from spade_ray.method.preprocess import PROTOCOLS
+from spade_ray.method.tiling import Tiling
 
 __all__ = [
     "CALIBRATION_SETTINGS",
     "DEFAULT_IMAGE_K",
     "DEFAULT_IMAGE_SCORING",
+    "DEFAULT_OVERLAP_FRACTION",
     "DEFAULT_PIXEL_K",
     "LEGACY_SCORING",
     "METHODS",
     "SCORING_SETTINGS",
+    "TILING_SETTINGS",
+    "UNTILED",
     "SpadeConfig",
 ]
 
@@ -38,6 +42,9 @@ DEFAULT_PIXEL_K = 50
 # on magnetic_tile and costs nothing on the synthetic set.  The matching defaults are in
 # spade_ray.method.matching.
 DEFAULT_IMAGE_SCORING = "knn+map"
+# A tile's outer eighth on each side sees the network's zero padding; overlapping tiles by a quarter
+# lets every frame pixel be scored mostly by a tile that sees it away from its edge.
+DEFAULT_OVERLAP_FRACTION = 4
 
 
 @dataclass(frozen=True)
@@ -56,8 +63,16 @@ class SpadeConfig:
     margin: int = DEFAULT_MARGIN
     aggregate: int = DEFAULT_AGGREGATE
     image_scoring: str = DEFAULT_IMAGE_SCORING
+    tile: int = 0
+    tile_overlap: int = -1
+    scale: float = 1.0
 
     def __post_init__(self) -> None:
+        if self.tile_overlap < 0:  # unset: a quarter of the tile (README, "High-resolution frames")
+            object.__setattr__(self, "tile_overlap", self.tile // DEFAULT_OVERLAP_FRACTION)
+        self.tiling  # noqa: B018 - validates the tiling settings
+        if self.tile and self.protocol != "full":
+            raise ValueError("tiling scores frames at their own size: it needs --protocol full")
         if self.backbone not in BACKBONES:
             raise ValueError(f"unknown backbone {self.backbone!r}; choose one of {', '.join(BACKBONES)}")
         if self.protocol not in PROTOCOLS:
@@ -74,6 +89,11 @@ class SpadeConfig:
         """The matching settings, as every matcher takes them."""
         return MatchSettings(self.kappa, self.matching, self.coarse_k, self.margin, self.aggregate)
 
+    @property
+    def tiling(self) -> Tiling:
+        """How frames are cut into tiles (``tile`` 0: not at all, the whole frame is resized to the input)."""
+        return Tiling(self.tile, self.tile_overlap, self.scale)
+
     def scoring(self) -> dict[str, Any]:
         """The settings a scorer may override per run (stored in a bank's manifest as its defaults)."""
         return {name: getattr(self, name) for name in SCORING_SETTINGS}
@@ -89,6 +109,11 @@ class SpadeConfig:
 
 
 SCORING_SETTINGS = ("image_k", "pixel_k", "kappa", "sigma", "matching", "coarse_k", "margin", "aggregate", "image_scoring")
+
+# The settings that decide which pixels make a bank row (with backbone and image_size): a bank built
+# with them must be scored with them.  A manifest without them was built untiled.
+TILING_SETTINGS = ("tile", "tile_overlap", "scale")
+UNTILED: dict[str, Any] = {"tile": 0, "tile_overlap": 0, "scale": 1.0}
 
 # What a bank written before a setting existed was scored with (its manifest lacks the key).
 LEGACY_SCORING: dict[str, Any] = {"aggregate": 1, "image_scoring": "knn"}

@@ -37,8 +37,9 @@ def search_exact(index: faiss.Index, vectors: np.ndarray, queries: np.ndarray, k
     rounded to float32, distinct neighbours can tie, and a tie broken by row depends on the
     order in which a bank's images were added (a real case on magnetic_tile: the 50th and 51st
     neighbours of a test image 1e-7 apart, and the in-process and the sharded bank differ in
-    row order).  ``exclude`` (B,)
-    names one row per query to leave out (-1: none), for leave-one-out scoring.
+    row order).  ``exclude`` (B,) or (B, m)
+    names the rows to leave out of each query's answer (-1: none), for leave-one-out scoring
+    (m > 1: every tile of a tiled bank frame).
     """
     queries = np.ascontiguousarray(queries, dtype=np.float32)
     if queries.ndim != 2:
@@ -46,15 +47,16 @@ def search_exact(index: faiss.Index, vectors: np.ndarray, queries: np.ndarray, k
     n_query, n_rows = len(queries), int(index.ntotal)
     dist = np.full((n_query, k), np.inf, dtype=np.float64)
     rows = np.full((n_query, k), -1, dtype=np.int64)
-    kk = min(k + RERANK_MARGIN + (0 if exclude is None else 1), n_rows)
+    excluded = None if exclude is None else np.asarray(exclude, dtype=np.int64).reshape(n_query, -1)
+    kk = min(k + RERANK_MARGIN + (0 if excluded is None else excluded.shape[1]), n_rows)
     if kk == 0 or n_query == 0:
         return dist, rows
     faiss.cvar.distance_compute_blas_threshold = BLAS_FROM_QUERIES * queries.shape[1]
     _, candidates = index.search(queries, kk)
     for b in range(n_query):
         cand = candidates[b][candidates[b] >= 0]
-        if exclude is not None:
-            cand = cand[cand != exclude[b]]
+        if excluded is not None:
+            cand = cand[~np.isin(cand, excluded[b])]
         exact = np.linalg.norm(vectors[cand].astype(np.float64) - queries[b].astype(np.float64), axis=1)
         order = np.lexsort((cand, exact))[:k]
         dist[b, : len(order)] = exact[order]
