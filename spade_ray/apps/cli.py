@@ -28,8 +28,8 @@ from spade_ray.apps.cli_parser import build_parser
 from spade_ray.apps.config_file import parse_args
 from spade_ray.apps.logs import configure_logging, fields, get_logger
 from spade_ray.apps.stderr_filter import filtered_stderr
-from spade_ray.distributed.preemption import EXIT_PREEMPTED, Preempted, graceful_sigterm
 from spade_ray.apps.tile_options import tiling_of
+from spade_ray.distributed.preemption import EXIT_PREEMPTED, Preempted, graceful_sigterm
 from spade_ray.errors import error_message
 from spade_ray.method.config import METHODS
 from spade_ray.progress import Progress, terminal_progress

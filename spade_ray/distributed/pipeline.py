@@ -220,21 +220,26 @@ def run_pipeline(items: list[InputImage], decode: DecodeImages, udf: type, udf_k
             done += len(batch["image_id"])
             if "device" in batch:
                 count_devices(batch["device"], devices)
-            if "storage_retries" in batch:
-                summary.extra["storage_retries"] = summary.extra.get("storage_retries", 0) + int(batch["storage_retries"].sum())
             first = first or (time.perf_counter(), done)
-            for image_id, status, error in zip(batch["image_id"], batch["status"], batch["error"]):
-                if status == "ok":
-                    summary.ok += 1
-                else:
-                    summary.error += 1
-                    summary.errors.append((str(image_id), str(error)))
+            _count_batch(summary, batch)
             bar.update(len(batch["image_id"]))
     finally:
         bar.close()
     if first is not None:
         summary.stream_timing(first[0], first[1], time.perf_counter(), done)
     _warn_if_gpus_idle(summary, plan.gpus_per_actor, desc)
+
+
+def _count_batch(summary: JobSummary, batch: dict[str, Any]) -> None:
+    """A result batch's rows (ok or error, with the reason) and its storage retries, into the summary."""
+    if "storage_retries" in batch:
+        summary.extra["storage_retries"] = summary.extra.get("storage_retries", 0) + int(batch["storage_retries"].sum())
+    for image_id, status, error in zip(batch["image_id"], batch["status"], batch["error"]):
+        if status == "ok":
+            summary.ok += 1
+        else:
+            summary.error += 1
+            summary.errors.append((str(image_id), str(error)))
 
 
 def _results(ds: ray.data.Dataset) -> Iterator[dict[str, Any]]:
