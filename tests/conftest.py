@@ -111,3 +111,25 @@ def _spade_ray_logger_restored():
     logger.handlers[:] = handlers
     logger.propagate = propagate
     logger.setLevel(level)
+
+
+@pytest.fixture(scope="module")
+def ray_with_s3_env(s3_server):
+    """A local Ray whose workers get the S3 endpoint and credentials only from the environment."""
+    import os
+
+    import ray
+
+    from spade_ray.distributed.runtime import init_ray
+
+    saved = {k: os.environ.get(k) for k in s3_server.env}
+    os.environ.update(s3_server.env)  # before ray.init: the local Ray's workers inherit the driver's environment
+    ray.shutdown()
+    init_ray(num_cpus=2)
+    yield s3_server
+    ray.shutdown()
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v

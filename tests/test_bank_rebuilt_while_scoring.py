@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import ray
+from image_sets import camera_folders
 
 from spade_ray.bank.shard_loader import load_shard
 from spade_ray.bank.store import MANIFEST, open_bank
@@ -96,12 +97,7 @@ class VersionWatcher:
 
 
 def many_images(small_bank: dict, root: Path) -> Path:
-    sources = sorted((small_bank["dataset"] / "test").glob("*/*.png"))
-    for n in range(N_IMAGES):
-        target = root / f"cam{n % 4}" / f"{n:03d}.png"
-        target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy(sources[n % len(sources)], target)
-    return root
+    return camera_folders(small_bank, root, N_IMAGES)
 
 
 def test_a_running_job_keeps_its_version_and_a_new_job_takes_the_new_one(small_bank, s3_server: S3Server,

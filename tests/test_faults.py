@@ -9,7 +9,6 @@ the run has most of its batches still to go), so every test exercises recovery, 
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -21,6 +20,7 @@ from typing import Any
 
 import pytest
 import ray
+from image_sets import camera_folders
 
 from spade_ray.distributed.score_job import run_score
 from spade_ray.storage.results import read_results
@@ -40,13 +40,7 @@ def _own_ray():
 @pytest.fixture(scope="module")
 def many(small_bank, tmp_path_factory) -> Path:
     """16 images: the dataset's test images under four folders (enough batches to kill something mid-run)."""
-    root = tmp_path_factory.mktemp("many") / "in"
-    sources = sorted((small_bank["dataset"] / "test").glob("*/*.png"))
-    for n in range(N_IMAGES):
-        target = root / f"cam{n % 4}" / f"{n:03d}.png"
-        target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy(sources[n % len(sources)], target)
-    return root
+    return camera_folders(small_bank, tmp_path_factory.mktemp("many") / "in", N_IMAGES)
 
 
 def read_rows(out: Path) -> list[dict]:

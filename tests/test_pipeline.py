@@ -8,14 +8,12 @@ skip what is done on a rerun, and run unchanged with every path on a real S3 ser
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
-import ray
 from PIL import Image
 
 from spade_ray import Spade
@@ -33,22 +31,6 @@ pytestmark = pytest.mark.timeout(600)
 SETTINGS = {"image_k": 3, "pixel_k": 4, "kappa": 1}
 IMAGE_SIZE = 128
 
-
-@pytest.fixture(scope="module")
-def ray_with_s3_env(s3_server):
-    """A local Ray whose workers get the S3 endpoint and credentials only from the environment."""
-    saved = {k: os.environ.get(k) for k in s3_server.env}
-    os.environ.update(s3_server.env)  # before ray.init: the local Ray's workers inherit the driver's environment
-    from spade_ray.distributed.runtime import init_ray
-
-    init_ray(num_cpus=2)
-    yield s3_server
-    ray.shutdown()
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,6 @@ finish with exactly one row per image.
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -21,6 +20,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 import ray
+from image_sets import camera_folders
 
 from spade_ray.apps.memseries import session_pids
 from spade_ray.distributed.preemption import EXIT_PREEMPTED, STOP_SECONDS
@@ -43,13 +43,7 @@ def _own_ray():
 @pytest.fixture(scope="module")
 def inbox(small_bank, tmp_path_factory) -> Path:
     """40 images in 20 batches of 2: most batches are still to go when the first is committed."""
-    root = tmp_path_factory.mktemp("preempt") / "in"
-    sources = sorted((small_bank["dataset"] / "test").glob("*/*.png"))
-    for n in range(N_IMAGES):
-        target = root / f"cam{n % 4}" / f"{n:03d}.png"
-        target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy(sources[n % len(sources)], target)
-    return root
+    return camera_folders(small_bank, tmp_path_factory.mktemp("preempt") / "in", N_IMAGES)
 
 
 def result_files(out: Path) -> list[Path]:

@@ -11,13 +11,11 @@ The same run with the archive, the banks and the table on a real S3 server (Seaw
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 from pathlib import Path
 
 import pytest
-import ray
 
 from spade_ray.apps.cli import main
 from spade_ray.bank.store import open_bank
@@ -28,23 +26,6 @@ from spade_ray.storage.routes import load_routes
 
 pytestmark = pytest.mark.timeout(600)
 
-
-@pytest.fixture(scope="module")
-def ray_with_s3_env(s3_server):
-    """A local Ray whose workers find the S3 endpoint and credentials in their environment only."""
-    saved = {k: os.environ.get(k) for k in s3_server.env}
-    os.environ.update(s3_server.env)
-    from spade_ray.distributed.runtime import init_ray
-
-    ray.shutdown()
-    init_ray(num_cpus=2)
-    yield s3_server
-    ray.shutdown()
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
 
 
 @pytest.fixture(scope="module")
