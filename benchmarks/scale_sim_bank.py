@@ -83,7 +83,9 @@ class Mixture:
         basis = self.basis_of[labels]
         for b in np.unique(basis):
             sel = np.flatnonzero(basis == b)
-            x[sel] += z[sel] @ self.bases[b]
+            # in float64, rounded once: a float32 product's last bit follows BLAS's blocking and thread
+            # count, which differ between the driver and a 1-CPU actor on some CPUs
+            x[sel] += (z[sel].astype(np.float64) @ self.bases[b].astype(np.float64)).astype(np.float32)
         return x
 
     def one_cluster(self, cluster: int, n: int) -> np.ndarray:
