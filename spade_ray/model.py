@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from spade_ray.method.backbones import BACKBONES, Backbone, load_backbone
-from spade_ray.method.calibration import Calibration, calibrate
+from spade_ray.method.calibration import Calibration
 from spade_ray.method.config import SpadeConfig
 from spade_ray.method.decision import Thresholds
 from spade_ray.method.features import FeatureBatch, features_from_tensor
@@ -42,7 +42,7 @@ from spade_ray.method.ignore import IgnoreRegion
 from spade_ray.method.local_bank import LocalBank
 from spade_ray.method.preprocess import Preprocessor
 from spade_ray.method.scorer import Prediction, Scorer
-from spade_ray.method.tiled_scoring import FrameTiles, calibrate_frames, cut_frame, extract_tiles, score_frames
+from spade_ray.method.tiled_scoring import FrameTiles, calibration_routine, cut_frame, extract_tiles, score_frames
 from spade_ray.method.tiling import tile_key
 from spade_ray.method.timing import StageTimer
 
@@ -270,8 +270,7 @@ class Spade:
         with self.timer.stage("calibration"):
             bank.pyramids()
             self._calibrated_with = self.ignore.sha256 if self.ignore is not None else None
-            run = calibrate_frames if self.config.tile else calibrate
-            return run(self._scorer(), bank, samples, target_fpr, self.batch_size, progress)
+            return calibration_routine(self.config)(self._scorer(), bank, samples, target_fpr, self.batch_size, progress)
 
     def _require_fitted(self) -> LocalBank:
         if self.bank is None:

@@ -165,7 +165,8 @@ def _cmd_extract(args: argparse.Namespace) -> int:
                           image_size=args.image_size, protocol=args.protocol, batch_size=args.batch_size,
                           max_actors=args.max_actors, max_pixels=args.max_pixels,
                           storage_options=_storage_options(args.storage_options),
-                          address=args.address, progress=_progress(args), gpus_per_actor=args.gpus_per_actor)
+                          address=args.address, progress=_progress(args), gpus_per_actor=args.gpus_per_actor,
+                          tiling=tiling_of(args))
     return _finish(summary, args.max_error_rate)
 
 

@@ -247,6 +247,7 @@ def _add_extract_command(sub: argparse._SubParsersAction) -> None:
     _add_max_pixels(parser)
     _add_max_error_rate(parser)
     _add_model_options(parser, only_backbone=True)
+    add_tile_options(parser)
     _add_ray(parser)
     _add_gpus(parser)
     _add_common(parser)

@@ -18,6 +18,7 @@ from typing import Any
 
 from spade_ray.method.calibration import Calibration
 from spade_ray.method.config import LEGACY_SCORING, SpadeConfig
+from spade_ray.method.tiling import NO_TILING, Tiling
 
 __all__ = ["BANK_FORMAT", "BANK_FORMAT_VERSION", "BankManifest", "IgnoreMaskEntry", "ShardEntry"]
 
@@ -95,6 +96,7 @@ class BankManifest:
     parent: str | None
     shards: tuple[ShardEntry, ...]
     ignore_mask: IgnoreMaskEntry | None = None
+    tiling: Tiling = NO_TILING
 
     @classmethod
     def from_dict(cls, data: Any, where: str = "manifest") -> BankManifest:
@@ -133,6 +135,7 @@ class BankManifest:
                 parent=data.get("parent"),
                 shards=tuple(ShardEntry.from_dict(entry) for entry in data["shards"]),
                 ignore_mask=IgnoreMaskEntry.from_dict(data["ignore_mask"]) if data.get("ignore_mask") else None,
+                tiling=_tiling_from(data.get("tiling")),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise ValueError(f"{where}: malformed manifest ({type(exc).__name__}: {exc})") from None
@@ -158,6 +161,8 @@ class BankManifest:
         }
         if self.ignore_mask is not None:
             data["ignore_mask"] = self.ignore_mask.to_dict()
+        if self.tiling.enabled:  # untiled banks keep the bytes (and bank ids) they had before tiling existed
+            data["tiling"] = {"tile": self.tiling.tile, "tile_overlap": self.tiling.overlap, "scale": self.tiling.scale}
         return data
 
     @property
@@ -173,7 +178,8 @@ class BankManifest:
     def built_config(self) -> SpadeConfig:
         """The scoring settings the bank was built (and calibrated) with; keys a bank predates take their old behaviour."""
         build = {**LEGACY_SCORING, **self.build}
-        return SpadeConfig(self.backbone, int(self.image_size), self.protocol).with_scoring(build)
+        return SpadeConfig(self.backbone, int(self.image_size), self.protocol, tile=self.tiling.tile,
+                           tile_overlap=self.tiling.overlap, scale=self.tiling.scale).with_scoring(build)
 
     def built_calibration(self) -> Calibration | None:
         """The bank's calibration, with the settings it was made with (older manifests: the build's)."""
@@ -183,3 +189,10 @@ class BankManifest:
         if saved.get("settings") is None:
             saved = {**saved, "settings": self.built_config().calibration_settings()}
         return Calibration(**saved)
+
+
+def _tiling_from(data: Any) -> Tiling:
+    """The ``tiling`` entry of a manifest (absent: the bank was built untiled, one row per image)."""
+    if not data:
+        return Tiling()
+    return Tiling(int(data["tile"]), int(data["tile_overlap"]), float(data["scale"]))

@@ -192,6 +192,7 @@ def make_manifest(
         parent=parent,
         shards=tuple(shards),
         ignore_mask=ignore_mask,
+        tiling=meta.tiling,
     )
 
 
@@ -204,6 +205,9 @@ def feature_meta_of(manifest: BankManifest) -> FeatureMeta:
         protocol=manifest.protocol,
         level_shapes=list(manifest.levels),
         global_dim=manifest.global_dim,
+        tile=manifest.tiling.tile,
+        tile_overlap=manifest.tiling.overlap,
+        scale=manifest.tiling.scale,
     )
 
 

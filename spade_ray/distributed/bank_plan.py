@@ -23,6 +23,7 @@ from spade_ray.bank.store import check_compatible, open_bank
 from spade_ray.method.calibration import Calibration
 from spade_ray.method.config import SpadeConfig
 from spade_ray.method.ignore import IgnoreRegion
+from spade_ray.method.tiling import Tiling
 from spade_ray.storage.done_set import DoneSet
 from spade_ray.storage.results import drop_error_rows, drop_image_rows, read_results, remove_results
 from spade_ray.storage.routes import Route, RoutingTable
@@ -79,9 +80,10 @@ class BankPlan:
         return self.manifest.bank_id
 
     @property
-    def geometry(self) -> tuple[str, int, str, str]:
+    def geometry(self) -> tuple[str, int, str, str, Tiling]:
         """What a scorer actor's backbone and decode stage depend on: banks that share it share a pipeline."""
-        return (self.config.backbone, self.config.image_size, self.config.protocol, self.manifest.weights_sha256)
+        return (self.config.backbone, self.config.image_size, self.config.protocol, self.manifest.weights_sha256,
+                self.config.tiling)
 
     @property
     def recalibrate(self) -> bool:
@@ -189,13 +191,13 @@ def _drop_rerouted(output: str, existing: pa.Table, expected: dict[str, str | No
 def pack_waves(plans: Sequence[BankPlan], budget: float) -> list[list[BankPlan]]:
     """The banks to serve, in waves whose shard actors fit ``budget`` bytes together.
 
-    Banks of another backbone or input geometry go in another wave (a wave is one pipeline, whose
+    Banks of another backbone, input geometry or tiling go in another wave (a wave is one pipeline, whose
     scorers share a backbone); within a geometry, banks join the current wave in table order while
     it fits, so all are served at once when they fit and one by one when none fit together.  A bank
     larger than the budget alone still gets its own wave (with a warning): it cannot be split.
     """
     waves: list[list[BankPlan]] = []
-    by_geometry: dict[tuple[str, int, str, str], list[BankPlan]] = {}
+    by_geometry: dict[tuple[str, int, str, str, Tiling], list[BankPlan]] = {}
     for plan in plans:
         if plan.needs_serving:
             by_geometry.setdefault(plan.geometry, []).append(plan)

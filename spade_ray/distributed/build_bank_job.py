@@ -107,8 +107,8 @@ def _target(features: str, output: str | None, add_to: str | None, meta: Feature
     if add_to:
         bank_root, parent = open_bank(add_to, storage_options)
         if feature_meta_of(parent) != meta:
-            raise ValueError(f"features under {features} ({meta.backbone}, {meta.image_size}px, {meta.protocol}) do not match "
-                             f"bank {add_to} ({parent.backbone}, {parent.image_size}px, {parent.protocol})")
+            raise ValueError(f"features under {features} ({_described(meta)}) do not match bank {add_to} "
+                             f"({_described(feature_meta_of(parent))})")
         exclude: set[str] = set()
         for entry in parent.shards:
             exclude.update(load_shard(bank_root, entry, verify=False, storage_options=storage_options).ids)
@@ -116,6 +116,11 @@ def _target(features: str, output: str | None, add_to: str | None, meta: Feature
     if output:
         return output.rstrip("/"), None, set()
     raise ValueError("build-bank needs --output BANK or --add-to BANK")
+
+
+def _described(meta: FeatureMeta) -> str:
+    tiles = f", tiles {meta.tile}px overlap {meta.tile_overlap} scale {meta.scale:g}" if meta.tile else ", untiled"
+    return f"{meta.backbone}, {meta.image_size}px, {meta.protocol}{tiles}"
 
 
 def _write_shards(keep: dict[str, list[int]], version_url: str, first_index: int, shards: int, meta: FeatureMeta,
@@ -179,8 +184,8 @@ def run_build_bank(features: str, output: str | None, *, shards: int = 1, add_to
     first_index = len(parent_manifest.shards) if parent_manifest else 0
     new_entries = _write_shards(keep, version_url, first_index, shards, meta, storage_options, progress) if n_new else []
     entries = (list(parent_manifest.shards) if parent_manifest else []) + new_entries
-    config = SpadeConfig(meta.backbone, meta.image_size, meta.protocol, image_k, pixel_k, kappa,
-                         sigma).with_scoring(scoring or {})
+    config = SpadeConfig(meta.backbone, meta.image_size, meta.protocol, image_k, pixel_k, kappa, sigma, tile=meta.tile,
+                         tile_overlap=meta.tile_overlap, scale=meta.scale).with_scoring(scoring or {})
     draft = make_manifest(version, meta, entries, parent=version_name(parent_manifest.version) if parent_manifest else None)
     served = start_shard_actors(bank_root, draft, storage_options, num_cpus=shard_actor_cpus(len(entries)),
                                 aggregate=config.aggregate)

@@ -12,6 +12,12 @@ store that stays unreachable or throttling past the retry budget
 (:class:`~spade_ray.storage.retry.StorageUnavailableError`) is no fact about an image, so it fails
 the batch instead: the job stops, the batch has no row, and the rerun reads it again.
 
+A tiled job (``whole_frames``) passes each frame's file on instead of network-size pixels: the
+actor cuts the frame into tiles itself (:func:`~spade_ray.method.tiled_scoring.cut_frame`, as
+the in-process model does), so the object store carries the compressed file rather than every
+tile's pixels.  The frame is decoded here all the same, so a bad frame is an error row before any
+actor sees it; the actor decodes it again, which costs little against scoring its tiles.
+
 Each batch carries ``storage_retries``, the retries its reads needed (on its first row), for the job's summary.
 """
 
@@ -41,18 +47,20 @@ def batch_retries(n: int, retries: int) -> np.ndarray:
 
 
 class DecodeImages:
-    """Read a batch's files at once, decode and resize each; with ``keep_encoded`` also pass the files on."""
+    """Read a batch's files at once, decode and resize each; with ``keep_encoded`` also pass the files on;
+    with ``whole_frames`` (tiling) pass the files on instead of the resized pixels."""
 
     def __init__(self, preprocessor: Preprocessor, storage_options: dict[str, Any] | None = None,
-                 max_pixels: int = DEFAULT_MAX_PIXELS, keep_encoded: bool = False) -> None:
+                 max_pixels: int = DEFAULT_MAX_PIXELS, keep_encoded: bool = False, whole_frames: bool = False) -> None:
         self.preprocessor = preprocessor
         self.storage_options = storage_options
         self.max_pixels = max_pixels
-        self.keep_encoded = keep_encoded
+        self.keep_encoded = keep_encoded or whole_frames
+        self.whole_frames = whole_frames
 
     def __call__(self, batch: Batch) -> Batch:
         n = len(batch["uri"])
-        size = self.preprocessor.image_size
+        size = 0 if self.whole_frames else self.preprocessor.image_size
         pixels = np.zeros((n, size, size, 3), dtype=np.uint8)
         heights = np.zeros(n, dtype=np.int32)
         widths = np.zeros(n, dtype=np.int32)
@@ -73,7 +81,8 @@ class DecodeImages:
             try:
                 image = decode_image(data, uri=uri, max_pixels=self.max_pixels)
                 heights[i], widths[i] = image.shape[:2]
-                pixels[i] = self.preprocessor.resize_rgb(image)
+                if not self.whole_frames:
+                    pixels[i] = self.preprocessor.resize_rgb(image)
                 if self.keep_encoded:
                     encoded[i] = data
             except Exception as exc:  # one bad image never kills the batch

@@ -17,7 +17,7 @@ import ray
 import torch
 
 from spade_ray.distributed.shard_actors import ServedBank
-from spade_ray.method.calibration import Calibration, calibrate, calibration_rows
+from spade_ray.method.calibration import Calibration, calibration_rows
 from spade_ray.method.config import SpadeConfig
 from spade_ray.method.correspondence import merge_smallest
 from spade_ray.method.features import FeatureBatch
@@ -25,6 +25,7 @@ from spade_ray.method.ignore import IgnoreRegion
 from spade_ray.method.matching import MatchSettings
 from spade_ray.method.retrieval import merge_topk
 from spade_ray.method.scorer import Scorer
+from spade_ray.method.tiled_scoring import calibration_routine
 from spade_ray.progress import Progress, no_progress
 
 __all__ = ["RemoteBank", "calibrate_served"]
@@ -117,6 +118,7 @@ def calibrate_served(served: ServedBank, config: SpadeConfig, samples: int, targ
     remote = RemoteBank(served, config.aggregate)
     bar = progress(min(samples, served.n_images), "calibrate (leave-one-out)")
     try:
-        return calibrate(Scorer(config, remote, remote, ignore=ignore), remote, samples, target_fpr, batch_size, bar.update)
+        return calibration_routine(config)(Scorer(config, remote, remote, ignore=ignore), remote, samples, target_fpr,
+                                           batch_size, bar.update)
     finally:
         bar.close()

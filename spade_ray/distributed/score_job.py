@@ -129,9 +129,11 @@ def _score_wave(wave: list[BankPlan], run: _Run, summary: JobSummary, keys: dict
             return
         route_of = {it.image_id: plan.key for plan in wave for it in plan.todo}
         pre = _preprocessor(wave[0].config)
-        run_pipeline(todo, DecodeImages(pre, run.storage_options, run.max_pixels, keep_encoded=run.artifacts.may_need_images),
-                     ScoreImages, {"targets": targets, "weights": run.weights, "output": run.output,
-                                   "artifacts": run.artifacts, "max_pixels": run.max_pixels},
+        decode = DecodeImages(pre, run.storage_options, run.max_pixels, keep_encoded=run.artifacts.may_need_images,
+                              whole_frames=wave[0].config.tiling.enabled)
+        run_pipeline(todo, decode, ScoreImages, {"targets": targets, "weights": run.weights, "output": run.output,
+                                                 "artifacts": run.artifacts, "max_pixels": run.max_pixels,
+                                                 "chunk": run.batch_size},
                      run.batch_size, run.max_actors, summary, run.progress, "score", reserved_cpus=shard_cpus, keys=keys,
                      write=(WriteResults, {"output": run.output, "run_id": new_run_id(),
                                            "storage_options": run.storage_options}),

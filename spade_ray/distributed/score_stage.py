@@ -30,6 +30,7 @@ from spade_ray.method.features import FeatureBatch, features_from_tensor
 from spade_ray.method.ignore import IgnoreRegion
 from spade_ray.method.preprocess import Preprocessor
 from spade_ray.method.scorer import Prediction, Scorer
+from spade_ray.method.tiled_scoring import cut_frame, score_frames
 from spade_ray.storage.artifacts import ArtifactChoice, Artifacts
 from spade_ray.storage.images import DEFAULT_MAX_PIXELS, decode_image
 from spade_ray.storage.outputs import output_stem
@@ -79,8 +80,10 @@ class ScoreImages:
 
     The backbone runs on the actor's GPU when Ray gave it one (:func:`actor_device`); the
     correspondence runs where the bank is, in the shard actors, and fusion and encoding on the CPU.
-    The targets of one pipeline share a backbone and input geometry (the routed run groups banks so),
-    so a batch mixing banks is decoded and extracted once and scored per bank.
+    The targets of one pipeline share a backbone, input geometry and tiling (the routed run groups
+    banks so), so a batch mixing banks is decoded and extracted once and scored per bank.  A tiled
+    bank's frames come whole (the decode stage's ``encoded`` file) and are cut and scored one at a
+    time, ``chunk`` tiles through the network at once, exactly as the in-process model scores them.
 
     Returns, per image, its result row as JSON (``row``: exact floats, and one column type however
     many fields are null) and its encoded artifacts (``file_urls``, ``file_bytes``).
@@ -93,9 +96,10 @@ class ScoreImages:
 
     def __init__(self, targets: list[ScoreTarget], weights: str | None, output: str,
                  artifacts: ArtifactChoice | None = None, max_pixels: int = DEFAULT_MAX_PIXELS,
-                 threads: int | None = None) -> None:
+                 threads: int | None = None, chunk: int = 16) -> None:
         set_worker_threads(threads=threads)
         self.max_pixels = max_pixels
+        self.chunk = chunk
         self.device = actor_device("scorer")
         config = targets[0].config
         self.backbone = load_backbone(config.backbone, weights, self.device)
@@ -104,6 +108,7 @@ class ScoreImages:
                              config.protocol)
         spec = self.backbone.spec
         self.preprocessor = Preprocessor(config.image_size, config.protocol, spec.mean, spec.std)  # type: ignore[arg-type]
+        self.tiling = config.tiling
         self.targets = {t.key: _Served(t, output, artifacts or ArtifactChoice()) for t in targets}
         self.only = targets[0].key if len(targets) == 1 else None
 
@@ -138,16 +143,27 @@ class ScoreImages:
 
     def _score(self, batch: Batch, ok: np.ndarray, keys: list[str], rows: list[dict[str, Any]],
                files: list[dict[str, bytes]]) -> None:
-        query = features_from_tensor(self.backbone, self.preprocessor.normalize(batch["pixels"][ok]))
+        if self.tiling.enabled:  # frame by frame, cut into tiles as the in-process model cuts them
+            for i in ok:
+                target = self.targets[keys[i]]
+                frame = cut_frame(self._decoded(batch, i), self.tiling, self.preprocessor)
+                self._record(target, batch, ok[ok == i], score_frames(target.scorer, [frame], self._forward, self.chunk),
+                             rows, files)
+            return
+        query = self._forward(batch["pixels"][ok])
+        sizes = [(int(batch["height"][i]), int(batch["width"][i])) for i in ok]
         for key in sorted({keys[i] for i in ok}):
             part = np.flatnonzero([keys[i] == key for i in ok])
-            self._score_target(self.targets[key], batch, ok[part], query.select(part) if len(part) < len(ok) else query,
-                               rows, files)
+            features = query.select(part) if len(part) < len(ok) else query
+            prediction = self.targets[key].scorer.score(features, [sizes[j] for j in part], self.preprocessor)
+            self._record(self.targets[key], batch, ok[part], prediction, rows, files)
 
-    def _score_target(self, target: _Served, batch: Batch, ok: np.ndarray, query: FeatureBatch,
-                      rows: list[dict[str, Any]], files: list[dict[str, bytes]]) -> None:
-        sizes = [(int(batch["height"][i]), int(batch["width"][i])) for i in ok]
-        prediction = target.scorer.score(query, sizes, self.preprocessor)
+    def _forward(self, pixels: np.ndarray) -> FeatureBatch:
+        return features_from_tensor(self.backbone, self.preprocessor.normalize(pixels))
+
+    def _record(self, target: _Served, batch: Batch, ok: np.ndarray, prediction: Prediction,
+                rows: list[dict[str, Any]], files: list[dict[str, bytes]]) -> None:
+        """The rows and encoded artifacts of the images ``ok`` of the batch, scored against ``target``."""
         for j, i in enumerate(ok):
             rows[i].update(self._row(prediction, j))
             stem = str(batch["key"][i]) if "key" in batch else output_stem(str(batch["relpath"][i]))
@@ -162,7 +178,10 @@ class ScoreImages:
                 "pixel_max": float(prediction.pixel_max[j]), "is_anomalous": bool(prediction.is_anomalous[j]),
                 "neighbours": prediction.neighbours[j]}
 
+    def _decoded(self, batch: Batch, i: int) -> np.ndarray:
+        """Image ``i`` decoded from the file the decode stage read (no second read)."""
+        return decode_image(batch["encoded"][i], uri=str(batch["uri"][i]), max_pixels=self.max_pixels)
+
     def _image(self, batch: Batch, i: int) -> np.ndarray:
-        """The image in its map's output frame, decoded from the file the decode stage read (no second read)."""
-        image = decode_image(batch["encoded"][i], uri=str(batch["uri"][i]), max_pixels=self.max_pixels)
-        return self.preprocessor.image_to_output(image)
+        """The image in its map's output frame (for an overlay)."""
+        return self.preprocessor.image_to_output(self._decoded(batch, i))

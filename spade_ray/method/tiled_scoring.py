@@ -22,14 +22,15 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from spade_ray.method.calibration import Calibration, CalibrationSource
+from spade_ray.method.calibration import Calibration, CalibrationSource, calibrate
+from spade_ray.method.config import SpadeConfig
 from spade_ray.method.features import FeatureBatch
 from spade_ray.method.image_scoring import combine_image_scores
 from spade_ray.method.preprocess import Preprocessor
 from spade_ray.method.scorer import Prediction, Scorer
 from spade_ray.method.tiling import Box, Stitcher, Tiling, frame_key
 
-__all__ = ["FrameTiles", "calibrate_frames", "cut_frame", "extract_tiles", "score_frames"]
+__all__ = ["FrameTiles", "calibrate_frames", "calibration_routine", "cut_frame", "extract_tiles", "score_frames"]
 
 Forward = Callable[[np.ndarray], FeatureBatch]  # (n, S, S, 3) uint8 network-size pixels -> their features
 
@@ -134,3 +135,8 @@ def calibrate_frames(scorer: Scorer, bank: CalibrationSource, samples: int, targ
             progress(1)
     config = scorer.config
     return Calibration.from_scores(knn_scores, maxima, target_fpr, config.image_scoring, config.calibration_settings())
+
+
+def calibration_routine(config: SpadeConfig) -> Callable[..., Calibration]:
+    """How a bank made with ``config`` is calibrated: frame by frame when tiled, else image by image (``calibrate``)."""
+    return calibrate_frames if config.tile else calibrate

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-__all__ = ["TILE_SEPARATOR", "Box", "Stitcher", "Tiling", "frame_key", "stitch", "tile_key"]
+__all__ = ["NO_TILING", "TILE_SEPARATOR", "Box", "Stitcher", "Tiling", "frame_key", "stitch", "tile_key"]
 
 Box = tuple[int, int, int, int]  # (top, left, bottom, right) in the frame's own pixels
 
@@ -88,6 +88,9 @@ class Tiling:
     def blend_width(self) -> int:
         """Over how many frame pixels a tile's weight ramps up from its edge."""
         return max(1, round(self.overlap / self.scale))
+
+
+NO_TILING = Tiling()  # every frame resized whole to the network input: one bank row per image
 
 
 def _ramp(length: int, width: int) -> np.ndarray:

@@ -38,7 +38,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from spade_ray.method.config import TILING_SETTINGS, UNTILED
 from spade_ray.method.features import FeatureBatch
+from spade_ray.method.tiling import Tiling
 from spade_ray.storage.parquet import list_parquet_files
 from spade_ray.storage.urls import read_bytes, write_bytes
 
@@ -91,6 +93,11 @@ class FeatureMeta:
     level_shapes: list[tuple[int, int, int]]
     global_dim: int
     format_version: int = FEATURE_FORMAT_VERSION
+    # How frames were cut into tiles (spade_ray.method.tiling): a row is then one tile
+    # (``frame#tileN``), and only features cut the same way are comparable.  Untiled: 0, 0, 1.
+    tile: int = 0
+    tile_overlap: int = 0
+    scale: float = 1.0
 
     def __post_init__(self) -> None:
         # Normalise so that a meta read back from JSON (lists) equals the one written (tuples).
@@ -102,11 +109,22 @@ class FeatureMeta:
         object.__setattr__(self, "image_size", int(self.image_size))
         object.__setattr__(self, "global_dim", int(self.global_dim))
         object.__setattr__(self, "format_version", int(self.format_version))
+        object.__setattr__(self, "tile", int(self.tile))
+        object.__setattr__(self, "tile_overlap", int(self.tile_overlap))
+        object.__setattr__(self, "scale", float(self.scale))
+
+    @property
+    def tiling(self) -> Tiling:
+        """How the features' frames were cut (``Tiling()``: not at all, one row per image)."""
+        return Tiling(self.tile, self.tile_overlap, self.scale)
 
     def to_json(self) -> str:
         """Deterministic JSON (sorted keys), so equal metas give byte-equal schema metadata."""
         data = asdict(self)
         data["level_shapes"] = [list(shape) for shape in self.level_shapes]
+        if not self.tile:  # untiled metadata stays byte-identical to that written before tiling existed
+            for name in TILING_SETTINGS:
+                del data[name]
         return json.dumps(data, sort_keys=True)
 
     @classmethod
@@ -132,6 +150,7 @@ class FeatureMeta:
                 level_shapes=data["level_shapes"],
                 global_dim=data["global_dim"],
                 format_version=version,
+                **{name: data.get(name, UNTILED[name]) for name in TILING_SETTINGS},
             )
         except KeyError as exc:
             raise ValueError(f"feature metadata lacks field {exc.args[0]!r}") from None
