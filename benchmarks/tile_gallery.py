@@ -40,6 +40,7 @@ from spade_ray.method.tiled_scoring import cut_frame, extract_tiles
 from spade_ray.method.tiling import Stitcher, Tiling
 from spade_ray.model import Spade, _as_image
 from spade_ray.storage.datasets import load_mvtec
+from spade_ray.storage.images import DEFAULT_MAX_PIXELS
 
 VARIANTS = ("any", "same", "near", "frame-any", "frame-same")
 
@@ -89,7 +90,7 @@ def main() -> None:
     k_frames = config.pixel_k
     results: dict[str, dict] = {v: {"knn": [], "max": [], "maps": []} for v in VARIANTS}
     for sample in data.test:
-        image = _as_image(sample.uri, None, model.max_pixels)
+        image = _as_image(sample.uri, None, DEFAULT_MAX_PIXELS)
         frame = cut_frame(image, tiling, model.preprocessor)
         features = extract_tiles(frame, model._forward, model.batch_size)
         centres, stride = _positions(tiling, frame.height, frame.width)
@@ -124,7 +125,7 @@ def main() -> None:
             out["max"].append(max(float(m.max()) for m in matched.maps))
             out["maps"].append(stitcher.result())
     labels = np.array([s.label for s in data.test], dtype=np.int64)
-    masks = _ground_truth_masks(data, model, None, model.max_pixels)
+    masks = _ground_truth_masks(data, model, None, DEFAULT_MAX_PIXELS)
     report = {"dataset": args.dataset, "tile": args.tile, "overlap": tiling.overlap, "n_train": len(data.train),
               "n_test": len(data.test), "bank_tiles": n_rows, "seconds": None, "variants": {}}
     for variant in VARIANTS:

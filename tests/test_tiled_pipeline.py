@@ -113,3 +113,25 @@ def test_tiled_distributed_scores_and_maps_equal_in_process_spade(tiled_run, fra
         distributed_map = np.load(out / "scored" / "maps" / path.name.replace(".png", ".npy"))
         assert distributed_map.shape == amap.shape == FRAME
         np.testing.assert_allclose(distributed_map, amap, rtol=1e-4, atol=1e-5 * float(amap.max()))
+
+
+def test_a_tiled_bank_with_an_ignore_mask_scores_as_in_process(tiled_run, frames, tmp_path) -> None:
+    """The mask (at frame size) is cut with the tiles: zero under it, the same numbers as ``Spade(tile=..., ignore_mask=...)``."""
+    out, *_ = tiled_run
+    train, test = frames
+    ignored = np.zeros(FRAME, dtype=bool)
+    ignored[:, FRAME[1] // 2:] = True  # the right half of every frame
+    mask_png = tmp_path / "ignore.png"
+    Image.fromarray(ignored.astype(np.uint8) * 255).save(mask_png)
+    run_build_bank(str(out / "features"), str(tmp_path / "bank"), shards=2, calibration_samples=4,
+                   ignore_mask=str(mask_png), **SETTINGS)
+    run_score(str(test[0].parent), str(tmp_path / "bank"), str(tmp_path / "scored"), batch_size=4, save_maps=True)
+    model = Spade("lite0", image_size=IMAGE_SIZE, tile=TILING.tile, tile_overlap=TILING.overlap, batch_size=4,
+                  ignore_mask=str(mask_png), **SETTINGS).fit([str(p) for p in train], calibration_samples=4)
+    bank = Calibration(**json.loads((tmp_path / "bank" / "v0001" / "manifest.json").read_text())["calibration"])
+    assert model.calibration.pixel_threshold == pytest.approx(bank.pixel_threshold, rel=1e-5)
+    prediction = model.predict([str(p) for p in test])
+    for path, amap in zip(test, prediction.maps):
+        distributed_map = np.load(tmp_path / "scored" / "maps" / path.name.replace(".png", ".npy"))
+        assert (distributed_map[ignored] == 0).all() and distributed_map[~ignored].min() > 0
+        np.testing.assert_allclose(distributed_map, amap, rtol=1e-4, atol=1e-5 * float(amap.max()))

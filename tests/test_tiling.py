@@ -111,3 +111,20 @@ def test_a_large_frame_scores_at_its_own_size_from_its_tiles(synthetic_dataset: 
     again = loaded.predict(test[:1])
     np.testing.assert_array_equal(again.image_scores, prediction.image_scores[:1])
     np.testing.assert_array_equal(again.maps[0], prediction.maps[0])
+
+
+def test_an_ignore_mask_zeroes_each_tile_and_the_stitched_frame(synthetic_dataset: Path) -> None:
+    """A bright patch painted inside the ignored corner of a tiled frame changes neither its map nor its map maximum."""
+    train, test = _frames(synthetic_dataset, "train", 6, 320), _frames(synthetic_dataset, "test", 1, 320)
+    ignored = np.zeros((320, 320), dtype=bool)
+    ignored[:160, :160] = True  # the patch's 60 px and the reach of its features around it
+    plain = Spade("lite0", image_size=128, pixel_k=3, tile=128).fit(train, calibration_samples=3)
+    masked = Spade("lite0", image_size=128, pixel_k=3, tile=128, ignore_mask=ignored).fit(train, calibration_samples=3)
+    patched = test[0].copy()
+    patched[20:80, 20:80] = 255
+    seen = plain.predict([patched])
+    clean, hidden = masked.predict([test[0], patched]).maps
+    assert seen.maps[0][20:80, 20:80].mean() > 2 * seen.maps[0][200:, 200:].mean()  # the patch shows without a mask
+    assert (hidden[ignored] == 0).all() and (hidden[~ignored] > 0).all()
+    assert hidden.max() == pytest.approx(clean.max(), rel=0.05)
+    assert masked.calibration.pixel_threshold <= plain.calibration.pixel_threshold  # calibrated on masked tiles

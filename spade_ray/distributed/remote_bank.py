@@ -91,6 +91,9 @@ class RemoteBank:
         rows = np.concatenate([rows for _, rows in candidates])
         return np.sort(rows[calibration_rows(uris, samples)])
 
+    def keys(self, rows: np.ndarray) -> list[str]:
+        return [pairs[0][0] for pairs in self.neighbour_ids(np.asarray(rows)[:, None])]
+
     def features(self, rows: np.ndarray) -> FeatureBatch:
         rows = np.asarray(rows)
         owners = self._owners(rows)

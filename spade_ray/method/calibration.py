@@ -106,6 +106,10 @@ class CalibrationSource(Protocol):
         """Bank rows (ascending) of the up to ``samples`` images to score leave-one-out."""
         ...
 
+    def keys(self, rows: np.ndarray) -> list[str]:
+        """The bank keys (image ids; a tiled bank's ``frame#tileN``) of ``rows``, in that order."""
+        ...
+
     def features(self, rows: np.ndarray) -> FeatureBatch:
         """The images of ``rows``, in that order, as queries: global vectors and float32 pyramids in the
         served feature space (already aggregated), exactly as the bank holds them."""

@@ -102,6 +102,23 @@ class IgnoreRegion:
             self._cache[key] = inside
         return self._cache[key]
 
+    def at_tile(self, preprocessor: Preprocessor, height: int | None, width: int | None,
+                box: tuple[int, int, int, int]) -> np.ndarray:
+        """The region in the network-input frame (S x S) of one tile ``box`` of a (height, width) frame.
+
+        The mask is put on the frame first (None: the mask's own frame, e.g. a bank frame in
+        calibration), then the tile's part of it goes to S x S as the tile's pixels do.
+        """
+        key = ("tile", preprocessor.image_size, height, width, box)
+        if key not in self._cache:
+            frame = self._frame(height, width)
+            top, left, bottom, right = box
+            if bottom > frame.shape[0] or right > frame.shape[1]:
+                raise ValueError(f"tile {box} lies outside the ignore mask's frame {frame.shape}: the bank's frames "
+                                 "must have the mask's size")
+            self._cache[key] = resize_any(frame[top:bottom, left:right], preprocessor.image_size, preprocessor.image_size)
+        return self._cache[key]
+
     def at_output(self, preprocessor: Preprocessor, height: int, width: int) -> np.ndarray:
         """The region in the output frame of an image of (height, width): its own size (``full``), the crop (``paper``)."""
         if preprocessor.protocol == "paper":

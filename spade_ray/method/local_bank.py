@@ -70,5 +70,8 @@ class LocalBank:
     def calibration_rows(self, samples: int) -> np.ndarray:
         return calibration_rows(self.ids, samples)
 
+    def keys(self, rows: np.ndarray) -> list[str]:
+        return [self.ids[r] for r in np.asarray(rows).tolist()]
+
     def features(self, rows: np.ndarray) -> FeatureBatch:
         return FeatureBatch(self.global_[rows], self.pyramids().query_levels(rows))

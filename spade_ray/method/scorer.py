@@ -139,14 +139,15 @@ class Scorer:
         return Preprocessor(self.config.image_size, self.config.protocol)  # type: ignore[arg-type]
 
     def match(self, query: FeatureBatch, exclude: np.ndarray | None = None, aggregated: bool = False,
-              sizes: Sequence[tuple[int, int]] | None = None) -> Matches:
+              sizes: Sequence[tuple[int, int]] | None = None, regions: Sequence[np.ndarray] | None = None) -> Matches:
         """Retrieval, correspondence and fusion for a batch of query features.
 
         ``aggregated``: the query pyramids are already in the configured feature space (bank images
         scored leave-one-out, as the bank holds them); otherwise they are raw and aggregated here.
         ``exclude`` (B,) bank rows to leave out of each query's neighbours.  ``sizes``: the images'
         (height, width), which place the ignore region (None: they have the mask's frame, as the
-        bank's images do in calibration).
+        bank's images do in calibration); ``regions``: the ignore region of each query in the input
+        frame, given outright (a tile's part of its frame's region, :meth:`IgnoreRegion.at_tile`).
         """
         cfg = self.config
         with self.timer.stage("retrieval"):
@@ -162,9 +163,10 @@ class Scorer:
             maps = [fuse_levels([d.mean(dim=-1) for d in level_distances], cfg.image_size, cfg.sigma)
                     for level_distances in per_query]
             if self.ignore is not None:
-                frames = sizes if sizes is not None else [(None, None)] * len(maps)
-                maps = [IgnoreRegion.apply(amap, self.ignore.at_input(self.geometry, *size))
-                        for amap, size in zip(maps, frames)]
+                if regions is None:
+                    frames = sizes if sizes is not None else [(None, None)] * len(maps)
+                    regions = [self.ignore.at_input(self.geometry, *size) for size in frames]
+                maps = [IgnoreRegion.apply(amap, region) for amap, region in zip(maps, regions, strict=True)]
         return Matches(knn, maps, rows)
 
     def score(self, query: FeatureBatch, sizes: Sequence[tuple[int, int]], preprocessor: Preprocessor) -> Prediction:

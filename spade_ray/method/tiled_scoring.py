@@ -25,10 +25,11 @@ import numpy as np
 from spade_ray.method.calibration import Calibration, CalibrationSource, calibrate
 from spade_ray.method.config import SpadeConfig
 from spade_ray.method.features import FeatureBatch
+from spade_ray.method.ignore import IgnoreRegion
 from spade_ray.method.image_scoring import combine_image_scores
 from spade_ray.method.preprocess import Preprocessor
 from spade_ray.method.scorer import Prediction, Scorer
-from spade_ray.method.tiling import Box, Stitcher, Tiling, frame_key
+from spade_ray.method.tiling import Box, Stitcher, Tiling, frame_key, tile_index
 
 __all__ = ["FrameTiles", "calibrate_frames", "calibration_routine", "cut_frame", "extract_tiles", "score_frames"]
 
@@ -67,19 +68,31 @@ class _FrameScore:
     amap: np.ndarray
 
 
+def _tile_regions(scorer: Scorer, height: int | None, width: int | None, boxes: list[Box]) -> list[np.ndarray] | None:
+    """The ignore region of each tile in the input frame (None without an ignore mask)."""
+    if scorer.ignore is None:
+        return None
+    return [scorer.ignore.at_tile(scorer.geometry, height, width, box) for box in boxes]
+
+
 def _score_frame(scorer: Scorer, frame: FrameTiles, forward: Forward, chunk: int) -> _FrameScore:
     stitcher = Stitcher(frame.height, frame.width, scorer.config.tiling.blend_width())
     knn, map_max, rows = -np.inf, -np.inf, np.zeros(0, dtype=np.int64)
     for start in range(0, len(frame.boxes), chunk):
-        matched = scorer.match(forward(frame.pixels[start:start + chunk]))
+        boxes = frame.boxes[start:start + chunk]
+        matched = scorer.match(forward(frame.pixels[start:start + chunk]),
+                               regions=_tile_regions(scorer, frame.height, frame.width, boxes))
         with scorer.timer.stage("stitch"):
-            for tile_map, box in zip(matched.maps, frame.boxes[start:start + chunk]):
+            for tile_map, box in zip(matched.maps, boxes):
                 stitcher.add(tile_map, box)
                 map_max = max(map_max, float(tile_map.max()))
         worst = int(np.argmax(matched.knn_scores))
         if matched.knn_scores[worst] > knn:
             knn, rows = float(matched.knn_scores[worst]), matched.rows[worst]
-    return _FrameScore(knn, map_max, rows, stitcher.result())
+    amap = stitcher.result()
+    if scorer.ignore is not None:  # blending blurs the zeros' edges: zero the frame too
+        amap = IgnoreRegion.apply(amap, scorer.ignore.at_output(scorer.geometry, frame.height, frame.width))
+    return _FrameScore(knn, map_max, rows, amap)
 
 
 def _frame_names(names: list[str], count: int) -> list[str]:
@@ -93,8 +106,6 @@ def score_frames(scorer: Scorer, frames: Iterable[FrameTiles], forward: Forward,
 
     ``neighbours`` name the normal frames of the nearest normal tiles of each frame's worst tile.
     """
-    if scorer.ignore is not None:
-        raise ValueError("an ignore mask is not supported with tiling yet")
     scored = [_score_frame(scorer, frame, forward, chunk) for frame in frames]
     knn = np.array([s.knn for s in scored], dtype=np.float64)
     image = combine_image_scores(knn, np.array([s.map_max for s in scored]), scorer.config.image_scoring, scorer.scales)
@@ -112,13 +123,18 @@ def calibrate_frames(scorer: Scorer, bank: CalibrationSource, samples: int, targ
     frame share pixels and would match themselves), and a frame's kNN score and map maximum are
     its tiles' largest, as :func:`score_frames` makes them.
     """
-    if scorer.ignore is not None:
-        raise ValueError("an ignore mask is not supported with tiling yet")
     rows = bank.calibration_rows(samples)
-    names = [frame_key(n[0]) for n in scorer.index.neighbour_names(rows[:, None])]
+    keys = bank.keys(rows)
     groups: dict[str, list[int]] = {}
-    for row, name in zip(rows.tolist(), names):
-        groups.setdefault(name, []).append(row)
+    tile_of: dict[int, int] = {}
+    for row, key in zip(rows.tolist(), keys):
+        groups.setdefault(frame_key(key), []).append(row)
+        tile_of[row] = tile_index(key)
+    # the tiles' boxes in a bank frame, which has the mask's size (as untiled calibration assumes too)
+    grid = scorer.config.tiling.boxes(*scorer.ignore.shape) if scorer.ignore is not None else None
+    if grid is not None and max(tile_of.values(), default=0) >= len(grid):
+        raise ValueError(f"the bank's frames have more tiles than a frame of the ignore mask's size {len(grid)}: "
+                         "the bank's frames must have the mask's size")
     knn_scores: list[float] = []
     maxima: list[float] = []
     for frame_rows in groups.values():
@@ -126,7 +142,9 @@ def calibrate_frames(scorer: Scorer, bank: CalibrationSource, samples: int, targ
         knn, top = -np.inf, -np.inf
         for start in range(0, len(own), batch_size):
             part = own[start:start + batch_size]
-            matched = scorer.match(bank.features(part), exclude=np.tile(own, (len(part), 1)), aggregated=True)
+            regions = None if grid is None else _tile_regions(scorer, None, None, [grid[tile_of[r]] for r in part.tolist()])
+            matched = scorer.match(bank.features(part), exclude=np.tile(own, (len(part), 1)), aggregated=True,
+                                   regions=regions)
             knn = max(knn, float(np.max(matched.knn_scores)))
             top = max(top, max(float(m.max()) for m in matched.maps))
         knn_scores.append(knn)

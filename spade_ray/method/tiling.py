@@ -26,7 +26,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-__all__ = ["NO_TILING", "TILE_SEPARATOR", "Box", "Stitcher", "Tiling", "frame_key", "stitch", "tile_key"]
+__all__ = ["NO_TILING", "TILE_SEPARATOR", "Box", "Stitcher", "Tiling", "frame_key", "stitch", "tile_index", "tile_key"]
 
 Box = tuple[int, int, int, int]  # (top, left, bottom, right) in the frame's own pixels
 
@@ -44,6 +44,14 @@ def frame_key(key: str) -> str:
     """The frame a tile key belongs to (a key with no tile part is its own frame)."""
     head, sep, tail = key.rpartition(TILE_SEPARATOR)
     return head if sep and tail.isdigit() else key
+
+
+def tile_index(key: str) -> int:
+    """The number of a tile key's tile in its frame's grid (:meth:`Tiling.boxes` order)."""
+    head, sep, tail = key.rpartition(TILE_SEPARATOR)
+    if not (sep and tail.isdigit()):
+        raise ValueError(f"{key!r} is not a tile key (frame{TILE_SEPARATOR}N)")
+    return int(tail)
 
 
 def _spans(length: int, extent: int, overlap: int) -> list[tuple[int, int]]:
