@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 
 import pytest
 
 from spade_ray.bank.manifest import BankManifest, ShardEntry
-from spade_ray.bank.store import make_manifest, open_bank, write_manifest
+from spade_ray.bank.store import feature_meta_of, make_manifest, open_bank, write_manifest
 from spade_ray.method.config import LEGACY_SCORING
+from spade_ray.method.tiling import Tiling
 from spade_ray.storage.featurestore import FeatureMeta
 
 META = FeatureMeta("lite0", "ab" * 32, 64, "full", [(3, 8, 8), (5, 4, 4)], 6)
@@ -69,3 +71,15 @@ def test_settings_a_bank_predates_take_their_legacy_values() -> None:
     assert calibration is not None and calibration.image_threshold == 1.5
     assert calibration.settings == config.calibration_settings()  # saved without settings: the build's
     assert make_manifest(1, META, []).built_calibration() is None
+
+
+def test_a_tiled_bank_records_its_tiling_and_scores_with_it() -> None:
+    tiled = dataclasses.replace(META, tile=96, tile_overlap=24, scale=1.0)
+    manifest = make_manifest(1, tiled, [_entry(0, "v0001", 12, "12345")], build={"image_k": 2})
+    data = manifest.to_dict()
+    assert data["tiling"] == {"tile": 96, "tile_overlap": 24, "scale": 1.0}
+    back = BankManifest.from_dict(json.loads(json.dumps(data)))
+    assert back.tiling == Tiling(96, 24) and back.bank_id == manifest.bank_id
+    assert back.built_config().tiling == Tiling(96, 24)
+    assert feature_meta_of(back) == tiled  # new features for --add-to must be cut the same way
+    assert "tiling" not in _manifest().to_dict() and _manifest().built_config().tiling == Tiling()

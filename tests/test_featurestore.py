@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import uuid
 
 import fsspec
@@ -12,6 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from spade_ray.method.features import FeatureBatch
+from spade_ray.method.tiling import Tiling
 from spade_ray.storage.featurestore import (
     FEATURE_FORMAT_VERSION,
     META_KEY,
@@ -218,3 +220,11 @@ def test_listing_a_local_folder_gives_absolute_paths(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert list_feature_shards("f") == [str(tmp_path / "f" / "x.parquet")]
     assert list_feature_shards(str(tmp_path / "missing")) == []
+
+
+def test_tiled_features_carry_their_tiling_and_untiled_metadata_keeps_its_bytes():
+    tiled = dataclasses.replace(META, tile=224, tile_overlap=56, scale=0.5)
+    assert FeatureMeta.from_json(tiled.to_json()).tiling == Tiling(224, 56, 0.5)
+    assert tiled != META  # features cut another way are not comparable
+    assert "tile" not in json.loads(META.to_json())  # as written before tiling existed
+    assert FeatureMeta.from_json(META.to_json()).tiling == Tiling()
