@@ -47,6 +47,10 @@ def parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument("--image-size", default="224")
     parser.add_argument("--protocol", default="full")
     parser.add_argument("--batch-size", default="16")
+    parser.add_argument("--tile", default="0", help="tile size for high-resolution frames (default 0: untiled; "
+                        "the bank then scores tiled, see `spade-ray extract --tile`)")
+    parser.add_argument("--tile-overlap", help="pixels shared by neighbouring tiles (default: a quarter of --tile)")
+    parser.add_argument("--scale", default="1", help="resize frames by this factor before tiling (default 1)")
     parser.add_argument("--max-actors", help="upper bound of the extractor actor pool (default: fit the cluster)")
     parser.add_argument("--gpus-per-actor", default="auto",
                         help="GPUs per extractor actor (default auto: 1 when the Ray cluster has GPUs, else 0)")
@@ -76,7 +80,8 @@ def rebuild(args: argparse.Namespace, normals: str, features: str, target: list[
     common = _common(args)
     code = main(["extract", normals, "--output", features, "--backbone", args.backbone,
                  "--image-size", args.image_size, "--protocol", args.protocol, "--batch-size", args.batch_size,
-                 "--gpus-per-actor", args.gpus_per_actor,
+                 "--gpus-per-actor", args.gpus_per_actor, "--tile", args.tile, "--scale", args.scale,
+                 *(["--tile-overlap", args.tile_overlap] if args.tile_overlap else []),
                  *(["--max-actors", args.max_actors] if args.max_actors else []), *common])
     if code != 0:
         return code

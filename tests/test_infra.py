@@ -737,8 +737,8 @@ def test_entrypoints_expand_the_configmap_into_arguments_that_parse() -> None:
     own, extra = rebuild["parse"](argv[1:])
     assert (own.input, own.features, own.output, own.shards) == (values["NORMALS_INPUT"], values["FEATURES_PREFIX"],
                                                                  values["BANK"], values["BANK_SHARDS"])
-    assert (own.backbone, own.image_size, own.batch_size) == (values["BACKBONE"], values["IMAGE_SIZE"],
-                                                              values["EXTRACT_BATCH_SIZE"])
+    assert (own.backbone, own.image_size, own.batch_size, own.tile) == (values["BACKBONE"], values["IMAGE_SIZE"],
+                                                                        values["EXTRACT_BATCH_SIZE"], values["TILE"])
     bb = build_parser().parse_args(["build-bank", own.features, "--output", own.output, "--shards", own.shards, *extra])
     assert (bb.calibration_samples, bb.target_fpr, bb.image_k, bb.pixel_k) == (
         int(values["CALIBRATION_SAMPLES"]), float(values["TARGET_FPR"]), int(values["IMAGE_K"]), int(values["PIXEL_K"]))
