@@ -110,27 +110,26 @@ def _list_root(uris: pa.ChunkedArray) -> str:
 def _sorted_items(uris: pa.ChunkedArray, root: str) -> Iterator[tuple[str, InputImage]]:
     """A materialised list of URIs in listing order (folder key, then URI), once each, with their folder keys.
 
-    The URIs stay in Arrow; each is ranked by its folder key (few distinct values) and the whole
-    list sorted by (rank, URI) in Arrow, so only a piece at a time becomes Python objects.
+    The URIs stay in Arrow; each is ranked by its folder key (few distinct values, ranked in
+    Python), the ranks ordered by numpy, and only one folder group at a time becomes Python
+    strings, sorted there.  Arrow's own sort by (rank, URI) would copy every URI once more.
     """
     codes: dict[str, int] = {}
-    ranks_of_pieces = []
+    pieces = []
     for piece in _pieces(uris):
-        ranks_of_pieces.append(np.fromiter((codes.setdefault(output_folder_key(_relative_to(u, root)), len(codes))
-                                            for u in piece), dtype=np.int32, count=len(piece)))
+        pieces.append(np.fromiter((codes.setdefault(output_folder_key(_relative_to(u, root)), len(codes)) for u in piece),
+                                  dtype=np.int32, count=len(piece)))
     keys = sorted(codes)
     rank_of_code = np.empty(len(keys), dtype=np.int32)
     rank_of_code[[codes[k] for k in keys]] = np.arange(len(keys), dtype=np.int32)
-    ranks = pa.chunked_array([pa.array(rank_of_code[r]) for r in ranks_of_pieces], pa.int32())
-    table = pa.table({"rank": ranks, "uri": uris})
-    indices = pc.sort_indices(table, sort_keys=[("rank", "ascending"), ("uri", "ascending")])
-    last = None
-    for start in range(0, len(indices), _PIECE):
-        taken = table.take(indices.slice(start, _PIECE))
-        for rank, uri in zip(taken.column("rank").to_pylist(), taken.column("uri").to_pylist()):
-            if uri != last:
-                yield keys[rank], InputImage(uri, _relative_to(uri, root), image_id_for(uri))
-            last = uri
+    ranks = rank_of_code[np.concatenate(pieces)] if pieces else np.empty(0, dtype=np.int32)
+    del pieces
+    order = np.argsort(ranks, kind="stable")
+    bounds = np.searchsorted(ranks, np.arange(len(keys) + 1), sorter=order)
+    del ranks
+    for rank, key in enumerate(keys):
+        for uri in sorted(set(uris.take(pa.array(order[bounds[rank]:bounds[rank + 1]])).to_pylist())):
+            yield key, InputImage(uri, _relative_to(uri, root), image_id_for(uri))
 
 
 def _walk_items(fs: Any, fs_root: str, base: str, root: str) -> Iterator[tuple[str, InputImage]]:
@@ -194,7 +193,8 @@ def list_chunks(source: str, storage_options: dict[str, Any] | None = None,
     once.  A chunk ends only where the output folder key changes
     (:func:`~spade_ray.storage.outputs.output_folder_key`): a folder group is never split, however
     large, so output keys computed per chunk are those of the whole listing.  A folder or prefix is
-    walked folder by folder; a list file is read in pieces and sorted in Arrow; a glob is listed at
+    walked folder by folder; a list file is read in pieces into Arrow and ordered folder group by
+    folder group; a glob is listed at
     once.  Raises ValueError naming the source when it holds no image.
     """
     if chunk < 1:
