@@ -194,8 +194,7 @@ def list_chunks(source: str, storage_options: dict[str, Any] | None = None,
     (:func:`~spade_ray.storage.outputs.output_folder_key`): a folder group is never split, however
     large, so output keys computed per chunk are those of the whole listing.  A folder or prefix is
     walked folder by folder; a list file is read in pieces into Arrow and ordered folder group by
-    folder group; a glob is listed at
-    once.  Raises ValueError naming the source when it holds no image.
+    folder group; a glob is listed at once.  Raises ValueError naming the source when it holds no image.
     """
     if chunk < 1:
         raise ValueError(f"a listing chunk holds at least one input, not {chunk}")
