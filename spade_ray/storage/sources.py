@@ -128,8 +128,18 @@ def _sorted_items(uris: pa.ChunkedArray, root: str) -> Iterator[tuple[str, Input
     bounds = np.searchsorted(ranks, np.arange(len(keys) + 1), sorter=order)
     del ranks
     for rank, key in enumerate(keys):
-        for uri in sorted(set(uris.take(pa.array(order[bounds[rank]:bounds[rank + 1]])).to_pylist())):
+        for uri in sorted(set(_take(uris, order[bounds[rank]:bounds[rank + 1]]))):
             yield key, InputImage(uri, _relative_to(uri, root), image_id_for(uri))
+
+
+def _take(uris: pa.ChunkedArray, indices: np.ndarray) -> list[str]:
+    """``uris[indices]`` chunk by chunk: Arrow's take on a chunked array joins all its chunks first (a copy of every URI)."""
+    starts = np.cumsum([0] + [len(chunk) for chunk in uris.chunks])
+    which = np.searchsorted(starts, indices, side="right") - 1
+    taken: list[str] = []
+    for c in np.unique(which):
+        taken.extend(uris.chunks[c].take(pa.array(indices[which == c] - starts[c])).to_pylist())
+    return taken
 
 
 def _walk_items(fs: Any, fs_root: str, base: str, root: str) -> Iterator[tuple[str, InputImage]]:
