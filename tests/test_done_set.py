@@ -60,8 +60,8 @@ def test_a_rerun_into_results_of_another_bank_is_refused_naming_it(tmp_path) -> 
     batch = rows(["s3://b/in/000.png"])
     write_results(str(tmp_path), batch, batch_name("run", [r["image_id"] for r in batch]))
     with pytest.raises(ValueError, match=r"holds results scored against another bank \(v0001-x\)"):
-        done_images(str(tmp_path), {batch[0]["image_id"]: "v0002-y"}, overwrite=False, retry_errors=False, exclusive=True,
+        done_images(str(tmp_path), {"v0002-y"}, overwrite=False, retry_errors=False, exclusive=True,
                     storage_options=None)
-    done = done_images(str(tmp_path), {batch[0]["image_id"]: "v0001-x"}, overwrite=False, retry_errors=False,
+    done = done_images(str(tmp_path), {"v0001-x"}, overwrite=False, retry_errors=False,
                        exclusive=True, storage_options=None)
     assert len(done) == 1

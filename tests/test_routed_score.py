@@ -123,6 +123,34 @@ def test_rerouted_products_are_scored_again_bank_by_bank_within_the_memory_budge
     assert {r["relpath"]: r["bank_id"] for r in rows} == {k: other[v] for k, v in before.items()}
 
 
+def test_a_listing_in_many_chunks_gives_one_row_per_input_and_the_keys_of_one_chunk(plant, tmp_path) -> None:
+    """Chunks of one folder group each: the same rows and output keys as one chunk, colliding names included."""
+    from PIL import Image
+
+    archive = tmp_path / "archive"
+    images = sorted((plant["archive"] / "line1" / "cam1").glob("*.png"))
+    for rel, image in [(f"line1/cam1/{p.name}", p) for p in images] + [
+            ("line1/cam 1/0.png", images[0]), ("line1/cam_1/0.png", images[1]), ("line9/stray.png", images[2])]:
+        (archive / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(image, archive / rel)
+    Image.open(images[3]).convert("RGB").save(archive / "line1/cam1/0.jpg")  # its key collides with 0.png's
+    table = load_routes(str(_table(tmp_path / "routes.yaml", plant["banks"]["line1"], plant["banks"]["line2"])))
+    runs = {}
+    for chunk in (1, 1000):
+        out = str(tmp_path / f"out-{chunk}")
+        summary = run_score(str(archive), table, out, batch_size=4, listing_chunk=chunk)
+        assert (summary.ok, summary.error, summary.skipped) == (7, 1, 0)
+        rows = read_results(out, ["relpath", "image_id", "status", "mask_uri"]).to_pylist()
+        assert len(rows) == 8 and len({r["image_id"] for r in rows}) == 8
+        runs[chunk] = {r["relpath"]: r["mask_uri"] and r["mask_uri"].removeprefix(out) for r in rows}
+    assert runs[1] == runs[1000]
+    masks = [m for m in runs[1].values() if m]
+    assert len(masks) == 7 and len({m.lower() for m in masks}) == 7  # no two inputs share an output
+    assert runs[1]["line1/cam1/1.png"] == "/masks/line1/cam1/1.png" and runs[1]["line1/cam1/0.png"] != "/masks/line1/cam1/0.png"
+    again = run_score(str(archive), table, str(tmp_path / "out-1"), batch_size=4, listing_chunk=1)
+    assert (again.ok, again.error, again.skipped, again.skipped_error) == (0, 0, 8, 1) and "waves" not in again.extra
+
+
 def test_a_routed_run_on_s3_with_the_table_on_s3(plant, ray_with_s3_env, tmp_path, capsys) -> None:
     s3 = ray_with_s3_env
     bucket = s3.make_bucket()

@@ -1,35 +1,36 @@
 """What a score run will do per bank, decided on the driver before any actor starts.
 
 ``score --bank`` is the one-route case of ``score --routes``: the inputs are routed (first
-matching route wins), each routed bank is opened once and its settings resolved, the images
-already done for the bank their route points to now are skipped, and the banks are packed into
-waves whose shard actors fit the memory budget together (all at once when they fit, otherwise
-bank by bank).
+matching route wins), each routed bank is opened once (when its first input is routed to it) and
+its settings resolved, the images already done for the bank their route points to now are skipped,
+and the banks are packed into waves whose shard actors fit the memory budget together (all at once
+when they fit, otherwise bank by bank).  A plan counts its inputs and holds references to its
+inputs to score (in Ray's object store), not the inputs themselves.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import pyarrow as pa
 import pyarrow.compute as pc
 
 from spade_ray.bank.ignore_mask import load_ignore_mask
 from spade_ray.bank.manifest import BankManifest
 from spade_ray.bank.store import check_compatible, open_bank
+from spade_ray.distributed.input_blocks import InputBlocks
 from spade_ray.method.calibration import Calibration
 from spade_ray.method.config import SpadeConfig
 from spade_ray.method.ignore import IgnoreRegion
 from spade_ray.method.tiling import Tiling
 from spade_ray.storage.done_set import DoneSet
-from spade_ray.storage.results import drop_error_rows, drop_image_rows, read_results, remove_results
+from spade_ray.storage.results import drop_error_rows, read_results, remove_results
 from spade_ray.storage.routes import Route, RoutingTable
 from spade_ray.storage.sources import InputImage
 
-__all__ = ["SHARD_ACTOR_BASE_BYTES", "BankPlan", "done_images", "pack_waves", "plan_banks", "route_items",
+__all__ = ["SHARD_ACTOR_BASE_BYTES", "BankPlan", "BankPlanner", "done_images", "pack_waves", "route_items",
            "served_bytes"]
 
 # A shard actor's own footprint before it holds a bank image (Python, torch, FAISS, buffers):
@@ -72,8 +73,8 @@ class BankPlan:
     threshold: float | None
     image_threshold: float | None
     ignore: IgnoreRegion | None
-    items: list[InputImage] = field(default_factory=list)  # every input routed here
-    todo: list[InputImage] = field(default_factory=list)  # those this run scores
+    inputs: int = 0  # inputs routed here
+    todo: InputBlocks = field(default_factory=InputBlocks)  # those this run scores
 
     @property
     def bank_id(self) -> str:
@@ -91,7 +92,7 @@ class BankPlan:
 
     @property
     def needs_serving(self) -> bool:
-        return bool(self.todo) or self.recalibrate
+        return self.todo.rows > 0 or self.recalibrate
 
     @property
     def memory(self) -> int:
@@ -129,63 +130,53 @@ def _open(route: Route, key: str, overrides: dict[str, Any], threshold: float | 
     return BankPlan(key, route, bank_root, manifest, config, calibration, pixel, image, ignore)
 
 
-def plan_banks(routed: dict[Route, list[InputImage]], overrides: dict[str, Any], threshold: float | None,
-               image_threshold: float | None, weights: str | None,
-               storage_options: dict[str, Any] | None) -> list[BankPlan]:
-    """One plan per distinct (bank, settings) that some input is routed to, in table order.
+class BankPlanner:
+    """One plan per distinct (bank, settings) that some input is routed to, in the order of their first input.
 
     Routes naming the same bank with the same settings share one plan (one served copy); a bank
     that no input is routed to is not opened, so a table may list tomorrow's products already.
     """
-    plans: dict[tuple[str, str], BankPlan] = {}
-    for route, items in routed.items():
+
+    def __init__(self, overrides: dict[str, Any], threshold: float | None, image_threshold: float | None,
+                 weights: str | None, storage_options: dict[str, Any] | None) -> None:
+        self._open = (overrides, threshold, image_threshold, weights, storage_options)
+        self._plans: dict[tuple[str, str], BankPlan] = {}
+
+    def plan(self, route: Route) -> BankPlan:
+        """The plan of ``route``'s bank and settings, opening the bank the first time."""
         ident = (route.bank, repr(sorted(route.settings.items())))
-        if ident not in plans:
-            plans[ident] = _open(route, f"b{len(plans)}", overrides, threshold, image_threshold, weights, storage_options)
-        plans[ident].items.extend(items)
-    return list(plans.values())
+        if ident not in self._plans:
+            self._plans[ident] = _open(route, f"b{len(self._plans)}", *self._open)
+        return self._plans[ident]
+
+    @property
+    def plans(self) -> list[BankPlan]:
+        return list(self._plans.values())
 
 
-def done_images(output: str, expected: dict[str, str | None], overwrite: bool, retry_errors: bool, exclusive: bool,
+def done_images(output: str, banks: Collection[str | None], overwrite: bool, retry_errors: bool, exclusive: bool,
                 storage_options: dict[str, Any] | None) -> DoneSet:
-    """The images with a row in ``output`` that this run keeps (and so skips), compact (10^7 rows fit).
+    """The images with a row in ``output`` (and each row's bank), compact (10^7 rows fit).
 
-    ``expected`` maps each input to the bank id its route points to now (None: no route).
-    ``overwrite`` removes every result first; ``retry_errors`` drops the error rows first.  A row
-    of another bank than the expected one is refused when ``exclusive`` (``--bank``: the output is
-    one bank's), and otherwise (``--routes``) dropped so that the image is scored again against
-    its bank now: an image never has two rows.  Rows are handled column-wise (no Python object per
-    row) except for the re-route check of a routed run.
+    ``banks``: the bank ids this run's inputs may be routed to.  ``overwrite`` removes every
+    result first; ``retry_errors`` drops the error rows first.  A row of another bank is refused
+    when ``exclusive`` (``--bank``: the output is one bank's), before any input is scored; a routed
+    run instead asks :meth:`DoneSet.elsewhere` per chunk of its listing which images are routed to
+    another bank now, and scores those again.  Rows are handled column-wise (no Python object per row).
     """
     if overwrite:
         remove_results(output, storage_options)
         return DoneSet.empty()
     existing = read_results(output, ["image_id", "bank_id", "status"], storage_options)
     if exclusive:
-        others = set(pc.unique(existing.column("bank_id")).to_pylist()) - set(expected.values())
+        others = set(pc.unique(existing.column("bank_id")).to_pylist()) - set(banks)
         if others:
             raise ValueError(f"{output} holds results scored against another bank ({', '.join(sorted(map(str, others)))}); "
                              f"use --overwrite to replace them or choose another --output")
     if retry_errors and pc.any(pc.not_equal(existing.column("status"), "ok")).as_py():
         drop_error_rows(output, storage_options)
         existing = existing.filter(pc.equal(existing.column("status"), "ok"))
-    if not exclusive:
-        existing = _drop_rerouted(output, existing, expected, storage_options)
     return DoneSet.from_rows(existing)
-
-
-def _drop_rerouted(output: str, existing: pa.Table, expected: dict[str, str | None],
-                   storage_options: dict[str, Any] | None) -> pa.Table:
-    """Rows whose image is routed to another bank now are removed from ``output`` (and from ``existing``)."""
-    rerouted = {image_id for image_id, bank_id in zip(existing.column("image_id").to_pylist(),
-                                                      existing.column("bank_id").to_pylist())
-                if image_id in expected and bank_id != expected[image_id]}
-    if not rerouted:
-        return existing
-    logging.getLogger(__name__).info(f"score: {len(rerouted)} images are routed to another bank than their row's; "
-                                     "scoring them again")
-    drop_image_rows(output, rerouted, storage_options)
-    return existing.filter(pc.invert(pc.is_in(existing.column("image_id"), pa.array(sorted(rerouted)))))
 
 
 def pack_waves(plans: Sequence[BankPlan], budget: float) -> list[list[BankPlan]]:

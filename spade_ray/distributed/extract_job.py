@@ -10,6 +10,7 @@ import pyarrow as pa
 from spade_ray.distributed.decode_stage import DecodeImages
 from spade_ray.distributed.devices import gpus_per_actor as resolve_gpus
 from spade_ray.distributed.extract_stage import ExtractFeatures
+from spade_ray.distributed.input_blocks import InputBlocks
 from spade_ray.distributed.pipeline import JobSummary, new_run_id, run_pipeline
 from spade_ray.distributed.runtime import init_ray
 from spade_ray.method.backbones import BACKBONES
@@ -49,7 +50,8 @@ def run_extract(source: str, output: str, *, backbone: str = "lite0", weights: s
         init_ray(address)
         spec = BACKBONES[backbone]
         pre = Preprocessor(image_size, protocol, spec.mean, spec.std)  # type: ignore[arg-type]
-        run_pipeline(todo, DecodeImages(pre, storage_options, max_pixels, whole_frames=tiling.enabled), ExtractFeatures,
+        inputs = InputBlocks.of(todo)
+        run_pipeline(inputs, DecodeImages(pre, storage_options, max_pixels, whole_frames=tiling.enabled), ExtractFeatures,
                       {"backbone": backbone, "weights": weights, "preprocessor": pre, "output": output,
                        "run_id": new_run_id(), "storage_options": storage_options, "tiling": tiling, "chunk": batch_size,
                        "max_pixels": max_pixels},

@@ -17,11 +17,10 @@ from ray.util.annotations import RayDeprecationWarning
 
 from spade_ray.distributed.decode_stage import DecodeImages
 from spade_ray.distributed.devices import cluster_gpus, count_devices
+from spade_ray.distributed.input_blocks import InputBlocks
 from spade_ray.distributed.runtime import cluster_cpus, node_cpus, ray_data_output
 from spade_ray.progress import Progress, no_progress, shows_ray_data_bars
-from spade_ray.storage.outputs import output_stem
 from spade_ray.storage.retry import find_storage_failure
-from spade_ray.storage.sources import InputImage
 
 __all__ = ["DECODE_CPUS", "TASK_RETRIES", "WRITE_CPUS", "ActorPlan", "JobSummary", "new_run_id", "plan_actors", "run_pipeline"]
 
@@ -173,35 +172,29 @@ def _map_batches(ds: ray.data.Dataset, fn: Any, *, retries: dict[str, int], **op
 _ACTOR_RETRIES = {"max_restarts": -1, "max_task_retries": TASK_RETRIES}
 
 
-def run_pipeline(items: list[InputImage], decode: DecodeImages, udf: type, udf_kwargs: dict[str, Any],
+def run_pipeline(inputs: InputBlocks, decode: DecodeImages, udf: type, udf_kwargs: dict[str, Any],
                   batch_size: int, max_actors: int | None, summary: JobSummary, progress: Progress, desc: str,
-                  reserved_cpus: float = 0.0, keys: dict[str, str] | None = None,
-                  write: tuple[type, dict[str, Any]] | None = None, concurrent_batches: int = 1,
-                  gpus_per_actor: float = 0.0, reserved_gpus: float = 0.0,
-                  columns: dict[str, dict[str, str]] | None = None) -> None:
-    """from_items -> decode (tasks) -> UDF (actor pool) [-> write (tasks)]; counts results as they stream back.
+                  reserved_cpus: float = 0.0, write: tuple[type, dict[str, Any]] | None = None,
+                  concurrent_batches: int = 1, gpus_per_actor: float = 0.0, reserved_gpus: float = 0.0) -> None:
+    """input tables -> decode (tasks) -> UDF (actor pool) [-> write (tasks)]; counts results as they stream back.
 
-    ``keys`` maps image ids to their output key stems (default: :func:`output_stem` of the relpath).
-    ``write`` (a class and its constructor arguments) stores what the UDF produced, in a small pool
+    ``inputs``: the rows (uri, relpath, image_id, key, and any column the UDF reads, e.g. ``target``,
+    the bank a routed image goes to) as tables in the object store, read in blocks of about one
+    batch so decode tasks run in parallel however large the tables are.  ``write`` (a class and its
+    constructor arguments) stores what the UDF produced, in a small pool
     of I/O actors of its own, so the scorers' next batch overlaps the previous one's requests.  The
     last stage returns ``image_id``, ``status``, ``error`` and ``device`` (where the UDF ran; counted
     per device kind in ``summary.extra["devices"]``).  ``gpus_per_actor`` (> 0) gives each UDF actor
-    that share of a GPU (``reserved_gpus`` are the shard actors').  ``columns``: more columns the
-    rows carry to the UDF (name -> image id -> value; e.g. ``target``, the bank a routed image goes to).
+    that share of a GPU (``reserved_gpus`` are the shard actors').
     """
     # On a terminal Ray Data draws its own bars (one per operator); otherwise it stays silent and
     # so does the driver's bar.  Set before the dataset exists: a dataset keeps the context it was made with.
     ray_bars = shows_ray_data_bars(progress)
     ray_data_output(interactive=ray_bars)
-    keys = keys or {}
-    columns = columns or {}
-    ds = ray.data.from_items([{"uri": it.uri, "relpath": it.relpath, "image_id": it.image_id,
-                               "key": keys.get(it.image_id) or output_stem(it.relpath),
-                               **{name: values[it.image_id] for name, values in columns.items()}} for it in items],
-                             override_num_blocks=max(1, -(-len(items) // batch_size)))
+    ds = inputs.dataset(batch_size, DECODE_CPUS)
     ds = _map_batches(ds, decode, batch_size=batch_size, num_cpus=DECODE_CPUS, retries={"max_retries": TASK_RETRIES})
     writer_cpus = WRITE_CPUS * _writers() if write is not None else 0.0
-    plan = plan_actors(len(items), batch_size, max_actors, reserved_cpus + writer_cpus, concurrent_batches, gpus_per_actor,
+    plan = plan_actors(inputs.rows, batch_size, max_actors, reserved_cpus + writer_cpus, concurrent_batches, gpus_per_actor,
                        reserved_gpus)
     ds = _map_batches(ds, udf, fn_constructor_kwargs={**udf_kwargs, "threads": plan.threads}, batch_size=batch_size,
                       num_cpus=plan.cpus_per_actor, num_gpus=plan.gpus_per_actor or None, compute=plan.pool,
@@ -210,7 +203,7 @@ def run_pipeline(items: list[InputImage], decode: DecodeImages, udf: type, udf_k
         writer, writer_kwargs = write
         ds = _map_batches(ds, writer, fn_constructor_kwargs=writer_kwargs, batch_size=None, num_cpus=WRITE_CPUS,
                           compute=ray.data.ActorPoolStrategy(size=_writers()), retries=_ACTOR_RETRIES)
-    bar = no_progress(len(items), desc) if ray_bars else progress(len(items), desc)
+    bar = no_progress(inputs.rows, desc) if ray_bars else progress(inputs.rows, desc)
     first: tuple[float, int] | None = None
     done = 0
     summary.extra["gpus_per_actor"] = plan.gpus_per_actor

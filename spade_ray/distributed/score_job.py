@@ -13,13 +13,15 @@ from typing import Any
 import ray
 
 from spade_ray.bank.store import open_bank
-from spade_ray.distributed.bank_plan import BankPlan, done_images, pack_waves, plan_banks, route_items
+from spade_ray.distributed.bank_plan import BankPlan, BankPlanner, done_images, pack_waves
 from spade_ray.distributed.decode_stage import DecodeImages
 from spade_ray.distributed.devices import gpus_per_actor as resolve_gpus
 from spade_ray.distributed.devices import shard_gpus as resolve_shard_gpus
+from spade_ray.distributed.input_blocks import InputBlocks
 from spade_ray.distributed.pipeline import JobSummary, new_run_id, run_pipeline
 from spade_ray.distributed.remote_bank import calibrate_served
 from spade_ray.distributed.runtime import init_ray
+from spade_ray.distributed.score_inputs import plan_inputs
 from spade_ray.distributed.score_stage import ScoreImages, ScoreTarget
 from spade_ray.distributed.shard_actors import ServedBank, shard_actor_cpus, start_shard_actors
 from spade_ray.distributed.write_stage import WriteResults
@@ -34,10 +36,9 @@ from spade_ray.report.report import DEFAULT_REPORT_TOP, Report, score_report
 from spade_ray.report.routed_report import BankSection, RoutedReport, routed_report, write_routed_report
 from spade_ray.storage.artifacts import ArtifactChoice
 from spade_ray.storage.images import DEFAULT_MAX_PIXELS
-from spade_ray.storage.outputs import unique_output_stems
-from spade_ray.storage.results import batch_name, write_results
+from spade_ray.storage.results import batch_name, drop_image_rows, write_results
 from spade_ray.storage.routes import RoutingTable
-from spade_ray.storage.sources import InputImage, resolve_inputs
+from spade_ray.storage.sources import LISTING_CHUNK, InputImage, list_chunks
 from spade_ray.storage.urls import join
 
 __all__ = ["SCORER_CONCURRENT_BATCHES", "run_score"]
@@ -113,7 +114,7 @@ def _serve_wave(wave: list[BankPlan], run: _Run) -> tuple[dict[str, ServedBank],
 Decisions = dict[str, tuple[Thresholds, Calibration | None]]
 
 
-def _score_wave(wave: list[BankPlan], run: _Run, summary: JobSummary, keys: dict[str, str], decisions: Decisions) -> None:
+def _score_wave(wave: list[BankPlan], run: _Run, summary: JobSummary, decisions: Decisions) -> None:
     """Serve the wave's banks, decide each one's thresholds (recalibrating where settings changed), score their images."""
     served, shard_cpus, scorer_gpus = _serve_wave(wave, run)
     try:
@@ -124,21 +125,22 @@ def _score_wave(wave: list[BankPlan], run: _Run, summary: JobSummary, keys: dict
             thresholds, calibration = decisions[plan.key]
             targets.append(ScoreTarget(plan.key, served[plan.key], plan.config, thresholds,
                                        calibration.scales if calibration else None, plan.ignore))
-        todo = sorted((it for plan in wave for it in plan.todo), key=lambda it: it.uri)
-        if not todo:
+        todo = InputBlocks()
+        for plan in wave:
+            todo.extend(plan.todo)
+        if not todo.rows:
             return
-        route_of = {it.image_id: plan.key for plan in wave for it in plan.todo}
         pre = _preprocessor(wave[0].config)
         decode = DecodeImages(pre, run.storage_options, run.max_pixels, keep_encoded=run.artifacts.may_need_images,
                               whole_frames=wave[0].config.tiling.enabled)
         run_pipeline(todo, decode, ScoreImages, {"targets": targets, "weights": run.weights, "output": run.output,
                                                  "artifacts": run.artifacts, "max_pixels": run.max_pixels,
                                                  "chunk": run.batch_size},
-                     run.batch_size, run.max_actors, summary, run.progress, "score", reserved_cpus=shard_cpus, keys=keys,
+                     run.batch_size, run.max_actors, summary, run.progress, "score", reserved_cpus=shard_cpus,
                      write=(WriteResults, {"output": run.output, "run_id": new_run_id(),
                                            "storage_options": run.storage_options}),
                      concurrent_batches=SCORER_CONCURRENT_BATCHES, gpus_per_actor=scorer_gpus,
-                     reserved_gpus=sum(bank.gpus for bank in served.values()), columns={"target": route_of})
+                     reserved_gpus=sum(bank.gpus for bank in served.values()))
     finally:
         for bank in served.values():
             bank.shutdown()
@@ -149,8 +151,7 @@ def _preprocessor(config: SpadeConfig) -> Preprocessor:
     return Preprocessor(config.image_size, config.protocol, spec.mean, spec.std)  # type: ignore[arg-type]
 
 
-def _score_banks(plans: list[BankPlan], run: _Run, summary: JobSummary, keys: dict[str, str],
-                 address: str | None) -> Decisions:
+def _score_banks(plans: list[BankPlan], run: _Run, summary: JobSummary, address: str | None) -> Decisions:
     """Every bank's thresholds, scoring the banks with work in waves that fit ``run.bank_memory`` (see :func:`pack_waves`)."""
     decisions: Decisions = {}
     if any(plan.needs_serving for plan in plans):
@@ -159,7 +160,7 @@ def _score_banks(plans: list[BankPlan], run: _Run, summary: JobSummary, keys: di
         waves = pack_waves(plans, budget)
         summary.extra.update(bank_memory=budget, waves=[[plan.bank_id for plan in wave] for wave in waves])
         for wave in waves:
-            _score_wave(wave, run, summary, keys, decisions)
+            _score_wave(wave, run, summary, decisions)
     for plan in plans:
         if plan.key not in decisions:  # nothing to score and nothing to recalibrate: the bank's own decision
             decisions[plan.key] = _decision(None, plan.config, plan.calibration, plan.threshold, plan.image_threshold,
@@ -212,8 +213,8 @@ def _bank_facts(plans: list[BankPlan], decisions: Decisions, summary: JobSummary
     """Per bank in the summary (and the JSON log line): its route, URL, what this run did, its thresholds."""
     waves = {bank_id: i for i, wave in enumerate(summary.extra.get("waves", [])) for bank_id in wave}
     summary.extra["banks"] = {
-        plan.bank_id: {"route": plan.route.label, "bank": plan.route.bank, "inputs": len(plan.items),
-                       "scored": len(plan.todo), "skipped": len(plan.items) - len(plan.todo),
+        plan.bank_id: {"route": plan.route.label, "bank": plan.route.bank, "inputs": plan.inputs,
+                       "scored": plan.todo.rows, "skipped": plan.inputs - plan.todo.rows,
                        "wave": waves.get(plan.bank_id), "recalibrated": plan.recalibrate,
                        "image_threshold": decisions[plan.key][0].image, "pixel_threshold": decisions[plan.key][0].pixel}
         for plan in plans}
@@ -230,7 +231,7 @@ def run_score(source: str, bank: str | RoutingTable, output: str, *, weights: st
               save_maps: bool = False, artifacts: ArtifactChoice | None = None, max_pixels: int = DEFAULT_MAX_PIXELS,
               storage_options: dict[str, Any] | None = None, address: str | None = None, progress: Progress = no_progress,
               report_top: int = DEFAULT_REPORT_TOP, gpus_per_actor: float | None = None, shard_gpus: float = 0.0,
-              bank_memory: float | None = None) -> JobSummary:
+              bank_memory: float | None = None, listing_chunk: int = LISTING_CHUNK) -> JobSummary:
     """Score every image under ``source`` against its bank; masks, heatmaps, overlays and result rows to ``output``.
 
     ``bank``: one bank (URL) for every image, or a :class:`RoutingTable` sending each image to the
@@ -243,32 +244,30 @@ def run_score(source: str, bank: str | RoutingTable, output: str, *, weights: st
     ``save_maps`` adds the raw maps.  The banks' shard actors are served in waves that fit
     ``bank_memory`` bytes (default: half of Ray's memory).  Finally ``output/report.html`` shows
     everything scored into ``output``, per bank.  GPUs: ``gpus_per_actor`` per scorer (None: 1 if any),
-    ``shard_gpus`` per shard.
+    ``shard_gpus`` per shard.  The listing is read ``listing_chunk`` inputs at a time (see
+    :func:`~spade_ray.storage.sources.list_chunks`): the driver never holds the whole night's inputs.
     """
     start = time.perf_counter()
     table = bank if isinstance(bank, RoutingTable) else RoutingTable.single(bank)
     choice = (artifacts or ArtifactChoice()).adding({"maps"} if save_maps else set())
     run = _Run(output, weights, batch_size, max_actors, choice, max_pixels, storage_options, progress, gpus_per_actor,
                shard_gpus, bank_memory)
-    if not isinstance(bank, RoutingTable):  # a wrong bank is the first error, before the inputs are listed
-        open_bank(bank, storage_options)
-    items = resolve_inputs(source, storage_options)
-    routed, unmatched = route_items(table, items)
-    plans = plan_banks(routed, {"image_k": image_k, "pixel_k": pixel_k, "kappa": kappa, **(scoring or {})}, threshold,
-                       image_threshold, weights, storage_options)
-    expected = {**{it.image_id: plan.bank_id for plan in plans for it in plan.items}, **{it.image_id: None for it in unmatched}}
-    done = done_images(output, expected, overwrite, retry_errors, not isinstance(bank, RoutingTable), storage_options)
-    for plan in plans:
-        plan.todo = [it for it, held in zip(plan.items, done.holds([it.image_id for it in plan.items])) if not held]
-    no_bank = [it for it, held in zip(unmatched, done.holds([it.image_id for it in unmatched])) if not held]
-    ids = [it.image_id for it in items]
-    summary = JobSummary("score", started=start, skipped=int(done.holds(ids).sum()), output=output,
-                         skipped_error=done.count_errors(ids),
-                         extra={"no_bank": len(unmatched)})
-    _write_unmatched(no_bank, table, run, summary)
-    keys = unique_output_stems((it.image_id, it.relpath) for it in items)  # all inputs: same keys on a rerun
-    decisions = _score_banks(plans, run, summary, keys, address)
+    exclusive = not isinstance(bank, RoutingTable)
+    # a wrong bank is the first error, and rows of another bank the second, before the inputs are listed
+    banks = {open_bank(bank, storage_options)[1].bank_id} if exclusive else set()
+    done = done_images(output, banks, overwrite, retry_errors, exclusive, storage_options)
+    planner = BankPlanner({"image_k": image_k, "pixel_k": pixel_k, "kappa": kappa, **(scoring or {})}, threshold,
+                          image_threshold, weights, storage_options)
+    summary = JobSummary("score", started=start, output=output)
+    counts = plan_inputs(list_chunks(source, storage_options, listing_chunk), table, planner, done, exclusive,
+                         lambda items: _write_unmatched(items, table, run, summary), lambda: init_ray(address))
+    drop_image_rows(output, counts.rerouted, storage_options)  # before scoring: an image never has two rows
+    _write_unmatched(counts.unmatched_rerouted, table, run, summary)
+    summary.skipped, summary.skipped_error = counts.skipped, counts.skipped_error
+    summary.extra["no_bank"] = counts.no_bank
+    plans = planner.plans
+    decisions = _score_banks(plans, run, summary, address)
     _bank_facts(plans, decisions, summary)
-    _write_report(source, table, plans, decisions, summary, len(items), report_top, run)
+    _write_report(source, table, plans, decisions, summary, counts.inputs, report_top, run)
     summary.seconds = time.perf_counter() - start
     return summary

@@ -16,7 +16,8 @@ from collections.abc import Iterable
 import numpy as np
 from PIL import Image
 
-__all__ = ["encode_jpeg", "encode_npy", "encode_png", "heatmap_rgb", "output_key", "output_stem", "unique_output_stems"]
+__all__ = ["encode_jpeg", "encode_npy", "encode_png", "heatmap_rgb", "output_folder_key", "output_key", "output_stem",
+           "unique_output_stems"]
 
 
 # Anchor colours of a perceptually ordered dark-to-bright map (black, purple, red, orange, yellow)
@@ -42,6 +43,17 @@ def output_stem(relpath: str) -> str:
 def output_key(relpath: str, suffix: str = ".png") -> str:
     """A safe relative key for an input's relative path: ``test/crack/001.jpg`` -> ``test/crack/001.png``."""
     return output_stem(relpath) + suffix
+
+
+def output_folder_key(relpath: str) -> str:
+    """The folder part of the input's output stem, lowercased, its parts joined by NUL.
+
+    Two inputs whose stems may collide in :func:`unique_output_stems` always share it, so a
+    listing cut only where it changes can compute the keys chunk by chunk and get the same keys
+    as over the whole listing.  Sorting by it sorts folder by folder, a folder before its
+    subfolders (NUL sorts before every character a safe part may hold).
+    """
+    return "\0".join(output_stem(relpath).lower().split("/")[:-1])
 
 
 def unique_output_stems(inputs: Iterable[tuple[str, str]]) -> dict[str, str]:
