@@ -50,7 +50,8 @@ def main() -> None:
     start = time.perf_counter()
     prediction = model.predict([big])
     seconds = time.perf_counter() - start
-    result = {"frame": [args.height, args.width], "tile": args.tile, "overlap": model.config.tiling.overlap, "tiles": tiles, "bank_tiles": len(model.bank_ids),
+    result = {"frame": [args.height, args.width], "tile": args.tile, "overlap": model.config.tiling.overlap,
+              "tiles": tiles, "bank_tiles": len(model.bank_ids),
               "batch_size": args.batch_size, "rss_before_mb": round(before, 1),
               "peak_rss_scoring_mb": round(_status_mb("VmHWM"), 1), "frame_rgb_mb": round(big.nbytes / 2**20, 1),
               "map_shape": list(prediction.maps[0].shape), "seconds": round(seconds, 1)}
