@@ -240,7 +240,8 @@ def _rounded(value: float | None, digits: int) -> float | None:
 
 
 def _ratio(numerator: float | None, denominator: float | None) -> float | None:
-    return round(numerator / denominator, 3) if numerator and denominator else None
+    """The ratio to 4 significant digits (a fixed 3 decimals would drop most of a ratio near 0.01)."""
+    return float(f"{numerator / denominator:.4g}") if numerator and denominator else None
 
 
 def store_figures(local: ScoreRun, stored: tuple[list[ScoreRun], bool] | None, in_process: float, *,
