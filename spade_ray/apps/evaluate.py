@@ -155,7 +155,7 @@ def _write_report_and_metrics(result: dict[str, Any], data: MVTecDataset, predic
 
 def _config(base: SpadeConfig, tiling: Tiling, scoring: dict[str, Any] | None) -> SpadeConfig:
     """The model's settings: the features' (with their tiling), then the scoring overrides."""
-    return replace(base, tile=tiling.tile, tile_overlap=tiling.overlap, scale=tiling.scale).with_scoring(scoring or {})
+    return replace(base, **tiling.settings()).with_scoring(scoring or {})
 
 
 def evaluate(

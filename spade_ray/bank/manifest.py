@@ -162,7 +162,7 @@ class BankManifest:
         if self.ignore_mask is not None:
             data["ignore_mask"] = self.ignore_mask.to_dict()
         if self.tiling.enabled:  # untiled banks keep the bytes (and bank ids) they had before tiling existed
-            data["tiling"] = {"tile": self.tiling.tile, "tile_overlap": self.tiling.overlap, "scale": self.tiling.scale}
+            data["tiling"] = self.tiling.settings()
         return data
 
     @property
@@ -178,8 +178,8 @@ class BankManifest:
     def built_config(self) -> SpadeConfig:
         """The scoring settings the bank was built (and calibrated) with; keys a bank predates take their old behaviour."""
         build = {**LEGACY_SCORING, **self.build}
-        return SpadeConfig(self.backbone, int(self.image_size), self.protocol, tile=self.tiling.tile,
-                           tile_overlap=self.tiling.overlap, scale=self.tiling.scale).with_scoring(build)
+        return SpadeConfig(self.backbone, int(self.image_size), self.protocol,
+                           **self.tiling.settings()).with_scoring(build)
 
     def built_calibration(self) -> Calibration | None:
         """The bank's calibration, with the settings it was made with (older manifests: the build's)."""
@@ -193,6 +193,4 @@ class BankManifest:
 
 def _tiling_from(data: Any) -> Tiling:
     """The ``tiling`` entry of a manifest (absent: the bank was built untiled, one row per image)."""
-    if not data:
-        return Tiling()
-    return Tiling(int(data["tile"]), int(data["tile_overlap"]), float(data["scale"]))
+    return Tiling.from_settings(data) if data else NO_TILING

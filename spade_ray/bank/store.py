@@ -205,9 +205,7 @@ def feature_meta_of(manifest: BankManifest) -> FeatureMeta:
         protocol=manifest.protocol,
         level_shapes=list(manifest.levels),
         global_dim=manifest.global_dim,
-        tile=manifest.tiling.tile,
-        tile_overlap=manifest.tiling.overlap,
-        scale=manifest.tiling.scale,
+        **manifest.tiling.settings(),
     )
 
 

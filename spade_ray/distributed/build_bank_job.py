@@ -184,8 +184,8 @@ def run_build_bank(features: str, output: str | None, *, shards: int = 1, add_to
     first_index = len(parent_manifest.shards) if parent_manifest else 0
     new_entries = _write_shards(keep, version_url, first_index, shards, meta, storage_options, progress) if n_new else []
     entries = (list(parent_manifest.shards) if parent_manifest else []) + new_entries
-    config = SpadeConfig(meta.backbone, meta.image_size, meta.protocol, image_k, pixel_k, kappa, sigma, tile=meta.tile,
-                         tile_overlap=meta.tile_overlap, scale=meta.scale).with_scoring(scoring or {})
+    config = SpadeConfig(meta.backbone, meta.image_size, meta.protocol, image_k, pixel_k, kappa, sigma,
+                         **meta.tiling.settings()).with_scoring(scoring or {})
     draft = make_manifest(version, meta, entries, parent=version_name(parent_manifest.version) if parent_manifest else None)
     served = start_shard_actors(bank_root, draft, storage_options, num_cpus=shard_actor_cpus(len(entries)),
                                 aggregate=config.aggregate)

@@ -33,7 +33,7 @@ from spade_ray.storage.images import DEFAULT_MAX_PIXELS, decode_image
 from spade_ray.storage.retry import StorageUnavailableError, retries_so_far
 from spade_ray.storage.urls import read_many
 
-__all__ = ["Batch", "DecodeImages", "batch_retries"]
+__all__ = ["Batch", "DecodeImages", "batch_retries", "decoded_file"]
 
 Batch = dict[str, np.ndarray]
 
@@ -44,6 +44,11 @@ def batch_retries(n: int, retries: int) -> np.ndarray:
     if n:
         column[0] = retries
     return column
+
+
+def decoded_file(batch: Batch, i: int, max_pixels: int) -> np.ndarray:
+    """Image ``i`` of a decoded batch, decoded again from the file the decode stage passed on (no second read)."""
+    return decode_image(batch["encoded"][i], uri=str(batch["uri"][i]), max_pixels=max_pixels)
 
 
 class DecodeImages:

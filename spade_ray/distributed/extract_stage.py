@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from spade_ray.distributed.decode_stage import Batch, batch_retries
+from spade_ray.distributed.decode_stage import Batch, batch_retries, decoded_file
 from spade_ray.distributed.devices import actor_device
 from spade_ray.distributed.runtime import set_worker_threads
 from spade_ray.method.backbones import load_backbone
@@ -24,7 +24,7 @@ from spade_ray.method.preprocess import Preprocessor
 from spade_ray.method.tiled_scoring import cut_frame, extract_tiles
 from spade_ray.method.tiling import NO_TILING, Tiling, tile_key
 from spade_ray.storage.featurestore import FeatureMeta, features_to_table, write_feature_shard
-from spade_ray.storage.images import DEFAULT_MAX_PIXELS, decode_image
+from spade_ray.storage.images import DEFAULT_MAX_PIXELS
 from spade_ray.storage.results import batch_name
 from spade_ray.storage.retry import OutputWriteError, retries_so_far
 from spade_ray.storage.urls import join
@@ -76,15 +76,7 @@ class ExtractFeatures:
         """float16 features of (n, S, S, 3) uint8 network-size pixels; the first ones also set the shard metadata."""
         features = features_from_tensor(self.backbone, self.preprocessor.normalize(pixels), np.float16)
         if self.meta is None:
-            self.meta = FeatureMeta(
-                backbone=self.backbone.name,
-                weights_sha256=self.backbone.weights_sha256,
-                image_size=self.preprocessor.image_size,
-                protocol=self.preprocessor.protocol,
-                level_shapes=[tuple(level.shape[1:]) for level in features.levels],
-                global_dim=int(features.global_.shape[1]),
-                tile=self.tiling.tile, tile_overlap=self.tiling.overlap, scale=self.tiling.scale,
-            )
+            self.meta = _meta(self.backbone, self.preprocessor, self.tiling, features)
         return features
 
     def _tiled_parts(self, batch: Batch) -> Iterator[tuple[_Rows, FeatureBatch | None]]:
@@ -94,8 +86,7 @@ class ExtractFeatures:
             if status != "ok":
                 rows.add(batch, i)
                 continue
-            image = decode_image(batch["encoded"][i], uri=str(batch["uri"][i]), max_pixels=self.max_pixels)
-            frame = cut_frame(image, self.tiling, self.preprocessor)
+            frame = cut_frame(decoded_file(batch, i, self.max_pixels), self.tiling, self.preprocessor)
             parts.append(extract_tiles(frame, self._forward, self.chunk))
             for t in range(len(frame.boxes)):
                 rows.add(batch, i, tile_key(str(batch["image_id"][i]), t))
@@ -142,11 +133,16 @@ class _Rows:
         self.errors.append(str(batch["error"][i]) or None)
 
 
+def _meta(backbone: Any, preprocessor: Preprocessor, tiling: Tiling, features: FeatureBatch) -> FeatureMeta:
+    """The shard metadata of features this extractor made."""
+    return FeatureMeta(backbone.name, backbone.weights_sha256, preprocessor.image_size, preprocessor.protocol,
+                       [tuple(level.shape[1:]) for level in features.levels], int(features.global_.shape[1]),
+                       **tiling.settings())
+
+
 def _meta_without_features(backbone: Any, preprocessor: Preprocessor, tiling: Tiling) -> FeatureMeta:
     """The shard metadata when a whole batch failed to decode: shapes from a dummy forward pass."""
     import torch
 
-    features = features_from_tensor(backbone, torch.zeros(1, 3, preprocessor.image_size, preprocessor.image_size))
-    return FeatureMeta(backbone.name, backbone.weights_sha256, preprocessor.image_size, preprocessor.protocol,
-                       [tuple(level.shape[1:]) for level in features.levels], int(features.global_.shape[1]),
-                       tile=tiling.tile, tile_overlap=tiling.overlap, scale=tiling.scale)
+    zeros = torch.zeros(1, 3, preprocessor.image_size, preprocessor.image_size)
+    return _meta(backbone, preprocessor, tiling, features_from_tensor(backbone, zeros))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,7 +18,7 @@ import numpy as np
 import ray
 
 from spade_ray.bank.store import check_compatible
-from spade_ray.distributed.decode_stage import Batch
+from spade_ray.distributed.decode_stage import Batch, decoded_file
 from spade_ray.distributed.devices import actor_device
 from spade_ray.distributed.remote_bank import RemoteBank
 from spade_ray.distributed.runtime import set_worker_threads
@@ -32,8 +33,7 @@ from spade_ray.method.preprocess import Preprocessor
 from spade_ray.method.scorer import Prediction, Scorer
 from spade_ray.method.tiled_scoring import cut_frame, score_frames
 from spade_ray.storage.artifacts import ArtifactChoice, Artifacts
-from spade_ray.storage.images import DEFAULT_MAX_PIXELS, decode_image
-from spade_ray.storage.outputs import output_stem
+from spade_ray.storage.images import DEFAULT_MAX_PIXELS
 
 __all__ = ["ScoreImages", "ScoreTarget"]
 
@@ -110,12 +110,11 @@ class ScoreImages:
         self.preprocessor = Preprocessor(config.image_size, config.protocol, spec.mean, spec.std)  # type: ignore[arg-type]
         self.tiling = config.tiling
         self.targets = {t.key: _Served(t, output, artifacts or ArtifactChoice()) for t in targets}
-        self.only = targets[0].key if len(targets) == 1 else None
 
     def __call__(self, batch: Batch) -> Batch:
         start = time.perf_counter()
         n = len(batch["uri"])
-        keys = [str(k) for k in batch["target"]] if "target" in batch else [str(self.only)] * n
+        keys = [str(k) for k in batch["target"]]
         ok = np.flatnonzero(batch["status"] == "ok")
         rows: list[dict[str, Any]] = [
             {"uri": str(batch["uri"][i]), "relpath": str(batch["relpath"][i]), "image_id": str(batch["image_id"][i]),
@@ -145,10 +144,10 @@ class ScoreImages:
                files: list[dict[str, bytes]]) -> None:
         if self.tiling.enabled:  # frame by frame, cut into tiles as the in-process model cuts them
             for i in ok:
-                target = self.targets[keys[i]]
-                frame = cut_frame(self._decoded(batch, i), self.tiling, self.preprocessor)
-                self._record(target, batch, ok[ok == i], score_frames(target.scorer, [frame], self._forward, self.chunk),
-                             rows, files)
+                target, image = self.targets[keys[i]], decoded_file(batch, i, self.max_pixels)
+                frame = cut_frame(image, self.tiling, self.preprocessor)
+                self._record(target, batch, np.array([i]), score_frames(target.scorer, [frame], self._forward, self.chunk),
+                             rows, files, lambda _, image=image: self.preprocessor.image_to_output(image))
             return
         query = self._forward(batch["pixels"][ok])
         sizes = [(int(batch["height"][i]), int(batch["width"][i])) for i in ok]
@@ -156,19 +155,20 @@ class ScoreImages:
             part = np.flatnonzero([keys[i] == key for i in ok])
             features = query.select(part) if len(part) < len(ok) else query
             prediction = self.targets[key].scorer.score(features, [sizes[j] for j in part], self.preprocessor)
-            self._record(self.targets[key], batch, ok[part], prediction, rows, files)
+            self._record(self.targets[key], batch, ok[part], prediction, rows, files,
+                         lambda i: self.preprocessor.image_to_output(decoded_file(batch, i, self.max_pixels)))
 
     def _forward(self, pixels: np.ndarray) -> FeatureBatch:
         return features_from_tensor(self.backbone, self.preprocessor.normalize(pixels))
 
     def _record(self, target: _Served, batch: Batch, ok: np.ndarray, prediction: Prediction,
-                rows: list[dict[str, Any]], files: list[dict[str, bytes]]) -> None:
-        """The rows and encoded artifacts of the images ``ok`` of the batch, scored against ``target``."""
+                rows: list[dict[str, Any]], files: list[dict[str, bytes]], overlay_image: Callable[[int], np.ndarray]) -> None:
+        """The rows and encoded artifacts of the images ``ok`` of the batch, scored against ``target``;
+        ``overlay_image(i)``: image ``i`` in its map's output frame, asked for only when an overlay is drawn."""
         for j, i in enumerate(ok):
             rows[i].update(self._row(prediction, j))
-            stem = str(batch["key"][i]) if "key" in batch else output_stem(str(batch["relpath"][i]))
-            uris, files[i] = target.artifacts.encode(stem, prediction.maps[j], lambda i=i: self._image(batch, i),
-                                                     bool(rows[i]["is_anomalous"]))
+            uris, files[i] = target.artifacts.encode(str(batch["key"][i]), prediction.maps[j],
+                                                     lambda i=i: overlay_image(i), bool(rows[i]["is_anomalous"]))
             rows[i].update(uris)
 
     @staticmethod
@@ -178,10 +178,3 @@ class ScoreImages:
                 "pixel_max": float(prediction.pixel_max[j]), "is_anomalous": bool(prediction.is_anomalous[j]),
                 "neighbours": prediction.neighbours[j]}
 
-    def _decoded(self, batch: Batch, i: int) -> np.ndarray:
-        """Image ``i`` decoded from the file the decode stage read (no second read)."""
-        return decode_image(batch["encoded"][i], uri=str(batch["uri"][i]), max_pixels=self.max_pixels)
-
-    def _image(self, batch: Batch, i: int) -> np.ndarray:
-        """The image in its map's output frame (for an overlay)."""
-        return self.preprocessor.image_to_output(self._decoded(batch, i))

@@ -19,8 +19,9 @@ the input, which is the untiled path.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -92,6 +93,15 @@ class Tiling:
         return [(top, left, bottom, right)
                 for top, bottom in _spans(height, extent, overlap)
                 for left, right in _spans(width, extent, overlap)]
+
+    def settings(self) -> dict[str, Any]:
+        """The tiling as the named settings of configs, feature metadata and manifests (``tile``, ``tile_overlap``, ``scale``)."""
+        return {"tile": self.tile, "tile_overlap": self.overlap, "scale": self.scale}
+
+    @classmethod
+    def from_settings(cls, settings: Mapping[str, Any]) -> Tiling:
+        """The tiling of :meth:`settings` (as read back from JSON)."""
+        return cls(int(settings["tile"]), int(settings["tile_overlap"]), float(settings["scale"]))
 
     def blend_width(self) -> int:
         """Over how many frame pixels a tile's weight ramps up from its edge."""
